@@ -1,0 +1,3 @@
+"""transferlab: which pretrained CNN backbone classifies your images best, and at what cost."""
+
+__version__ = "0.1.0"

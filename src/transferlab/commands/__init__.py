@@ -1,0 +1,1 @@
+"""Sub-commands of the `transferlab` console command (see transferlab.cli)."""

@@ -1,0 +1,165 @@
+"""params.yaml: one validated, frozen object per section.
+
+Every stage loads its own section (and ``base``) once, through :func:`load_section`. A wrong
+type, an unknown key or an out-of-range value raises ``ValueError`` naming the key and what is
+allowed, before any work starts. The comments on each key live in params.yaml; the README's
+params reference is the long form.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+OFFICIAL_FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/example_images/flower_photos.tgz"
+OFFICIAL_FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
+
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class Section(BaseModel):
+    """A params.yaml section: strict types, no unknown keys, immutable once loaded."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BaseParams(Section):
+    seed: Annotated[int, Field(ge=0, le=2**32 - 1)] = 42
+
+
+class DownloadParams(Section):
+    source: Annotated[str, Field(min_length=1)] = OFFICIAL_FLOWERS_URL
+    sha256: str = OFFICIAL_FLOWERS_SHA256
+    min_image_side: Annotated[int, Field(ge=1, le=4096)] = 32
+    min_images_per_class: Annotated[int, Field(ge=2, le=100_000)] = 5
+    max_files: Annotated[int, Field(ge=1)] = 1_000_000
+    max_total_bytes: Annotated[int, Field(ge=1)] = 20 * 2**30
+    max_image_pixels: Annotated[int, Field(ge=1)] = 89_478_485
+    retries: Annotated[int, Field(ge=0, le=20)] = 3
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str) -> str:
+        value = value.strip().lower()
+        if value and (len(value) != 64 or any(c not in "0123456789abcdef" for c in value)):
+            raise ValueError("must be empty or 64 hexadecimal characters (a sha256 digest)")
+        return value
+
+
+class SplitParams(Section):
+    val_fraction: Fraction = 0.1
+    test_fraction: Fraction = 0.2
+    max_images_per_class: Annotated[int, Field(ge=0)] = 0
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> "SplitParams":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError(
+                f"val_fraction + test_fraction must be < 1 (got {self.val_fraction} + "
+                f"{self.test_fraction}); lower one of them"
+            )
+        return self
+
+
+class AugmentParams(Section):
+    copies: Annotated[int, Field(ge=0, le=50)] = 0
+    flip: bool = True
+    zoom: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    rotation: Annotated[float, Field(ge=0.0, le=180.0)] = 15.0
+    brightness: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    contrast: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
+    preview_images: Annotated[int, Field(ge=1, le=64)] = 6
+
+
+PerBackbone = Union[Any, dict[str, Any]]  # one value for every member, or {member name: value}
+
+
+class ExtractFeaturesParams(Section):
+    backbone: Union[Annotated[str, Field(min_length=1)], Annotated[list[str], Field(min_length=1)]] = "mobilenet_v2"
+    alpha: Union[float, dict[str, float]] = 1.0
+    weights: Union[str, dict[str, str]] = "imagenet"
+    image_size: Union[Annotated[int, Field(ge=0, le=1024)], dict[str, Annotated[int, Field(ge=0, le=1024)]]] = 0
+    batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
+    engine: Literal["auto", "keras", "tflite"] = "auto"
+    decode_threads: Annotated[int, Field(ge=1, le=64)] = 2
+    cache: bool = True
+    cache_dir: str = ""
+
+
+SECTIONS: dict[str, type[Section]] = {
+    "base": BaseParams,
+    "download": DownloadParams,
+    "split": SplitParams,
+    "augment": AugmentParams,
+    "extract_features": ExtractFeaturesParams,
+}
+
+
+def parse_section(name: str, raw: Any) -> Section:
+    """Validates one section's raw mapping; raises ``ValueError`` that names the key.
+
+    Args:
+        name: the section name, one of :data:`SECTIONS`.
+        raw: the mapping read from params.yaml (``None`` means all defaults).
+    """
+    if name not in SECTIONS:
+        raise ValueError(f"Unknown params section '{name}'; choose one of: {', '.join(sorted(SECTIONS))}")
+    model = SECTIONS[name]
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"params.yaml: section '{name}' must be a mapping of keys to values, got {type(raw).__name__}")
+    try:
+        return model.model_validate(raw)
+    except ValidationError as error:
+        raise ValueError(_describe(name, model, error)) from None
+
+
+def _describe(name: str, model: type[Section], error: ValidationError) -> str:
+    lines = [f"params.yaml: invalid '{name}' section:"]
+    seen: set[str] = set()
+    for item in error.errors():
+        location = [str(part) for part in item["loc"] if not _is_union_tag(part)]
+        key = ".".join([name, *location]) if location else name
+        if item["type"] == "extra_forbidden":
+            message = f"unknown key; allowed keys: {', '.join(model.model_fields)}"
+        elif item["type"] == "value_error":
+            message = item["msg"].removeprefix("Value error, ")
+        else:
+            message = f"{item['msg']} (got {item.get('input')!r})"
+        line = f"  {key}: {message}"
+        if line not in seen:
+            seen.add(line)
+            lines.append(line)
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the union member it tried ("str", "list[str]", ...) into the location.
+    return isinstance(part, str) and ("[" in part or "-" in part or part in {"str", "int", "float", "bool"})
+
+
+def read_params_file(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    """Reads params.yaml into a mapping; a missing or malformed file raises ``ValueError``."""
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} not found; run the stage from the repository root (where params.yaml is)")
+    try:
+        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(f"{path} is not valid YAML: {error}") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} must be a mapping of sections, got {type(content).__name__}")
+    unknown = sorted(set(content) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
+    return content
+
+
+def load_section(name: str, path: str | os.PathLike = "params.yaml") -> Section:
+    """Loads and validates one section of params.yaml."""
+    return parse_section(name, read_params_file(path).get(name))
