@@ -30,3 +30,11 @@ def require_mirror(path: Path) -> Path:
     if not path.exists():
         pytest.skip(f"mirror not found: {path} (set TRANSFERLAB_SHARED to the shared folder)")
     return path
+
+
+@pytest.fixture()
+def dvc_project(tmp_path):
+    """A temporary git + DVC project running this repository's pipeline on a generated dataset."""
+    import support
+
+    return support.make_project(tmp_path)

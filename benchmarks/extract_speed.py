@@ -1,0 +1,151 @@
+"""End-to-end feature extraction speed: decode + resize + infer, every engine side by side.
+
+Embeds every image of a dataset folder (default: the flower_photos mirror, extracted to a
+temporary folder) with one backbone, each variant in its own process so peak memory is its own:
+
+- ``keras-predict``: the tutorial path: Pillow on one thread, ``model.predict`` per batch;
+- ``keras``: transferlab's pipeline with the Keras engine (traced call, threaded decoding);
+- ``tflite``: transferlab's pipeline with the converted LiteRT engine, cold cache;
+- ``tflite-warm``: the same run again, served from the embedding cache.
+
+Run it alone on an otherwise idle machine (timings are noisy on 2 cores)::
+
+    python benchmarks/extract_speed.py --weights ../shared/weights/mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5
+
+Prints one line per variant: images, seconds, images/s, peak RSS, and the ratio to keras-predict.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+DEFAULT_ARCHIVE = REPOSITORY.parent / "shared" / "data" / "flower_photos.tgz"
+VARIANTS = ("keras-predict", "keras", "tflite", "tflite-warm")
+
+
+def list_images(folder: Path, limit: int) -> list[dict]:
+    """Rows (path, label, sha256, recipe) for every JPEG under the class folders of ``folder``."""
+    from transferlab import images
+
+    rows = []
+    for path in sorted(folder.glob("*/*.jpg"))[: limit or None]:
+        rows.append({"path": str(path.relative_to(folder)), "label": path.parent.name, "sha256": images.sha256_file(path), "recipe": ""})
+    return rows
+
+
+def run_variant(variant: str, folder: Path, rows: list[dict], arguments) -> dict:
+    """Runs one variant in this process and returns its figures."""
+    started = time.perf_counter()
+    if variant == "keras-predict":
+        count = _keras_predict(folder, rows, arguments)
+    else:
+        count = _pipeline(variant, folder, rows, arguments)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"variant": variant, "images": count, "seconds": seconds, "images_per_second": count / seconds, "peak_rss_gib": peak}
+
+
+def _keras_predict(folder: Path, rows: list[dict], arguments) -> int:
+    import numpy as np
+    from PIL import Image, ImageOps
+
+    from transferlab import backbones
+
+    model = backbones.build(backbones.get(arguments.backbone), weights=arguments.weights, image_size=arguments.size, alpha=arguments.alpha)
+    for start in range(0, len(rows), arguments.batch_size):
+        batch = []
+        for row in rows[start : start + arguments.batch_size]:
+            image = ImageOps.exif_transpose(Image.open(folder / row["path"])).convert("RGB")
+            batch.append(np.asarray(image.resize((arguments.size, arguments.size), Image.BILINEAR), dtype=np.float32))
+        model.predict(np.stack(batch), verbose=0)
+    return len(rows)
+
+
+def _pipeline(variant: str, folder: Path, rows: list[dict], arguments) -> int:
+    from transferlab import extract, params, stack
+
+    settings = params.parse_section(
+        "extract_features",
+        {"backbone": arguments.backbone, "weights": arguments.weights, "alpha": arguments.alpha, "image_size": arguments.size, "batch_size": arguments.batch_size},
+    )
+    members = stack.resolve_members(settings, seed=0)
+    _, report = extract.extract_features(
+        members=members,
+        rows_by_split={"train": rows},
+        images_directory=folder,
+        cache_directory=Path(arguments.cache),
+        engine=variant.removesuffix("-warm"),
+        batch_size=arguments.batch_size,
+        threads=arguments.threads,
+        seed=0,
+        max_image_pixels=params.DownloadParams().max_image_pixels,
+    )
+    return len(rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
+    parser.add_argument("--folder", type=Path, help="an extracted dataset folder (class sub-folders) instead of --archive")
+    parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--weights", default=str(REPOSITORY.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"))
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N images (0 = all)")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--rows", help=argparse.SUPPRESS)
+    arguments = parser.parse_args()
+    if arguments.child:
+        rows = json.loads(Path(arguments.rows).read_text())
+        print(json.dumps(run_variant(arguments.child, arguments.folder, rows, arguments)))
+        return
+    with tempfile.TemporaryDirectory(prefix="transferlab-bench-") as scratch:
+        scratch = Path(scratch)
+        folder = arguments.folder or _extract(arguments.archive, scratch)
+        rows = list_images(folder, arguments.limit)
+        (scratch / "rows.json").write_text(json.dumps(rows))
+        results = []
+        for variant in arguments.variants.split(","):
+            # A fresh cache for the cold runs; the warm run reuses the tflite run's cache.
+            cache = scratch / ("cache-tflite" if variant.startswith("tflite") else f"cache-{variant}")
+            command = [sys.executable, __file__, "--child", variant, "--folder", str(folder), "--rows", str(scratch / "rows.json"), "--cache", str(cache)]
+            command += ["--backbone", arguments.backbone, "--alpha", str(arguments.alpha), "--weights", arguments.weights]
+            command += ["--size", str(arguments.size), "--batch-size", str(arguments.batch_size), "--threads", str(arguments.threads)]
+            output = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
+            results.append(json.loads(output.strip().splitlines()[-1]))
+            _print(results)
+
+
+def _extract(archive: Path, scratch: Path) -> Path:
+    with tarfile.open(archive) as handle:
+        handle.extractall(scratch / "data", filter="data")
+    return next(path for path in (scratch / "data").iterdir() if path.is_dir())
+
+
+def _print(results: list[dict]) -> None:
+    baseline = results[0]["images_per_second"]
+    print(f"\n{'variant':<14} {'images':>6} {'seconds':>8} {'images/s':>9} {'peak RSS GiB':>12} {'vs first':>8}")
+    for result in results:
+        print(
+            f"{result['variant']:<14} {result['images']:>6} {result['seconds']:>8.1f} {result['images_per_second']:>9.1f} "
+            f"{result['peak_rss_gib']:>12.2f} {result['images_per_second'] / baseline:>7.2f}x"
+        )
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()

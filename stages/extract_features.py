@@ -1,0 +1,59 @@
+"""extract_features stage: embeds train (with augmented views), val and test with the stack.
+
+Usage (as in dvc.yaml):
+    python stages/extract_features.py --images data/raw/images --splits data/splits \
+        --augmented data/augmented/train.csv --out data/features --metrics metrics/extract_features.json
+"""
+
+import argparse
+import logging
+from pathlib import Path
+
+from transferlab import atomic, embedding_cache, extract, params, stack
+from transferlab.stage_runner import run_stage
+
+DEFAULT_MAX_IMAGE_PIXELS = params.DownloadParams().max_image_pixels
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=Path, required=True)
+    parser.add_argument("--splits", type=Path, required=True)
+    parser.add_argument("--augmented", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--metrics", type=Path, required=True)
+    arguments = parser.parse_args()
+
+    base = params.load_section("base")
+    settings = params.load_section("extract_features")
+    members = stack.resolve_members(settings, seed=base.seed)
+    if any(member.random_init for member in members):
+        logging.warning("weights: none -> RANDOM-INIT backbone(s): for tests only; every output says random_init")
+    rows_by_split = {
+        "train": extract.read_rows(arguments.augmented),
+        "val": extract.read_rows(arguments.splits / "val.csv"),
+        "test": extract.read_rows(arguments.splits / "test.csv"),
+    }
+    cache_directory = embedding_cache.cache_directory(settings.cache_dir) if settings.cache else None
+    feature_sets, report = extract.extract_features(
+        members=members,
+        rows_by_split=rows_by_split,
+        images_directory=arguments.images,
+        cache_directory=cache_directory,
+        engine=settings.engine,
+        batch_size=settings.batch_size,
+        threads=settings.decode_threads,
+        seed=base.seed,
+        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+    )
+    with atomic.atomic_directory(arguments.out) as temporary:
+        extract.write_feature_files(temporary, feature_sets)
+    atomic.write_json(arguments.metrics, report)
+    logging.info(
+        "%s: %d embedded, %d cache hits, %.1f s (%s images/s)",
+        report["stack"], report["embedded"], report["cache_hits"], report["seconds"], report["images_per_second"],
+    )
+
+
+if __name__ == "__main__":
+    run_stage("extract_features", main)
