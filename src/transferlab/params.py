@@ -9,6 +9,7 @@ params reference is the long form.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
@@ -90,12 +91,70 @@ class ExtractFeaturesParams(Section):
     cache_dir: str = ""
 
 
+PositiveC = Annotated[float, Field(gt=0.0, le=1e6)]
+
+
+class LogisticParams(Section):
+    c_grid: Annotated[list[PositiveC], Field(min_length=1, max_length=50)] = [
+        0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0,
+    ]
+    max_iter: Annotated[int, Field(ge=10, le=100_000)] = 1000
+    select_by: Literal["accuracy", "log_loss"] = "accuracy"
+
+    @field_validator("c_grid")
+    @classmethod
+    def _distinct(cls, value: list[float]) -> list[float]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"values must be distinct, got {value}")
+        return sorted(value)
+
+
+class DenseParams(Section):
+    units: Annotated[int, Field(ge=1, le=8192)] = 256
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.2
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 0.0003
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 50
+    batch_size: Annotated[int, Field(ge=1, le=8192)] = 32
+    patience: Annotated[int, Field(ge=0, le=1000)] = 5
+
+
+class TrainHeadParams(Section):
+    head: str = "logistic"
+    class_weight: Literal["none", "balanced"] = "none"
+    logistic: LogisticParams = LogisticParams()
+    dense: DenseParams = DenseParams()
+
+    @field_validator("head")
+    @classmethod
+    def _registered(cls, value: str) -> str:
+        if value not in _head_names():
+            raise ValueError(f"unknown head '{value}'; choose one of: {', '.join(_head_names())}")
+        return value
+
+    def head_options(self) -> dict[str, Any]:
+        """The chosen head's own settings (``train_head.<head>``) as keyword arguments."""
+        section = getattr(self, self.head, None)  # a head may have no settings of its own
+        return {} if section is None else section.model_dump()
+
+
+class EvaluateParams(Section):
+    gallery_images: Annotated[int, Field(ge=1, le=64)] = 12
+
+
+def _head_names() -> list[str]:
+    from transferlab import heads  # the head registry; cheap, imports no head module
+
+    return heads.names()
+
+
 SECTIONS: dict[str, type[Section]] = {
     "base": BaseParams,
     "download": DownloadParams,
     "split": SplitParams,
     "augment": AugmentParams,
     "extract_features": ExtractFeaturesParams,
+    "train_head": TrainHeadParams,
+    "evaluate": EvaluateParams,
 }
 
 
@@ -126,7 +185,7 @@ def _describe(name: str, model: type[Section], error: ValidationError) -> str:
         location = [str(part) for part in item["loc"] if not _is_union_tag(part)]
         key = ".".join([name, *location]) if location else name
         if item["type"] == "extra_forbidden":
-            message = f"unknown key; allowed keys: {', '.join(model.model_fields)}"
+            message = f"unknown key; allowed keys: {', '.join(_fields_at(model, location[:-1]))}"
         elif item["type"] == "value_error":
             message = item["msg"].removeprefix("Value error, ")
         else:
@@ -138,9 +197,31 @@ def _describe(name: str, model: type[Section], error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def _fields_at(model: type[BaseModel], path: list[str]) -> list[str]:
+    # The keys allowed where an unknown key was found (nested sections have their own).
+    for part in path:
+        field = model.model_fields.get(part)
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            break
+        model = annotation
+    return list(model.model_fields)
+
+
 def _is_union_tag(part: Any) -> bool:
     # pydantic puts the union member it tried ("str", "list[str]", ...) into the location.
     return isinstance(part, str) and ("[" in part or "-" in part or part in {"str", "int", "float", "bool"})
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader that also reads YAML 1.2 floats without a dot (``1e-3``) as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def read_params_file(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
@@ -149,7 +230,7 @@ def read_params_file(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     if not path.exists():
         raise ValueError(f"{path} not found; run the stage from the repository root (where params.yaml is)")
     try:
-        content = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        content = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except yaml.YAMLError as error:
         raise ValueError(f"{path} is not valid YAML: {error}") from None
     if not isinstance(content, dict):
