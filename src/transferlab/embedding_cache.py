@@ -604,6 +604,26 @@ class EmbeddingCache:
         """Hits, misses, writes and corrupt rows so far (for metrics/extract_features.json)."""
         return {"hits": self.hits, "misses": self.misses, "writes": self.writes, "corrupt": self.corrupt}
 
+    def record_speed(self, images: int, seconds: float) -> None:
+        """Remembers the engine's measured speed, so a run served from the cache can still report it."""
+        if images <= 0 or seconds <= 0:
+            return
+        value = json.dumps({"images": images, "seconds": seconds})
+
+        def write(connection: sqlite3.Connection) -> None:
+            with self._transaction(connection):
+                connection.execute("INSERT OR REPLACE INTO meta (name, value) VALUES ('speed', ?)", (value,))
+
+        self._guarded(write)
+
+    def measured_images_per_second(self) -> float | None:
+        """The engine speed recorded by the last run that embedded images here, if any."""
+        row = self._guarded(lambda connection: connection.execute("SELECT value FROM meta WHERE name = 'speed'").fetchone())
+        if not row:
+            return None
+        speed = json.loads(row[0])
+        return speed["images"] / speed["seconds"]
+
     def close(self) -> None:
         """Closes the database (the last connection folds the write-ahead log into it)."""
         with self._lock:
@@ -683,6 +703,13 @@ class DisabledCache:
     def description(self) -> dict[str, Any]:
         """Empty: a disabled cache holds nothing."""
         return {}
+
+    def record_speed(self, images: int, seconds: float) -> None:
+        """Nothing to remember it in."""
+
+    def measured_images_per_second(self) -> None:
+        """Nothing was recorded."""
+        return None
 
     def disk_bytes(self) -> int:
         """Zero: a disabled cache holds nothing."""

@@ -56,6 +56,7 @@ class MemberRun:
     cache_bytes: int = 0
     seconds: float = 0.0
     engine_note: str = ""
+    measured_speed: float | None = None  # engine images/s, this run's or remembered by the cache
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -140,6 +141,8 @@ def embed(
         group = [entry for entry in active if entry.run.member.image_size == size]
         _fill_misses(group, items, size=size, render_one=render_one, batch_size=batch_size, threads=threads)
     for entry in active:
+        entry.cache.record_speed(entry.run.computed, entry.run.seconds)
+        entry.run.measured_speed = entry.cache.measured_images_per_second()
         entry.run.cache_bytes = entry.cache.disk_bytes()
         entry.cache.close()
     return [entry.run for entry in active]
@@ -324,7 +327,7 @@ def _report(runs: list[MemberRun], rows_by_split: dict, items: list[Item], cache
                 "embedded": run.computed,
                 "corrupt_entries_recomputed": run.corrupt,
                 "engine_seconds": round(run.seconds, 3),
-                "engine_images_per_second": round(run.computed / run.seconds, 1) if run.seconds else None,
+                "engine_images_per_second": round(run.measured_speed, 1) if run.measured_speed else None,
                 "cache_bytes": run.cache_bytes,
             }
             for run in runs

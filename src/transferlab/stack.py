@@ -72,11 +72,13 @@ def resolve_members(params: Any, *, seed: int, root: Path | None = None) -> list
     for setting in PER_MEMBER_SETTINGS:
         value = getattr(params, setting)
         if isinstance(value, Mapping):
-            unknown = sorted(set(value) - set(names))
+            # Names of other registry backbones are allowed, so that one mapping in params.yaml
+            # serves every experiment of a comparison; anything else is a typo.
+            unknown = sorted(set(value) - set(names) - set(backbones.names()))
             if unknown:
                 raise ValueError(
-                    f"extract_features.{setting} names {', '.join(unknown)}, which is not in the stack; "
-                    f"use member names: {', '.join(names)}"
+                    f"extract_features.{setting} names {', '.join(unknown)}, which is neither in the stack nor a "
+                    f"registered backbone; use member names: {', '.join(names)}"
                 )
     return members
 

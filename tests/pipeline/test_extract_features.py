@@ -101,8 +101,10 @@ def test_a_corrupt_entry_is_recomputed_not_served(dataset, tmp_path):
 def test_bad_settings_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="more than once"):
         stack.resolve_members(params.parse_section("extract_features", {**SMALL, "backbone": ["mobilenet_v2", "mobilenet_v2"]}), seed=0)
-    with pytest.raises(ValueError, match="not in the stack"):
-        stack.resolve_members(params.parse_section("extract_features", {**SMALL, "alpha": {"resnet50": 1.0}}), seed=0)
+    with pytest.raises(ValueError, match="neither in the stack nor a registered backbone"):
+        stack.resolve_members(params.parse_section("extract_features", {**SMALL, "alpha": {"resnet5": 1.0}}), seed=0)
+    # A mapping may name other registry backbones: one params.yaml serves a whole comparison.
+    assert stack.resolve_members(params.parse_section("extract_features", {**SMALL, "alpha": {"mobilenet_v2": 0.35, "mobilenet": 0.25}}), seed=0)[0].alpha == 0.35
     with pytest.raises(ValueError, match="weights file not found"):
         stack.resolve_members(params.parse_section("extract_features", {**SMALL, "weights": "missing/weights.h5"}), seed=0)
     with pytest.raises(ValueError, match="choose one of"):
