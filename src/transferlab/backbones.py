@@ -243,6 +243,17 @@ def feature_dim(entry: Backbone | str, alpha: float | None = None) -> int:
     return entry.feature_dim
 
 
+def parameter_count(entry: Backbone | str, alpha: float | None = None) -> int:
+    """Parameters of the no-top backbone: the registry's count at alpha 1.0, else counted on a build."""
+    entry = get(entry)
+    alpha = check_alpha(entry, alpha)
+    if alpha in (None, 1.0):
+        return entry.parameters
+    from transferlab import flops
+
+    return flops.count_parameters(build(entry, alpha=alpha, weights="none", image_size=entry.default_size))
+
+
 def _make_divisible(value: float, divisor: int = 8) -> int:
     # keras.applications' rounding of channel counts (MobileNet v2/v3 `_make_divisible`/`_depth`).
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)

@@ -13,6 +13,7 @@ import sys
 
 COMMANDS = {
     "backbones": ("transferlab.commands.backbones", "list the registered backbones, or describe a TFLite file"),
+    "compare": ("transferlab.commands.compare", "run one experiment per backbone or stack and print a leaderboard"),
 }
 
 

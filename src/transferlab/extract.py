@@ -317,6 +317,7 @@ def _report(runs: list[MemberRun], rows_by_split: dict, items: list[Item], cache
                 "name": run.member.name,
                 "spec": run.member.spec,
                 "kind": run.member.kind,
+                "alpha": run.member.alpha,
                 "weights": run.member.weights_identity,
                 "random_init": run.member.random_init,
                 "image_size": run.member.image_size,

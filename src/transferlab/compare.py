@@ -1,0 +1,231 @@
+"""Comparing backbones and stacks: one DVC experiment each, then a leaderboard and a plot.
+
+``transferlab compare mobilenet mobilenet_v2 mobilenet+mobilenet_v2`` queues one
+``dvc exp run --queue -S extract_features.backbone=...`` per candidate, runs the queue, and
+reads every experiment's metrics back from ``dvc exp show --json``. Embeddings come from the
+shared embedding cache, so a stack of backbones that were compared alone embeds nothing new.
+
+A stack's extraction cost is the sum of its members' costs (each member's engine speed is
+measured when it embeds, and remembered by the cache for runs served from it).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+STACK_SEPARATOR = "+"
+
+
+def backbone_override(candidate: str) -> str:
+    """The ``-S`` value for one candidate: ``name`` alone, or a YAML list for ``a+b`` stacks."""
+    members = [member.strip() for member in candidate.split(STACK_SEPARATOR) if member.strip()]
+    if not members:
+        raise ValueError(f"empty candidate '{candidate}'; give backbone names or stacks like mobilenet+mobilenet_v2")
+    if len(members) == 1:
+        return f"extract_features.backbone={members[0]}"
+    return f"extract_features.backbone=[{', '.join(members)}]"
+
+
+def experiment_name(candidate: str, prefix: str = "cmp") -> str:
+    """A DVC-safe experiment name for a candidate: ``cmp-mobilenet-mobilenet_v2`` for ``mobilenet+mobilenet_v2``."""
+    members = [member.strip() for member in candidate.split(STACK_SEPARATOR) if member.strip()]
+    short = [Path(member.removeprefix("tflite:").split("#")[0]).stem if member.startswith("tflite:") else member for member in members]
+    slug = re.sub(r"[^A-Za-z0-9_]+", "-", "-".join(short)).strip("-")
+    return f"{prefix}-{slug}"[:80]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of the leaderboard."""
+
+    experiment: str
+    backbone: str
+    test_accuracy: float | None
+    macro_f1: float | None
+    val_accuracy: float | None
+    milliseconds_per_image: float | None
+    head_seconds: float | None
+    parameters: int | None
+    random_init: bool
+
+
+def _dig(mapping: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(mapping, dict) or key not in mapping:
+            return None
+        mapping = mapping[key]
+    return mapping
+
+
+def extraction_cost(extract_report: dict | None) -> float | None:
+    """Milliseconds per image for the stack: the sum of its members' engine costs."""
+    members = (extract_report or {}).get("backbones") or []
+    speeds = [member.get("engine_images_per_second") for member in members]
+    if not members or not all(speeds):
+        return None
+    return sum(1000.0 / speed for speed in speeds)
+
+
+def leaderboard_rows(exp_show: list[dict], names: Sequence[str], parameters: Callable[[dict], int | None]) -> list[Row]:
+    """Rows for the named experiments from ``dvc exp show --json`` output, best first."""
+    found: dict[str, dict] = {}
+    for baseline in exp_show:
+        for group in baseline.get("experiments") or []:
+            for revision in group.get("revs") or []:
+                if revision.get("name") in names:
+                    found[revision["name"]] = revision.get("data") or {}
+    rows = []
+    for name in names:
+        data = found.get(name)
+        if data is None:
+            continue
+        metrics = {path: _dig(content, "data") or {} for path, content in (data.get("metrics") or {}).items()}
+        evaluation = metrics.get("metrics/evaluate.json", {})
+        extract_report = metrics.get("metrics/extract_features.json", {})
+        rows.append(
+            Row(
+                experiment=name,
+                backbone=_dig(evaluation, "provenance", "backbone") or extract_report.get("stack", "?"),
+                test_accuracy=_dig(evaluation, "test", "accuracy"),
+                macro_f1=_dig(evaluation, "test", "macro_f1"),
+                val_accuracy=_dig(evaluation, "val", "accuracy"),
+                milliseconds_per_image=extraction_cost(extract_report),
+                head_seconds=_dig(metrics.get("metrics/train_head.json", {}), "seconds"),
+                parameters=parameters(extract_report),
+                random_init=bool(extract_report.get("random_init")),
+            )
+        )
+    return sorted(rows, key=lambda row: -(row.test_accuracy or 0.0))
+
+
+def format_table(rows: Sequence[Row]) -> str:
+    """A plain-text leaderboard."""
+    header = f"{'#':>2}  {'backbone':<40} {'test acc':>8} {'macro-F1':>8} {'val acc':>7} {'img/s':>7} {'ms/img':>7} {'head s':>6} {'params':>11}  experiment"
+    lines = [header, "-" * len(header)]
+    for rank, row in enumerate(rows, 1):
+        speed = f"{1000 / row.milliseconds_per_image:7.1f}" if row.milliseconds_per_image else f"{'?':>7}"
+        cost = f"{row.milliseconds_per_image:7.2f}" if row.milliseconds_per_image else f"{'?':>7}"
+        label = row.backbone + (" (RANDOM INIT)" if row.random_init else "")
+        lines.append(
+            f"{rank:>2}  {label[:40]:<40} {_percent(row.test_accuracy):>8} {_percent(row.macro_f1):>8} {_percent(row.val_accuracy):>7} "
+            f"{speed} {cost} {_number(row.head_seconds, '.1f'):>6} {_number(row.parameters, ','):>11}  {row.experiment}"
+        )
+    return "\n".join(lines)
+
+
+def _percent(value: float | None) -> str:
+    return f"{100 * value:.1f}%" if value is not None else "?"
+
+
+def _number(value: float | int | None, spec: str) -> str:
+    return format(value, spec) if value is not None else "?"
+
+
+def plot(rows: Sequence[Row], path: Path) -> Path:
+    """Scatter plot of test accuracy against extraction cost per image, one labelled point per row."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    from transferlab import atomic
+
+    figure, axis = pyplot.subplots(figsize=(8, 5.5), dpi=110)
+    for row in rows:
+        if row.test_accuracy is None or row.milliseconds_per_image is None:
+            continue
+        stacked = STACK_SEPARATOR in row.backbone
+        axis.scatter(row.milliseconds_per_image, 100 * row.test_accuracy, s=60, marker="D" if stacked else "o", color="tab:red" if stacked else "tab:blue")
+        axis.annotate(row.backbone, (row.milliseconds_per_image, 100 * row.test_accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    axis.set_xlabel("extraction cost, ms per image (engine, this machine; a stack sums its members)")
+    axis.set_ylabel("test accuracy, %")
+    axis.set_title("Accuracy against extraction cost (o: one backbone, \u25c6: stack)")
+    axis.grid(alpha=0.3)
+    figure.tight_layout()
+    with atomic.atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png")
+    pyplot.close(figure)
+    return path
+
+
+def run_experiments(
+    candidates: Sequence[str],
+    *,
+    dvc: str,
+    overrides: Sequence[str],
+    jobs: int,
+    report: Callable[[str], None],
+    poll_seconds: float = 3.0,
+    cwd: Path | None = None,
+) -> list[str]:
+    """Queues one experiment per candidate, runs the queue, and reports each as it finishes."""
+    names = [experiment_name(candidate) for candidate in candidates]
+    if len(set(names)) != len(names):
+        raise ValueError(f"two candidates give the same experiment name: {names}; list each candidate once")
+    for candidate, name in zip(candidates, names):
+        command = [dvc, "exp", "run", "--queue", "-n", name, "-S", backbone_override(candidate)]
+        for override in overrides:
+            command += ["-S", override]
+        _run(command, cwd)
+        report(f"queued {name}: {candidate}")
+    _run([dvc, "queue", "start", "--jobs", str(jobs)], cwd)
+    _wait(names, dvc=dvc, report=report, poll_seconds=poll_seconds, cwd=cwd)
+    return names
+
+
+def _run(command: Sequence[str], cwd: Path | None) -> str:
+    result = subprocess.run(list(command), cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ValueError(f"`{' '.join(command)}` failed:\n{result.stderr.strip() or result.stdout.strip()}")
+    return result.stdout
+
+
+def _wait(names: Sequence[str], *, dvc: str, report: Callable[[str], None], poll_seconds: float, cwd: Path | None) -> None:
+    started = time.monotonic()
+    pending = list(names)
+    while pending:
+        states = queue_states(_run([dvc, "queue", "status"], cwd))
+        for name in list(pending):
+            state = states.get(name)
+            if state in ("success", "failed"):
+                pending.remove(name)
+                done = len(names) - len(pending)
+                report(f"[{done}/{len(names)}] {name}: {state} after {time.monotonic() - started:.0f} s")
+                if state == "failed":
+                    report(f"  see its log: {dvc} queue logs {name}")
+        if pending:
+            time.sleep(poll_seconds)
+
+
+def queue_states(status_output: str) -> dict[str, str]:
+    """Experiment name -> lower-case status, from ``dvc queue status``' table."""
+    states = {}
+    for line in status_output.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[-1].lower() in ("queued", "running", "success", "failed"):
+            states[parts[1]] = parts[-1].lower()
+    return states
+
+
+def exp_show(dvc: str, cwd: Path | None = None) -> list[dict]:
+    """``dvc exp show --json`` parsed (all experiments of the current baseline)."""
+    return json.loads(_run([dvc, "exp", "show", "--json"], cwd))
+
+
+def backbone_parameters(extract_report: dict) -> int | None:
+    """Total parameters of a stack's backbones (registry counts; TFLite files are read)."""
+    from transferlab import backbones
+
+    total = 0
+    for member in extract_report.get("backbones") or []:
+        if member.get("kind") == "tflite":
+            total += backbones.describe_tflite(backbones.parse_spec(member["spec"]).path).parameters
+        else:
+            total += backbones.parameter_count(member["name"], member.get("alpha"))
+    return total or None
