@@ -65,7 +65,7 @@ def _dig(mapping: Any, *keys: str) -> Any:
 
 def extraction_cost(extract_report: dict | None) -> float | None:
     """Milliseconds per image for the stack: the sum of its members' engine costs."""
-    members = (extract_report or {}).get("backbones") or []
+    members = list(((extract_report or {}).get("backbones") or {}).values())
     speeds = [member.get("engine_images_per_second") for member in members]
     if not members or not all(speeds):
         return None
@@ -174,8 +174,11 @@ def run_experiments(
             command += ["-S", override]
         _run(command, cwd)
         report(f"queued {name}: {candidate}")
-    _run([dvc, "queue", "start", "--jobs", str(jobs)], cwd)
+    # `dvc queue start` may return at once (workers in the background) or only when the queue
+    # is done: run it beside the polling, so progress lines come as experiments finish.
+    starter = subprocess.Popen([dvc, "queue", "start", "--jobs", str(jobs)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _wait(names, dvc=dvc, report=report, poll_seconds=poll_seconds, cwd=cwd)
+    starter.communicate()
     return names
 
 
@@ -223,9 +226,9 @@ def backbone_parameters(extract_report: dict) -> int | None:
     from transferlab import backbones
 
     total = 0
-    for member in extract_report.get("backbones") or []:
+    for name, member in (extract_report.get("backbones") or {}).items():
         if member.get("kind") == "tflite":
             total += backbones.describe_tflite(backbones.parse_spec(member["spec"]).path).parameters
         else:
-            total += backbones.parameter_count(member["name"], member.get("alpha"))
+            total += backbones.parameter_count(name, member.get("alpha"))
     return total or None

@@ -4,30 +4,41 @@ Each embedding comes from the embedding cache when it is there; the rest are com
 images decoded and resized in a thread pool while the engine runs, one batch ahead, and each
 batch is written to the cache as soon as it is done (a killed run resumes where it stopped).
 Each image is decoded and resized once per input size, for every member that needs it.
+
+For the ``finetune`` head it also caches *tap activations* of the stack's Keras member: the
+tensor feeding ``train_head.finetune.from_layer``, computed by the frozen bottom of the backbone
+(see :mod:`transferlab.taps`) from the same decoded pixels, stored as float16 in the same cache
+(the namespace adds the tap layer) and exported to ``{split}.npy`` files batch by batch, so the
+whole set never sits in memory.
 """
 
 from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
+import json
 import logging
+import os
+import shutil
 import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 from tqdm import tqdm
 
-from transferlab import augment, embedding_cache, engines, images
+from transferlab import augment, embedding_cache, engines, images, taps
 from transferlab.stack import Member
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 VERIFICATION_IMAGES = 16  # real photos that a converted engine must reproduce Keras on
+TAP_DTYPE = np.float16  # half the bytes of float32; the fine-tuned top does not notice the rounding
 
 
 @dataclass(frozen=True)
@@ -115,6 +126,7 @@ def embed(
     render_one: Callable[[Item, int], np.ndarray],
     batch_size: int,
     threads: int,
+    extra_jobs: Sequence[Any] = (),
 ) -> list[MemberRun]:
     """Embeds ``items`` with every member: cache hits first, then the misses, batch by batch.
 
@@ -126,6 +138,8 @@ def embed(
         render_one: (item, size) -> uint8 pixels.
         batch_size: images per inference batch.
         threads: decoding threads.
+        extra_jobs: more work on the same decoded pixels (a :class:`TapJob`): each has ``size``,
+            ``label``, ``wants(item)`` and ``consume(items, pixels)``.
     """
     active = []
     for member in members:
@@ -136,9 +150,9 @@ def embed(
         run.vectors = cache.get_many([item.key for item in items])
         run.hits, run.corrupt = len(run.vectors), cache.corrupt
         active.append(_Active(run, cache, choice))
-    sizes = sorted({member.image_size for member in members})
-    for size in sizes:
-        group = [entry for entry in active if entry.run.member.image_size == size]
+    jobs = [*active, *extra_jobs]
+    for size in sorted({job.size for job in jobs}):
+        group = [job for job in jobs if job.size == size]
         _fill_misses(group, items, size=size, render_one=render_one, batch_size=batch_size, threads=threads)
     for entry in active:
         entry.cache.record_speed(entry.run.computed, entry.run.seconds)
@@ -155,31 +169,44 @@ class _Active:
     choice: engines.ConvertedEngine
     engine: object = None
 
+    @property
+    def size(self) -> int:
+        return self.run.member.image_size
+
+    @property
+    def label(self) -> str:
+        return self.run.member.name
+
+    def wants(self, item: Item) -> bool:
+        return item.key not in self.run.vectors
+
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         if self.engine is None:  # built on the first miss: a warm run never imports TensorFlow
             self.engine = self.choice.build()
         return self.engine.run(pixels)
 
+    def consume(self, chunk: list[Item], pixels: np.ndarray) -> None:
+        run = self.run
+        started = time.perf_counter()
+        vectors = self.embed(pixels)
+        run.seconds += time.perf_counter() - started
+        new = {item.key: vector for item, vector in zip(chunk, vectors)}
+        self.cache.put_many(new)  # one transaction per batch: a killed run loses only this batch
+        run.vectors.update(new)
+        run.computed += len(new)
 
-def _fill_misses(group: list[_Active], items: list[Item], *, size: int, render_one, batch_size: int, threads: int) -> None:
-    missing = [item for item in items if any(item.key not in entry.run.vectors for entry in group)]
+
+def _fill_misses(group: list, items: list[Item], *, size: int, render_one, batch_size: int, threads: int) -> None:
+    missing = [item for item in items if any(job.wants(item) for job in group)]
     if not missing:
         return
-    names = "+".join(entry.run.member.name for entry in group)
+    names = "+".join(job.label for job in group)
     progress = tqdm(total=len(missing), desc=f"embedding {names} @{size}px", unit="img", dynamic_ncols=True)
     for chunk, pixels in pixel_batches(missing, render_one=lambda item: render_one(item, size), batch_size=batch_size, threads=threads):
-        for entry in group:
-            run = entry.run
-            wanted = [index for index, item in enumerate(chunk) if item.key not in run.vectors]
-            if not wanted:
-                continue
-            started = time.perf_counter()
-            vectors = entry.embed(pixels[wanted])
-            run.seconds += time.perf_counter() - started
-            new = {chunk[index].key: vector for index, vector in zip(wanted, vectors)}
-            entry.cache.put_many(new)  # one transaction per batch: a killed run loses only this batch
-            run.vectors.update(new)
-            run.computed += len(new)
+        for job in group:
+            wanted = [index for index, item in enumerate(chunk) if job.wants(item)]
+            if wanted:
+                job.consume([chunk[index] for index in wanted], pixels[wanted])
         progress.update(len(chunk))
     progress.close()
 
@@ -236,6 +263,7 @@ def extract_features(
     threads: int,
     seed: int,
     max_image_pixels: int,
+    tap_request: TapRequest | None = None,
 ) -> tuple[dict[str, FeatureSet], dict]:
     """Embeds every row of every split with the stack; returns features files and a report.
 
@@ -249,43 +277,255 @@ def extract_features(
         threads: decoding threads.
         seed: seeds random-init backbones.
         max_image_pixels: decompression-bomb limit when decoding.
+        tap_request: also cache and export tap activations (the ``finetune`` head), or None.
     """
     started = time.perf_counter()
     items = unique_items(rows_by_split)
     if not items:
         raise ValueError("the splits hold no images; check data/splits and the split params")
     render_one = lambda item, size: render(item, images_directory=images_directory, size=size, max_image_pixels=max_image_pixels)
-    with _conversion_directory(cache_directory) as converted:
+    builders = {member.name: _backbone_builder(member, seed) for member in members if member.kind == "keras"}
+    fill = lambda job: _fill_misses([job], items, size=job.size, render_one=render_one, batch_size=batch_size, threads=threads)
+    with _conversion_directory(cache_directory) as converted, _tap_cache_directory(cache_directory, tap_request) as tap_cache:
+        tap_job = None
+        if tap_request is not None:
+            tap_job = _open_tap_job(tap_request, members, items, engine=engine, converted=converted, cache_directory=tap_cache,
+                                    builders=builders, render_one=render_one)
         runs = embed(
             members,
             items,
             open_cache=lambda member, engine_name: _open_cache(cache_directory, member, engine_name),
-            choose_engine=lambda member, sample: _choose_engine(member, sample, engine, converted, seed),
+            choose_engine=lambda member, sample: _choose_engine(member, sample, engine, converted, builders.get(member.name)),
             render_one=render_one,
             batch_size=batch_size,
             threads=threads,
+            extra_jobs=[tap_job] if tap_job else [],
         )
+        tap_report = None if tap_job is None else _write_taps(tap_job, tap_request.directory, rows_by_split, converted=converted, fill=fill)
     class_names = sorted({row["label"] for rows in rows_by_split.values() for row in rows})
     feature_sets = {split: assemble(rows, runs, class_names) for split, rows in rows_by_split.items()}
-    return feature_sets, _report(runs, rows_by_split, items, cache_directory, time.perf_counter() - started)
+    report = _report(runs, rows_by_split, items, cache_directory, time.perf_counter() - started)
+    if tap_report is not None:
+        report["taps"] = tap_report
+    return feature_sets, report
 
 
-def _choose_engine(member: Member, sample, requested: str, converted: Path, seed: int) -> engines.ConvertedEngine:
+def _backbone_builder(member: Member, seed: int) -> Callable[[], Any]:
+    """Builds the member's Keras model on the first call, then returns that same model."""
+    from transferlab import backbones
+
+    built: list = []
+
+    def build() -> Any:
+        if not built:
+            entry = backbones.get(member.name)
+            built.append(backbones.build(entry, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed))
+        return built[0]
+
+    return build
+
+
+def _choose_engine(member: Member, sample, requested: str, converted: Path, build_model: Callable[[], Any] | None) -> engines.ConvertedEngine:
     if member.kind == "tflite":
         note = "TFLite file runs on LiteRT" + (" (engine: keras does not apply to it)" if requested == "keras" else "")
         return engines.ConvertedEngine("tflite", lambda: engines.TFLiteEngine(member.path, tensor=member.tensor), {"reason": note})
-    from transferlab import backbones
-
-    build_model = lambda: backbones.build(
-        backbones.get(member.name), alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed
-    )
     return engines.choose_keras_engine(
         requested=requested,
         build_model=build_model,
         conversion_directory=converted,
-        identity=f"{member.identity}|{member.weights_identity}|{member.image_size}",
+        identity=_identity(member),
         sample_pixels=sample,
     )
+
+
+def _identity(member: Member, tap: str = "") -> str:
+    # Names a converted model (and the saved backbone) in the conversion folder.
+    return f"{member.identity}|{member.weights_identity}|{member.image_size}" + (f"|tap:{tap}" if tap else "")
+
+
+# ---------------------------------------------------------------- tap activations (finetune head)
+
+
+@dataclass(frozen=True)
+class TapRequest:
+    """Tap activations to cache and export beside the embeddings, for the ``finetune`` head.
+
+    Attributes:
+        layer: the first layer the head trains (``train_head.finetune.from_layer``) or ``auto``
+            (the registry's ``finetune_from``); the tap is the tensor feeding it.
+        directory: where ``{split}.npy`` (float16, rows as in the features files),
+            ``taps.json`` and ``backbone.keras`` (the frozen backbone) are written.
+    """
+
+    layer: str
+    directory: Path
+
+
+def tap_member(members: list[Member]) -> Member:
+    """The one Keras member of the stack, whose top the ``finetune`` head trains.
+
+    Raises:
+        ValueError: the stack has no Keras member, or more than one.
+    """
+    keras_members = [member for member in members if member.kind == "keras"]
+    if len(keras_members) != 1:
+        listed = ", ".join(f"{member.name} ({member.kind})" for member in members)
+        raise ValueError(
+            "train_head.head=finetune trains the top of exactly one Keras backbone, but extract_features.backbone "
+            f"holds {len(keras_members)} Keras backbone(s): {listed}; list exactly one registry backbone "
+            "(TFLite members may stay beside it) or choose another head"
+        )
+    return keras_members[0]
+
+
+@dataclass
+class TapJob:
+    """Tap activations of one member at one layer: which are cached, and computing the others."""
+
+    member: Member
+    layer: str
+    cache: Any  # embedding_cache.EmbeddingCache
+    choice: engines.ConvertedEngine
+    build_backbone: Callable[[], Any]
+    present: set = field(default_factory=set)
+    hits: int = 0
+    computed: int = 0
+    seconds: float = 0.0
+    shape: tuple[int, ...] = ()
+    engine: object = None
+
+    @property
+    def size(self) -> int:
+        return self.member.image_size
+
+    @property
+    def label(self) -> str:
+        return f"{self.member.name} taps at {self.layer}"
+
+    def wants(self, item: Item) -> bool:
+        return item.key not in self.present
+
+    def consume(self, chunk: list[Item], pixels: np.ndarray) -> None:
+        started = time.perf_counter()
+        if self.engine is None:  # engines return flat rows; the map's shape comes from the graph
+            self.shape = taps.tap_shape(self.build_backbone(), self.layer)
+            self.engine = self.choice.build()
+        maps = self.engine.run(pixels).reshape(len(chunk), *self.shape).astype(TAP_DTYPE)
+        if not np.isfinite(maps).all():
+            raise ValueError(
+                f"tap activations of {self.member.name} at '{self.layer}' overflow float16; "
+                "choose another train_head.finetune.from_layer"
+            )
+        self.seconds += time.perf_counter() - started
+        self.cache.put_many({item.key: array for item, array in zip(chunk, maps)})
+        self.present.update(item.key for item in chunk)
+        self.computed += len(chunk)
+
+    def forget_missing(self, keys: list[tuple[str, str]]) -> None:
+        """Drops the keys that are no longer cached (a corrupt row found on reading is deleted)."""
+        self.present.difference_update(self.cache.missing(keys))
+
+
+def _open_tap_job(request: TapRequest, members, items, *, engine, converted, cache_directory, builders, render_one) -> TapJob:
+    member = tap_member(members)
+    layer = taps.resolve_from_layer(member.name, request.layer)
+    build_backbone = builders[member.name]
+    sample = lambda: np.stack([render_one(item, member.image_size) for item in items[:VERIFICATION_IMAGES]])
+    choice = engines.choose_keras_engine(
+        requested=engine,
+        build_model=lambda: taps.bottom_model(build_backbone(), layer, flatten=True),
+        conversion_directory=converted,
+        identity=_identity(member, layer),
+        sample_pixels=sample,
+    )
+    namespace = embedding_cache.namespace_key(
+        backbone=member.identity, weights_identity=member.weights_identity, image_size=member.image_size,
+        engine=choice.name, tap=layer,
+    )
+    description = {"spec": member.spec, "name": member.name, "weights": member.weights_identity,
+                   "image_size": member.image_size, "engine": choice.name, "tap": layer}
+    cache = embedding_cache.EmbeddingCache(cache_directory, namespace, description=description)
+    job = TapJob(member=member, layer=layer, cache=cache, choice=choice, build_backbone=build_backbone)
+    keys = [item.key for item in items]
+    job.present = set(keys) - set(cache.missing(keys))
+    job.hits = len(job.present)
+    if job.hits < len(keys):  # taps cached for every view were made at a valid layer
+        taps.find_cut(build_backbone(), layer)  # a bad layer fails here, before any work
+    return job
+
+
+def _write_taps(job: TapJob, directory: Path, rows_by_split: dict, *, converted: Path, fill: Callable) -> dict:
+    """Exports each split's taps in row order, the frozen backbone and taps.json; returns the report."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, rows in rows_by_split.items():
+        keys = [(row["sha256"], row["recipe"]) for row in rows]
+        for attempt in range(3):
+            try:
+                _export_split(job, keys, directory / f"{split}.npy")
+                break
+            except KeyError:  # a row that failed its checksum was deleted while reading: compute it again
+                if attempt == 2:
+                    raise
+                job.forget_missing(keys)
+                fill(job)
+    shutil.copyfile(_saved_backbone(job, converted), directory / taps.BACKBONE_FILE)
+    shape = list(np.load(directory / f"{next(iter(rows_by_split))}.npy", mmap_mode="r").shape[1:])
+    description = {
+        "member": job.member.name, "spec": job.member.spec, "weights": job.member.weights_identity,
+        "image_size": job.member.image_size, "alpha": job.member.alpha, "layer": job.layer, "shape": shape,
+        "dtype": np.dtype(TAP_DTYPE).name, "engine": job.choice.name, "backbone_file": taps.BACKBONE_FILE,
+        "rows": {split: len(rows) for split, rows in rows_by_split.items()},
+    }
+    (directory / taps.DESCRIPTION_FILE).write_text(json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    file_bytes = sum((directory / f"{split}.npy").stat().st_size for split in rows_by_split)
+    cache_bytes = job.cache.disk_bytes()
+    job.cache.close()
+    return {
+        "member": job.member.name, "layer": job.layer, "shape": shape, "dtype": description["dtype"],
+        "bytes_per_image": int(np.prod(shape)) * np.dtype(TAP_DTYPE).itemsize,
+        "engine": job.choice.name, "engine_note": job.choice.verdict.get("reason", ""),
+        "cache_hits": job.hits, "computed": job.computed, "corrupt_entries_recomputed": job.cache.corrupt,
+        "engine_seconds": round(job.seconds, 3), "cache_bytes": cache_bytes, "file_bytes": file_bytes,
+    }
+
+
+def _export_split(job: TapJob, keys: list[tuple[str, str]], path: Path) -> None:
+    if keys:
+        job.cache.export_memmap(keys, path, dtype=TAP_DTYPE)
+        return
+    np.save(path, np.zeros((0, *_cached_shape(job)), dtype=TAP_DTYPE))  # an empty split
+
+
+def _cached_shape(job: TapJob) -> tuple[int, ...]:
+    if job.shape:
+        return job.shape
+    return tuple(job.cache.read_batch([next(iter(job.present))]).shape[1:])
+
+
+def _saved_backbone(job: TapJob, converted: Path) -> Path:
+    """The member's frozen backbone as a .keras file, saved once in the conversion folder."""
+    path = converted / _file_key(_identity(job.member), ".keras")
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".backbone-") as temporary:
+            staged = Path(temporary) / taps.BACKBONE_FILE  # Keras insists on the .keras suffix
+            job.build_backbone().save(staged)
+            os.replace(staged, path)
+    return path
+
+
+def _file_key(identity: str, suffix: str) -> str:
+    return hashlib.sha256(identity.encode()).hexdigest() + suffix
+
+
+@contextlib.contextmanager
+def _tap_cache_directory(cache_directory: Path | None, request: TapRequest | None) -> Iterator[Path | None]:
+    # Taps are exported from the cache; with the cache disabled they pass through a temporary one.
+    if request is None or cache_directory is not None:
+        yield cache_directory
+        return
+    with tempfile.TemporaryDirectory(prefix="transferlab-taps-") as temporary:
+        yield Path(temporary)
 
 
 def _open_cache(cache_directory: Path | None, member: Member, engine_name: str):
@@ -312,9 +552,9 @@ def _report(runs: list[MemberRun], rows_by_split: dict, items: list[Item], cache
     computed = sum(run.computed for run in runs)
     return {
         "stack": "+".join(run.member.name for run in runs),
-        "backbones": [
-            {
-                "name": run.member.name,
+        # A mapping by member name, not a list: `dvc exp show` and `dvc metrics diff` drop lists.
+        "backbones": {
+            run.member.name: {
                 "spec": run.member.spec,
                 "kind": run.member.kind,
                 "alpha": run.member.alpha,
@@ -332,7 +572,7 @@ def _report(runs: list[MemberRun], rows_by_split: dict, items: list[Item], cache
                 "cache_bytes": run.cache_bytes,
             }
             for run in runs
-        ],
+        },
         "random_init": any(run.member.random_init for run in runs),
         "rows": {split: len(rows) for split, rows in rows_by_split.items()},
         "distinct_views": len(items),

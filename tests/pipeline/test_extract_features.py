@@ -53,7 +53,7 @@ def test_hit_after_miss_and_identical_features_without_the_cache(dataset, tmp_pa
     assert cold_report["embedded"] == len(rows) and cold_report["cache_hits"] == 0
     assert warm_report["embedded"] == 0 and warm_report["cache_hits"] == len(rows)
     assert uncached_report["cache"] == "disabled" and uncached_report["embedded"] == len(rows)
-    assert cold_report["random_init"] is True and cold_report["backbones"][0]["weights"] == "random-init-seed0"
+    assert cold_report["random_init"] is True and cold_report["backbones"]["mobilenet_v2"]["weights"] == "random-init-seed0"
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(cold[split].arrays["features"], warm[split].arrays["features"])
         np.testing.assert_array_equal(cold[split].arrays["features"], uncached[split].arrays["features"])
@@ -71,7 +71,7 @@ def test_a_stack_is_the_concatenation_of_its_members_and_adding_one_embeds_only_
     other, _ = run_extraction(folder, rows, tmp_path / "other-cache", backbone="mobilenet", alpha=0.25)
     stacked, report = run_extraction(folder, rows, cache, backbone=["mobilenet_v2", "mobilenet"], alpha={"mobilenet_v2": 0.35, "mobilenet": 0.25})
 
-    by_name = {entry["name"]: entry for entry in report["backbones"]}
+    by_name = report["backbones"]
     assert by_name["mobilenet_v2"]["embedded"] == 0 and by_name["mobilenet_v2"]["cache_hits"] == len(rows)
     assert by_name["mobilenet"]["embedded"] == len(rows)
     for split in ("train", "val", "test"):
@@ -93,7 +93,7 @@ def test_a_corrupt_entry_is_recomputed_not_served(dataset, tmp_path):
         blob[10] ^= 0xFF
         connection.execute("UPDATE entries SET data = ? WHERE rowid = (SELECT rowid FROM entries LIMIT 1)", (bytes(blob),))
     again, report = run_extraction(folder, rows, tmp_path / "cache")
-    assert report["backbones"][0]["corrupt_entries_recomputed"] == 1
+    assert report["backbones"]["mobilenet_v2"]["corrupt_entries_recomputed"] == 1
     assert report["embedded"] == 1
     np.testing.assert_array_equal(clean["train"].arrays["features"], again["train"].arrays["features"])
 
