@@ -46,6 +46,15 @@ def rows_for(folder: Path) -> list[dict]:
     return rows
 
 
+def _merge(target: dict, values: dict) -> None:
+    """Deep-merges ``values`` into ``target`` (nested sections keep their other keys)."""
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            _merge(target[key], value)
+        else:
+            target[key] = value
+
+
 SMALL_PARAMS = {
     "download": {"sha256": "", "min_images_per_class": 3},
     "split": {"val_fraction": 0.25, "test_fraction": 0.25},
@@ -73,7 +82,7 @@ class Project:
     def set_params(self, **sections: dict) -> None:
         params = yaml.safe_load((self.root / "params.yaml").read_text())
         for name, values in sections.items():
-            params.setdefault(name, {}).update(values)
+            _merge(params.setdefault(name, {}), values)
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
     def commit(self, message: str) -> None:
