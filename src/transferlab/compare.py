@@ -163,9 +163,10 @@ def run_experiments(
     report: Callable[[str], None],
     poll_seconds: float = 3.0,
     cwd: Path | None = None,
+    prefix: str = "cmp",
 ) -> list[str]:
     """Queues one experiment per candidate, runs the queue, and reports each as it finishes."""
-    names = [experiment_name(candidate) for candidate in candidates]
+    names = [experiment_name(candidate, prefix) for candidate in candidates]
     if len(set(names)) != len(names):
         raise ValueError(f"two candidates give the same experiment name: {names}; list each candidate once")
     for candidate, name in zip(candidates, names):

@@ -1,0 +1,60 @@
+"""Engine speed of TFLite feature extractors: batch sizes, threads, with and without XNNPACK.
+
+For each file (default: the three shared extractors), runs LiteRT on random uint8 images and
+prints images/s side by side, so the best batch size per model can be chosen by measurement
+(ARCHITECTURE.md: depthwise networks run faster at small batches on 2 cores)::
+
+    python benchmarks/tflite_backbones.py [FILE.tflite ...] [--batches 1,8,32] [--seconds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights"
+DEFAULT_FILES = sorted(SHARED.glob("*_features.tflite"))
+
+
+def images_per_second(path: Path, *, batch: int, threads: int, xnnpack: bool, seconds: float) -> float:
+    """Median images/s of repeated invocations (after one warm-up) within about ``seconds``."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
+    detail = interpreter.get_input_details()[0]
+    interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+    interpreter.allocate_tensors()
+    pixels = np.random.default_rng(0).integers(0, 256, (batch, *detail["shape"][1:]), dtype=np.uint8).astype(detail["dtype"])
+    interpreter.set_tensor(detail["index"], pixels)
+    interpreter.invoke()
+    rates, started = [], time.perf_counter()
+    while time.perf_counter() - started < seconds or len(rates) < 3:
+        begin = time.perf_counter()
+        interpreter.invoke()
+        rates.append(batch / (time.perf_counter() - begin))
+    return float(np.median(rates))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("files", nargs="*", type=Path, default=DEFAULT_FILES)
+    parser.add_argument("--batches", default="1,8,32")
+    parser.add_argument("--threads", default="2")
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--no-plain", action="store_true", help="skip the runs without XNNPACK")
+    arguments = parser.parse_args()
+    batches = [int(value) for value in arguments.batches.split(",")]
+    print(f"{'model':<48} {'threads':>7} {'delegate':>9} " + " ".join(f"{'b=' + str(b):>8}" for b in batches) + "   (images/s, median)")
+    for path in arguments.files:
+        for threads in [int(value) for value in arguments.threads.split(",")]:
+            for xnnpack in (True, False) if not arguments.no_plain else (True,):
+                rates = [images_per_second(path, batch=b, threads=threads, xnnpack=xnnpack, seconds=arguments.seconds) for b in batches]
+                print(f"{path.stem:<48} {threads:>7} {'xnnpack' if xnnpack else 'builtin':>9} " + " ".join(f"{rate:8.1f}" for rate in rates), flush=True)
+
+
+if __name__ == "__main__":
+    main()
