@@ -26,14 +26,13 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import hashlib
 import math
 import numbers
 import os
 from pathlib import Path
 from typing import Any
 
-from transferlab import paths
+from transferlab import images, paths
 
 TFLITE_PREFIX = "tflite:"
 WEIGHTS_CHOICES = ("imagenet", "none")
@@ -314,8 +313,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 @functools.lru_cache(maxsize=64)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.file_digest(handle, "sha256").hexdigest()
+    return images.sha256_file(path)
 
 
 def build(

@@ -91,7 +91,7 @@ def leaderboard_rows(exp_show: list[dict], names: Sequence[str], parameters: Cal
         rows.append(
             Row(
                 experiment=name,
-                backbone=_dig(evaluation, "provenance", "backbone") or extract_report.get("stack", "?"),
+                backbone=extract_report.get("stack") or _dig(evaluation, "provenance", "backbone") or "?",
                 test_accuracy=_dig(evaluation, "test", "accuracy"),
                 macro_f1=_dig(evaluation, "test", "macro_f1"),
                 val_accuracy=_dig(evaluation, "val", "accuracy"),

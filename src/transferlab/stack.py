@@ -129,7 +129,12 @@ def _resolve_weights(weights: str, root: Path | None) -> str:
         raise ValueError(f"extract_features.weights: {error}") from None
 
 
+def label(member: Member) -> str:
+    """A member's display name: its name, with ``@alpha`` when the width multiplier is not 1."""
+    return member.name + (f"@{member.alpha:g}" if member.alpha not in (None, 1.0) else "")
+
+
 def describe(members: list[Member]) -> str:
-    """The stack's display name: member names joined by '+'."""
-    return "+".join(member.name for member in members)
+    """The stack's display name: member labels joined by '+'."""
+    return "+".join(label(member) for member in members)
 
