@@ -2,7 +2,9 @@
 
 For each file (default: the three shared extractors), runs LiteRT on random uint8 images and
 prints images/s side by side, so the best batch size per model can be chosen by measurement
-(ARCHITECTURE.md: depthwise networks run faster at small batches on 2 cores)::
+(ARCHITECTURE.md: depthwise networks run faster at small batches on 2 cores). Each rewrite of
+transferlab.tflite_files that applies to a file (``static-shapes`` for a file whose tensors
+lack shapes, ``int8`` for a uint8 model) is run on XNNPACK too::
 
     python benchmarks/tflite_backbones.py [FILE.tflite ...] [--batches 1,8,32] [--seconds 3]
 """
@@ -19,12 +21,15 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights"
 DEFAULT_FILES = sorted(SHARED.glob("*_features.tflite"))
 
 
-def images_per_second(path: Path, *, batch: int, threads: int, xnnpack: bool, seconds: float) -> float:
+def images_per_second(path: Path, *, batch: int, threads: int, xnnpack: bool, seconds: float, rewrite: str = "") -> float:
     """Median images/s of repeated invocations (after one warm-up) within about ``seconds``."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+    from transferlab import tflite_files
+
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    interpreter = Interpreter(model_path=str(path), num_threads=threads, experimental_op_resolver_type=resolver)
+    source = {"model_content": tflite_files.rewritten_content(path.read_bytes(), rewrite)} if rewrite else {"model_path": str(path)}
+    interpreter = Interpreter(**source, num_threads=threads, experimental_op_resolver_type=resolver)
     detail = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
     interpreter.allocate_tensors()
@@ -48,12 +53,17 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the runs without XNNPACK")
     arguments = parser.parse_args()
     batches = [int(value) for value in arguments.batches.split(",")]
-    print(f"{'model':<48} {'threads':>7} {'delegate':>9} " + " ".join(f"{'b=' + str(b):>8}" for b in batches) + "   (images/s, median)")
+    print(f"{'model':<48} {'threads':>7} {'path':>13} " + " ".join(f"{'b=' + str(b):>8}" for b in batches) + "   (images/s, median)")
+    from transferlab import tflite_files
+
     for path in arguments.files:
+        variants = [(True, "")] + ([] if arguments.no_plain else [(False, "")])
+        variants += [(True, rewrite) for rewrite, problem in tflite_files.candidates(path.read_bytes()).items() if not problem]
         for threads in [int(value) for value in arguments.threads.split(",")]:
-            for xnnpack in (True, False) if not arguments.no_plain else (True,):
-                rates = [images_per_second(path, batch=b, threads=threads, xnnpack=xnnpack, seconds=arguments.seconds) for b in batches]
-                print(f"{path.stem:<48} {threads:>7} {'xnnpack' if xnnpack else 'builtin':>9} " + " ".join(f"{rate:8.1f}" for rate in rates), flush=True)
+            for xnnpack, rewrite in variants:
+                rates = [images_per_second(path, batch=b, threads=threads, xnnpack=xnnpack, seconds=arguments.seconds, rewrite=rewrite) for b in batches]
+                label = rewrite or ("xnnpack" if xnnpack else "builtin")
+                print(f"{path.stem:<48} {threads:>7} {label:>13} " + " ".join(f"{rate:8.1f}" for rate in rates), flush=True)
 
 
 if __name__ == "__main__":

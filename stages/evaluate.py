@@ -13,7 +13,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--features", type=Path, required=True, help="folder holding val.npz and test.npz")
     parser.add_argument("--model", type=Path, required=True, help="the train_head stage's head folder")
-    parser.add_argument("--images", type=Path, required=True, help="the dataset's image folder (for the gallery)")
+    parser.add_argument("--images", type=Path, required=True,
+                        help="the dataset's image folder (for the gallery, and the pixels of a scratch head)")
     parser.add_argument("--metrics", type=Path, required=True, help="evaluation report (JSON)")
     parser.add_argument("--plots", type=Path, required=True,
                         help="folder for confusion.json, test_predictions.csv and gallery.png")
@@ -24,7 +25,7 @@ def main() -> None:
     params.load_section("base", arguments.params)
     settings: params.EvaluateParams = params.load_section("evaluate", arguments.params)
     head = heads.load_head(arguments.model)
-    splits = train.load_splits(arguments.features, ("val", "test"))
+    splits = train.load_splits(arguments.features, ("val", "test"), images_directory=arguments.images)
     result = evaluation.evaluate(
         head=head, val=splits["val"], test=splits["test"], gallery_images=settings.gallery_images,
         extract_report=evaluation.read_extract_report(arguments.extract_metrics),

@@ -1,5 +1,9 @@
 """extract_features stage: embeds train (with augmented views), val and test with the stack.
 
+With ``train_head.head: finetune`` it also writes the tap activations that head trains on
+(``<out>/taps/``: the input of ``train_head.finetune.from_layer``), so it reads those two
+train_head keys too (they are listed as this stage's params in dvc.yaml).
+
 Usage (as in dvc.yaml):
     python stages/extract_features.py --images data/raw/images --splits data/splits \
         --augmented data/augmented/train.csv --out data/features --metrics metrics/extract_features.json
@@ -35,24 +39,37 @@ def main() -> None:
         "test": extract.read_rows(arguments.splits / "test.csv"),
     }
     cache_directory = embedding_cache.cache_directory(settings.cache_dir) if settings.cache else None
-    feature_sets, report = extract.extract_features(
-        members=members,
-        rows_by_split=rows_by_split,
-        images_directory=arguments.images,
-        cache_directory=cache_directory,
-        engine=settings.engine,
-        batch_size=settings.batch_size,
-        threads=settings.decode_threads,
-        seed=base.seed,
-        max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
-    )
+    head: params.TrainHeadParams = params.load_section("train_head")
+    if head.head == "finetune":
+        extract.tap_member(members)  # a stack or a TFLite backbone fails before any work
     with atomic.atomic_directory(arguments.out) as temporary:
+        taps = extract.TapRequest(head.finetune.from_layer, temporary / "taps") if head.head == "finetune" else None
+        feature_sets, report = extract.extract_features(
+            members=members,
+            rows_by_split=rows_by_split,
+            images_directory=arguments.images,
+            cache_directory=cache_directory,
+            engine=settings.engine,
+            batch_size=settings.batch_size,
+            threads=settings.decode_threads,
+            seed=base.seed,
+            max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS,
+            tap_request=taps,
+            mirror_average=settings.mirror_average,
+        )
         extract.write_feature_files(temporary, feature_sets)
     atomic.write_json(arguments.metrics, report)
     logging.info(
         "%s: %d embedded, %d cache hits, %.1f s (%s images/s)",
         report["stack"], report["embedded"], report["cache_hits"], report["seconds"], report["images_per_second"],
     )
+    if "taps" in report:
+        taps_report = report["taps"]
+        logging.info(
+            "taps at %s %s: %d computed, %d cache hits, %.1f MB in files",
+            taps_report["layer"], taps_report["shape"], taps_report["computed"], taps_report["cache_hits"],
+            taps_report["file_bytes"] / 1e6,
+        )
 
 
 if __name__ == "__main__":

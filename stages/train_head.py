@@ -1,4 +1,4 @@
-"""train_head stage: data/features/{train,val}.npz -> models/head/, metrics/train_head.json, dvclive curves."""
+"""train_head stage: data/features/{train,val}.npz (+ data/raw/images) -> models/head/, metrics/train_head.json, dvclive curves."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True, help="folder to save the head into")
     parser.add_argument("--metrics", type=Path, required=True, help="training report (JSON)")
     parser.add_argument("--live", type=Path, required=True, help="folder for the dvclive per-step curves")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="the dataset's image folder (data/raw/images): the scratch head trains on its pixels")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     arguments = parser.parse_args()
     base = params.load_section("base", arguments.params)
     settings: params.TrainHeadParams = params.load_section("train_head", arguments.params)
-    splits = train.load_splits(arguments.features, ("train", "val"))
+    splits = train.load_splits(arguments.features, ("train", "val"), images_directory=arguments.images)
     logging.info(
         "training the %s head on %d rows, validating on %d (%d features, %d classes)",
         settings.head, len(splits["train"]), len(splits["val"]), splits["train"].features.shape[1],

@@ -14,16 +14,23 @@ import sys
 COMMANDS = {
     "backbones": ("transferlab.commands.backbones", "list the registered backbones, or describe a TFLite file"),
     "compare": ("transferlab.commands.compare", "run one experiment per backbone or stack and print a leaderboard"),
+    "predict": ("transferlab.commands.predict", "classify image files or folders with the exported model (models/export)"),
+    "imagenet": ("transferlab.commands.imagenet", "classify photos into the 1000 ImageNet classes with a pretrained model and its top"),
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per command (configured lazily)."""
-    parser = argparse.ArgumentParser(prog="transferlab", description=__doc__.splitlines()[0])
+def build_parser(configure: str | None = None) -> argparse.ArgumentParser:
+    """The top-level parser; only the sub-command named ``configure`` gets its arguments.
+
+    Sub-command modules are imported only for the command that runs (or whose help is asked).
+    """
+    parser = argparse.ArgumentParser(prog="transferlab", description="Which pretrained CNN backbone classifies your images best, and at what cost.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, summary) in COMMANDS.items():
-        subparsers.add_parser(name, help=summary, description=summary)
+    for name, (module_name, summary) in COMMANDS.items():
+        command_parser = subparsers.add_parser(name, help=summary, description=summary)
+        if name == configure:
+            importlib.import_module(module_name).configure(command_parser)
     return parser
 
 
@@ -36,19 +43,17 @@ def _version() -> str:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; returns the process exit code."""
     argv = sys.argv[1:] if argv is None else argv
-    parser = build_parser()
-    known, _ = parser.parse_known_args(argv)
-    if not known.command:
+    command = next((argument for argument in argv if not argument.startswith("-")), None)
+    parser = build_parser(configure=command if command in COMMANDS else None)
+    args = parser.parse_args(argv)
+    if not args.command:
         parser.print_help()
         return 2
-    module = importlib.import_module(COMMANDS[known.command][0])
-    command_parser = argparse.ArgumentParser(prog=f"transferlab {known.command}", description=COMMANDS[known.command][1])
-    module.configure(command_parser)
-    args = command_parser.parse_args(argv[argv.index(known.command) + 1 :])
+    module = importlib.import_module(COMMANDS[args.command][0])
     try:
         return int(module.run(args) or 0)
     except ValueError as error:
-        print(f"transferlab {known.command}: error: {error}", file=sys.stderr)
+        print(f"transferlab {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

@@ -92,17 +92,22 @@ class TFLiteEngine:
         path: the .tflite file.
         tensor: name of a tensor to read instead of the graph output (``tflite:PATH#TENSOR``).
         threads: LiteRT's CPU threads.
+        rewrite: run the file rewritten in memory for XNNPACK (``static-shapes`` or ``int8``,
+            see :mod:`transferlab.tflite_files`), or as given (empty).
     """
 
     name = "tflite"
 
-    def __init__(self, path: str | os.PathLike, *, tensor: str = "", threads: int = ENGINE_THREADS):
+    def __init__(self, path: str | os.PathLike, *, tensor: str = "", threads: int = ENGINE_THREADS, rewrite: str = ""):
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
-        self.interpreter = Interpreter(
-            model_path=str(self.path), num_threads=threads, experimental_preserve_all_tensors=bool(tensor)
-        )
+        source = {"model_path": str(self.path)}
+        if rewrite:
+            from transferlab import tflite_files
+
+            source = {"model_content": tflite_files.rewritten_content(self.path.read_bytes(), rewrite)}
+        self.interpreter = Interpreter(**source, num_threads=threads, experimental_preserve_all_tensors=bool(tensor))
         self._input = self.interpreter.get_input_details()[0]
         self._output_index = self._tensor_index(tensor) if tensor else self.interpreter.get_output_details()[0]["index"]
         details = {detail["index"]: detail for detail in self.interpreter.get_tensor_details()}

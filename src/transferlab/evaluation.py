@@ -20,7 +20,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn import metrics as sklearn_metrics
 
-from transferlab import atomic
+from transferlab import atomic, heads
 from transferlab.heads import base
 
 TOP_K = 2
@@ -77,14 +77,20 @@ def provenance(
 ) -> dict[str, Any]:
     """Which backbones (weights, engine) and which head produced the figures.
 
+    A head trained on pixels (``scratch``) used no backbone: its backbone is ``none``, with no
+    blocks, engine ``keras`` and ``random_init`` false (its own weights are trained, not random).
+
     Args:
         description: the head's description (head.json).
         features: a split's features (their blocks and, when recorded, engines).
         extract_report: metrics/extract_features.json, when available (engine, image size).
     """
+    if heads.reads_pixels(description.head):
+        return {"head": description.head, "head_settings": description.settings, "backbone": "none", "blocks": {},
+                "engine": "keras", "random_init": False}
     reported = {
         entry.get("spec"): entry
-        for entry in (extract_report or {}).get("backbones", [])
+        for entry in dict((extract_report or {}).get("backbones") or {}).values()
         if isinstance(entry, Mapping)
     }
     recorded = features.engine if isinstance(features.engine, list) else [features.engine] * len(features.blocks)
@@ -148,8 +154,8 @@ def evaluate(
     for split in (val, test):
         head.description.check_features(split)
     class_names = head.description.class_names
-    test_probabilities = head.predict_proba(test.features)
-    val_probabilities = head.predict_proba(val.features)
+    test_probabilities = base.predict_split(head, test)
+    val_probabilities = base.predict_split(head, val)
     report = {
         "test": classification_metrics(labels=test.labels, probabilities=test_probabilities, class_names=class_names),
         "val": classification_metrics(labels=val.labels, probabilities=val_probabilities, class_names=class_names),

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from transferlab import augment, embedding_cache, engines, images, taps
+from transferlab import augment, embedding_cache, engines, images, mirror, stack, taps, tflite_files
 from transferlab.stack import Member
 
 LOGGER = logging.getLogger(__name__)
@@ -264,6 +264,7 @@ def extract_features(
     seed: int,
     max_image_pixels: int,
     tap_request: TapRequest | None = None,
+    mirror_average: bool = False,
 ) -> tuple[dict[str, FeatureSet], dict]:
     """Embeds every row of every split with the stack; returns features files and a report.
 
@@ -272,17 +273,27 @@ def extract_features(
         rows_by_split: rows (path, label, sha256, recipe) of train (with augmented views), val, test.
         images_directory: where the rows' paths are relative to (data/raw/images).
         cache_directory: the embedding cache folder, or None to run without the cache.
-        engine: auto, keras or tflite (for Keras members; TFLite members always run on LiteRT).
+        engine: auto, keras or tflite. Keras members: see engines.choose_keras_engine. TFLite
+            members run on LiteRT: as given, or with auto a faster rewrite of the file chosen by
+            measurement (see tflite_files.choose_tflite_engine).
         batch_size: images per inference batch.
         threads: decoding threads.
         seed: seeds random-init backbones.
         max_image_pixels: decompression-bomb limit when decoding.
         tap_request: also cache and export tap activations (the ``finetune`` head), or None.
+        mirror_average: each row's embedding is the mean of its view's and that view's mirror
+            image's (see :mod:`transferlab.mirror`); mirrored views are cached like any view.
     """
     started = time.perf_counter()
     items = unique_items(rows_by_split)
     if not items:
         raise ValueError("the splits hold no images; check data/splits and the split params")
+    if mirror_average and tap_request is not None:
+        raise ValueError(
+            "extract_features.mirror_average averages pooled embeddings, but the finetune head trains on tap "
+            "activations (it mirrors them itself: train_head.finetune.flip); set extract_features.mirror_average: false"
+        )
+    views = mirror.with_mirrors(items) if mirror_average else items
     render_one = lambda item, size: render(item, images_directory=images_directory, size=size, max_image_pixels=max_image_pixels)
     builders = {member.name: _backbone_builder(member, seed) for member in members if member.kind == "keras"}
     fill = lambda job: _fill_misses([job], items, size=job.size, render_one=render_one, batch_size=batch_size, threads=threads)
@@ -293,7 +304,7 @@ def extract_features(
                                     builders=builders, render_one=render_one)
         runs = embed(
             members,
-            items,
+            views,
             open_cache=lambda member, engine_name: _open_cache(cache_directory, member, engine_name),
             choose_engine=lambda member, sample: _choose_engine(member, sample, engine, converted, builders.get(member.name)),
             render_one=render_one,
@@ -302,11 +313,14 @@ def extract_features(
             extra_jobs=[tap_job] if tap_job else [],
         )
         tap_report = None if tap_job is None else _write_taps(tap_job, tap_request.directory, rows_by_split, converted=converted, fill=fill)
+    if mirror_average:
+        for run in runs:
+            run.vectors = mirror.average_mirrors(run.vectors, [item.key for item in items])
     class_names = sorted({row["label"] for rows in rows_by_split.values() for row in rows})
     feature_sets = {split: assemble(rows, runs, class_names) for split, rows in rows_by_split.items()}
-    report = _report(runs, rows_by_split, items, cache_directory, time.perf_counter() - started)
+    report = _report(runs, rows_by_split, views, cache_directory, time.perf_counter() - started)
     if tap_report is not None:
-        report["taps"] = tap_report
+        report["taps"] = {**tap_report, "cache_bytes": tap_report["cache_bytes"] if cache_directory else 0}
     return feature_sets, report
 
 
@@ -326,9 +340,11 @@ def _backbone_builder(member: Member, seed: int) -> Callable[[], Any]:
 
 
 def _choose_engine(member: Member, sample, requested: str, converted: Path, build_model: Callable[[], Any] | None) -> engines.ConvertedEngine:
-    if member.kind == "tflite":
-        note = "TFLite file runs on LiteRT" + (" (engine: keras does not apply to it)" if requested == "keras" else "")
-        return engines.ConvertedEngine("tflite", lambda: engines.TFLiteEngine(member.path, tensor=member.tensor), {"reason": note})
+    if member.kind == "tflite":  # the file as given, or a faster rewrite chosen by measurement
+        return tflite_files.choose_tflite_engine(
+            requested=requested, path=member.path, tensor=member.tensor, sha256=member.weights_identity,
+            conversion_directory=converted, sample_pixels=sample,
+        )
     return engines.choose_keras_engine(
         requested=requested,
         build_model=build_model,
@@ -362,20 +378,20 @@ class TapRequest:
 
 
 def tap_member(members: list[Member]) -> Member:
-    """The one Keras member of the stack, whose top the ``finetune`` head trains.
+    """The stack's one member, a Keras backbone, whose top the ``finetune`` head trains.
 
     Raises:
-        ValueError: the stack has no Keras member, or more than one.
+        ValueError: the stack is not exactly one Keras backbone (the head has no way yet to
+            combine a fine-tuned member with the other members of a stack).
     """
-    keras_members = [member for member in members if member.kind == "keras"]
-    if len(keras_members) != 1:
+    if len(members) != 1 or members[0].kind != "keras":
         listed = ", ".join(f"{member.name} ({member.kind})" for member in members)
         raise ValueError(
-            "train_head.head=finetune trains the top of exactly one Keras backbone, but extract_features.backbone "
-            f"holds {len(keras_members)} Keras backbone(s): {listed}; list exactly one registry backbone "
-            "(TFLite members may stay beside it) or choose another head"
+            f"train_head.head=finetune fine-tunes the top of one Keras backbone, but extract_features.backbone is "
+            f"{listed}; set it to one registry backbone (`transferlab backbones` lists them), or choose another head "
+            "for a stack or a TFLite file"
         )
-    return keras_members[0]
+    return members[0]
 
 
 @dataclass
@@ -551,7 +567,7 @@ def _conversion_directory(cache_directory: Path | None) -> Iterator[Path]:
 def _report(runs: list[MemberRun], rows_by_split: dict, items: list[Item], cache_directory: Path | None, seconds: float) -> dict:
     computed = sum(run.computed for run in runs)
     return {
-        "stack": "+".join(run.member.name for run in runs),
+        "stack": stack.describe([run.member for run in runs]),
         # A mapping by member name, not a list: `dvc exp show` and `dvc metrics diff` drop lists.
         "backbones": {
             run.member.name: {

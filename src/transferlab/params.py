@@ -89,6 +89,7 @@ class ExtractFeaturesParams(Section):
     decode_threads: Annotated[int, Field(ge=1, le=64)] = 2
     cache: bool = True
     cache_dir: str = ""
+    mirror_average: bool = False
 
 
 PositiveC = Annotated[float, Field(gt=0.0, le=1e6)]
@@ -118,11 +119,34 @@ class DenseParams(Section):
     patience: Annotated[int, Field(ge=0, le=1000)] = 5
 
 
+class ScratchParams(Section):
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 180  # three 2x2 poolings need >= 8 pixels
+    augment: bool = False
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.0
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 10
+    batch_size: Annotated[int, Field(ge=1, le=8192)] = 32
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 0.001
+    patience: Annotated[int, Field(ge=0, le=1000)] = 3
+    decode_threads: Annotated[int, Field(ge=1, le=64)] = 2
+
+
+class FinetuneParams(Section):
+    from_layer: Annotated[str, Field(min_length=1)] = "auto"  # auto = the registry's finetune_from
+    epochs: Annotated[int, Field(ge=1, le=1000)] = 8
+    learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 0.0003
+    batch_size: Annotated[int, Field(ge=1, le=8192)] = 32
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
+    flip: bool = True
+    patience: Annotated[int, Field(ge=0, le=1000)] = 3
+
+
 class TrainHeadParams(Section):
     head: str = "logistic"
     class_weight: Literal["none", "balanced"] = "none"
     logistic: LogisticParams = LogisticParams()
     dense: DenseParams = DenseParams()
+    scratch: ScratchParams = ScratchParams()
+    finetune: FinetuneParams = FinetuneParams()
 
     @field_validator("head")
     @classmethod
@@ -141,6 +165,11 @@ class EvaluateParams(Section):
     gallery_images: Annotated[int, Field(ge=1, le=64)] = 12
 
 
+class ExportParams(Section):
+    tflite: bool = True
+    check_images: Annotated[int, Field(ge=0)] = 200  # 0 = every test image
+
+
 def _head_names() -> list[str]:
     from transferlab import heads  # the head registry; cheap, imports no head module
 
@@ -155,6 +184,7 @@ SECTIONS: dict[str, type[Section]] = {
     "extract_features": ExtractFeaturesParams,
     "train_head": TrainHeadParams,
     "evaluate": EvaluateParams,
+    "export": ExportParams,
 }
 
 

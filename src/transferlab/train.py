@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import os
 import time
 import zipfile
@@ -18,7 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from transferlab import atomic, heads
+from transferlab import atomic, heads, taps
 from transferlab.heads import base
 
 SPLITS = ("train", "val", "test")
@@ -28,8 +29,13 @@ REQUIRED_KEYS = (
 )
 
 
-def load_features(path: str | os.PathLike) -> base.Features:
+def load_features(path: str | os.PathLike, *, images_directory: str | os.PathLike | None = None) -> base.Features:
     """Reads and checks one features file written by extract_features (see docs/DESIGN.md).
+
+    Args:
+        path: the ``.npz`` file.
+        images_directory: the folder its ``paths`` are relative to (data/raw/images), recorded
+            in the result for heads that read pixels; ``None`` when only features are needed.
 
     Raises:
         ValueError: naming the file, when it is missing, unreadable or breaks the contract.
@@ -56,7 +62,40 @@ def load_features(path: str | os.PathLike) -> base.Features:
         features=features, labels=labels, class_names=class_names, blocks=blocks,
         paths=per_row["paths"], sha256=per_row["sha256"], recipes=per_row["recipes"],
         engine=_engine(arrays), source=str(path),
+        images_directory=None if images_directory is None else Path(images_directory),
+        taps=load_taps(path, rows),
     )
+
+
+def load_taps(path: str | os.PathLike, rows: int) -> base.Taps | None:
+    """The tap activations beside a features file (``taps/<split>.npy``), memory-mapped; None if absent.
+
+    Args:
+        path: the features file, e.g. ``data/features/val.npz``.
+        rows: its number of rows; the taps must have as many.
+
+    Raises:
+        ValueError: naming the file, when it is unreadable or does not match the features.
+    """
+    path = Path(path)
+    folder = path.parent / taps.FOLDER
+    file = folder / f"{path.stem}.npy"
+    if not file.is_file():
+        return None
+    try:
+        description = json.loads((folder / taps.DESCRIPTION_FILE).read_text(encoding="utf-8"))
+        activations = np.load(file, mmap_mode="r", allow_pickle=False)
+        layer, block = str(description["layer"]), str(description["member"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f"{file} or its {taps.DESCRIPTION_FILE} is unreadable ({error!r}); re-run extract_features") from None
+    if activations.ndim != 4 or activations.shape[0] != rows:
+        raise ValueError(
+            f"{file}: tap activations {activations.shape} do not give one (H, W, C) map per row of {path} "
+            f"({rows} rows); re-run extract_features"
+        )
+    return base.Taps(activations=activations, layer=layer, block=block,
+                     backbone_file=folder / str(description.get("backbone_file", taps.BACKBONE_FILE)),
+                     description=description)
 
 
 def _blocks(arrays: Mapping[str, np.ndarray], path: Path) -> tuple[base.Block, ...]:
@@ -107,9 +146,14 @@ def _engine(arrays: Mapping[str, np.ndarray]) -> Any:
     return None
 
 
-def load_splits(folder: str | os.PathLike, names: Sequence[str] = SPLITS) -> dict[str, base.Features]:
-    """Reads ``<folder>/<name>.npz`` for each split name; all must share classes and blocks."""
-    splits = {name: load_features(Path(folder) / f"{name}.npz") for name in names}
+def load_splits(
+    folder: str | os.PathLike, names: Sequence[str] = SPLITS, *, images_directory: str | os.PathLike | None = None
+) -> dict[str, base.Features]:
+    """Reads ``<folder>/<name>.npz`` for each split name; all must share classes and blocks.
+
+    ``images_directory`` is passed on to :func:`load_features`.
+    """
+    splits = {name: load_features(Path(folder) / f"{name}.npz", images_directory=images_directory) for name in names}
     first = splits[names[0]]
     for split in splits.values():
         if split.class_names != first.class_names or split.blocks != first.blocks:
@@ -152,7 +196,7 @@ def train_head(
     Returns:
         The head, and metrics: head, seconds (training time), train and val accuracy, loss and
         examples, plus what the head reports (``c`` for logistic; ``best_epoch`` and ``epochs_run``
-        for dense).
+        for dense and scratch).
     """
     started = time.perf_counter()
     outcome = heads.train(head, train=train, val=val, seed=seed, class_weight=class_weight, log_step=log_step, **options)
@@ -162,7 +206,7 @@ def train_head(
     for name, split in (("train", train), ("val", val)):
         metrics[name] = {"examples": len(split)}
         if len(split):
-            metrics[name].update(base.accuracy_and_loss(outcome.head.predict_proba(split.features), split.labels))
+            metrics[name].update(base.accuracy_and_loss(base.predict_split(outcome.head, split), split.labels))
     metrics.update(outcome.report)
     return TrainingResult(head=outcome.head, metrics=metrics)
 

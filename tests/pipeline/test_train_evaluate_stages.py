@@ -81,7 +81,7 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
 def test_logistic_train_head_then_evaluate_write_every_output(workspace):
     (workspace / "metrics").mkdir()
     (workspace / "metrics" / "extract_features.json").write_text(json.dumps(
-        {"backbones": [{"spec": "mobilenet_v2", "engine": "keras", "image_size": 224}]}))
+        {"backbones": {"mobilenet_v2": {"spec": "mobilenet_v2", "engine": "keras", "image_size": 224}}}))
     trained = train_head(workspace)
     assert trained.returncode == 0, trained.stderr
     assert "C=0.01" in trained.stderr and "chose C=" in trained.stderr  # progress lines
@@ -136,7 +136,7 @@ def test_changing_a_head_param_changes_the_result_and_rerunning_is_stable(worksp
     ("train_head_params", "message"),
     [
         ({"dense": {"units": 0}}, "train_head.dense.units"),
-        ({"head": "svm"}, "train_head.head: unknown head 'svm'; choose one of: dense, logistic"),
+        ({"head": "svm"}, "train_head.head: unknown head 'svm'; choose one of: dense, finetune, logistic, scratch"),
         ({"class_weight": "auto"}, "train_head.class_weight"),
         ({"logistic": {"c_grid": []}}, "train_head.logistic.c_grid"),
     ],

@@ -107,7 +107,7 @@ def test_provenance_names_backbones_weights_engine_and_flags_random_init():
 
 
 def test_provenance_falls_back_on_the_extract_report():
-    report = {"backbones": [{"spec": "mobilenet_v2", "engine": "tflite", "image_size": 224, "random_init": False}]}
+    report = {"backbones": {"mobilenet_v2": {"spec": "mobilenet_v2", "engine": "tflite", "image_size": 224, "random_init": False}}}
     only_real = (BLOCKS[0],)
     description = base.HeadDescription(head="dense", class_names=CLASSES, blocks=only_real)
     origin = evaluation.provenance(description=description, features=features(blocks=only_real), extract_report=report)

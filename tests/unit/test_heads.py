@@ -212,7 +212,7 @@ def test_load_head_errors_say_what_to_do(tmp_path):
     train.save_head(train_logistic(train_split, val_split).head, tmp_path / "head")
     payload = json.loads((tmp_path / "head" / "head.json").read_text())
     (tmp_path / "head" / "head.json").write_text(json.dumps({**payload, "head": "svm"}))
-    with pytest.raises(ValueError, match="Unsupported head 'svm'; choose one of: dense, logistic"):
+    with pytest.raises(ValueError, match="Unsupported head 'svm'; choose one of: dense, finetune, logistic, scratch"):
         heads.load_head(tmp_path / "head")
     (tmp_path / "head" / "head.json").write_text(json.dumps(payload))
     (tmp_path / "head" / "logistic.npz").unlink()
@@ -229,7 +229,7 @@ def test_head_refuses_features_from_other_backbones():
 
 
 def test_unknown_head_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="choose one of: dense, logistic"):
+    with pytest.raises(ValueError, match="choose one of: dense, finetune, logistic, scratch"):
         heads.head_module("svm")
 
 
@@ -246,7 +246,7 @@ def test_params_sections_validate_and_name_the_bad_key():
     assert settings.head_options()["epochs"] == 3 and settings.logistic.c_grid == [0.1, 1.0]
     with pytest.raises(ValueError, match=r"train_head\.dense\.units"):
         params.parse_section("train_head", {"dense": {"units": 0}})
-    with pytest.raises(ValueError, match=r"train_head\.head: unknown head 'svm'; choose one of: dense, logistic"):
+    with pytest.raises(ValueError, match=r"train_head\.head: unknown head 'svm'; choose one of: dense, finetune, logistic, scratch"):
         params.parse_section("train_head", {"head": "svm"})
     with pytest.raises(ValueError, match=r"train_head\.logistic\.c_grid"):
         params.parse_section("train_head", {"logistic": {"c_grid": [1.0, 1.0]}})

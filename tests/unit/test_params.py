@@ -40,7 +40,7 @@ def test_every_key_in_params_yaml_is_commented():
         ("augment", {"flip": "yes"}, r"augment\.flip: Input should be a valid boolean"),
         ("extract_features", {"engine": "onnx"}, r"extract_features\.engine: Input should be 'auto', 'keras' or 'tflite'"),
         ("extract_features", {"batch_size": 0}, r"extract_features\.batch_size: Input should be greater than or equal to 1"),
-        ("train_head", {"head": "svm"}, r"train_head\.head: unknown head 'svm'; choose one of: dense, logistic"),
+        ("train_head", {"head": "svm"}, r"train_head\.head: unknown head 'svm'; choose one of: dense, finetune, logistic, scratch"),
         ("train_head", {"dense": {"unitz": 3}}, r"train_head\.dense\.unitz: unknown key; allowed keys: units, dropout"),
     ],
 )

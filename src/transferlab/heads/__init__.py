@@ -8,7 +8,9 @@ Each head module exposes two functions:
 
 Modules are imported only when their head is used, so that naming the heads (the params
 schema does) costs nothing and the logistic head never imports TensorFlow. A new head (the
-``finetune`` head, for instance) is one module plus one :func:`register_head` call here.
+``finetune`` head, for instance) is one module plus one :func:`register_head` call here. A head
+that reads pixels (``scratch``: a CNN trained from scratch, the course's baseline) gets the same
+``Features`` rows, with ``images_directory`` telling it where their images are.
 """
 
 from __future__ import annotations
@@ -19,22 +21,42 @@ from types import ModuleType
 from typing import Any
 
 _HEADS: dict[str, str] = {}
+_PIXEL_HEADS: set[str] = set()
+INPUTS = ("features", "pixels")
 
 
-def register_head(name: str, module: str) -> None:
-    """Registers head ``name``, trained and loaded by the module named ``module``."""
+def register_head(name: str, module: str, *, reads: str = "features") -> None:
+    """Registers head ``name``, trained and loaded by the module named ``module``.
+
+    Args:
+        name: the head's name in params (``train_head.head``).
+        module: the module's import name.
+        reads: ``features`` (the backbone's embeddings) or ``pixels`` (each row's image, opened
+            from ``Features.images_directory``; such a head has ``predict_split``).
+    """
     if name in _HEADS and _HEADS[name] != module:
         raise ValueError(f"head '{name}' is already registered by {_HEADS[name]}")
+    if reads not in INPUTS:
+        raise ValueError(f"Unsupported input '{reads}' for head '{name}'; choose one of: {', '.join(INPUTS)}")
     _HEADS[name] = module
+    if reads == "pixels":
+        _PIXEL_HEADS.add(name)
 
 
 register_head("logistic", "transferlab.heads.logistic")
 register_head("dense", "transferlab.heads.dense")
+register_head("scratch", "transferlab.heads.scratch", reads="pixels")
+register_head("finetune", "transferlab.heads.finetune")
 
 
 def names() -> list[str]:
     """The registered head names, sorted."""
     return sorted(_HEADS)
+
+
+def reads_pixels(name: str) -> bool:
+    """True when head ``name`` is trained on the rows' pixels rather than their features."""
+    return name in _PIXEL_HEADS
 
 
 def head_module(name: str) -> ModuleType:

@@ -47,6 +47,28 @@ class Block:
         return {**asdict(self), "random_init": self.random_init}
 
 
+@dataclass(frozen=True, eq=False)
+class Taps:
+    """A split's cached tap activations, read by the ``finetune`` head (data/features/taps/).
+
+    extract_features writes them when ``train_head.head`` is ``finetune``: the input of one
+    layer of the stack's Keras member, one map per features row, in the same order.
+
+    Attributes:
+        activations: (N, H, W, C) float16, usually a read-only memory map of ``taps/<split>.npy``.
+        layer: the layer they feed (the first layer the head trains).
+        block: the member they come from (its block name).
+        backbone_file: the frozen backbone (raw pixels to embedding) that computed them.
+        description: ``taps/taps.json`` (member, weights, image size, engine, shape).
+    """
+
+    activations: np.ndarray
+    layer: str
+    block: str
+    backbone_file: Path
+    description: dict[str, Any] = field(default_factory=dict)
+
+
 @dataclass(frozen=True, eq=False)  # arrays inside: compare the fields you mean, not the whole
 class Features:
     """One split of the extract_features stage's output (see docs/DESIGN.md)."""
@@ -60,6 +82,11 @@ class Features:
     recipes: tuple[str, ...] = ()
     engine: Any = None
     source: str = "<memory>"
+    # The folder that ``paths`` are relative to (data/raw/images), when the stage was given it:
+    # heads that read pixels instead of features (``scratch``) open the rows' images there.
+    images_directory: Path | None = None
+    # Tap activations of the rows, when extract_features wrote them (the ``finetune`` head).
+    taps: Taps | None = None
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -152,6 +179,17 @@ class TrainedHead(Protocol):
 
     def save(self, folder: Path) -> None:
         """Writes the head's files into ``folder`` (an empty, temporary directory)."""
+
+
+def predict_split(head: TrainedHead, split: Features) -> np.ndarray:
+    """Class probabilities (N, C) for every row of ``split``, whatever the head reads.
+
+    A head that classifies pixels (``scratch``) has a ``predict_split`` of its own that opens
+    each row's image and view (``paths``, ``recipes``, ``images_directory``); every other head
+    gets the rows' features.
+    """
+    own = getattr(head, "predict_split", None)
+    return own(split) if own is not None else head.predict_proba(split.features)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,483 @@
+"""export: the trained classifier as files that run without the pipeline, checked against evaluate.
+
+What is written (the folder's layouts and formats are described in :mod:`transferlab.predict`,
+which runs them):
+
+- Every backbone a Keras registry entry: ``model.keras``, one Keras model from a raw uint8 RGB
+  image batch of any size, ``(None, None, None, 3)``, to class probabilities. Inside: a cast to
+  float, ``keras.layers.Resizing(bilinear, antialias=True)`` per backbone input size, rounded
+  and clipped to 0..255 (Pillow's bilinear resize, which the pipeline uses, is an antialiased
+  triangle filter that outputs uint8: on 60 flower photos at 32, 160, 224 and 512 pixels this
+  agrees with it to at most 1 grey level, 83-93% of values exactly, mean 0.07-0.16 levels;
+  without antialiasing the difference reaches 184 levels), then the backbone(s) with their
+  ``preprocess_input``, the head (logistic: one softmax Dense whose weights fold in the per-block
+  standardizer; dense: the trained head.keras, its standardizer included). A head that is a model
+  of the pixels itself (``scratch``: the CNN; ``finetune``: frozen bottom + trained top, from
+  :func:`transferlab.heads.finetune.full_model`) takes the backbones' place. Only built-in layers
+  and Keras ops, no Lambda, so ``keras.saving.load_model(path, safe_mode=True)`` loads it with
+  plain Keras. With ``export.tflite``: ``model.tflite``, the same network after the resize
+  (one uint8 input per input size), converted with ``TFLiteConverter.from_keras_model``.
+- A stack with a ``tflite:`` backbone and a head on embeddings (no Keras model can hold a TFLite
+  file): ``backbones/NN_name.tflite`` for each member (TFLite files copied, Keras members
+  converted), the head, and the manifest with each file's sha256, input size and dtype, resize
+  rule and block offsets.
+- Always: ``labels.txt`` (one class per line, index order), ``head/`` (a copy of models/head),
+  ``manifest.json``.
+
+The check: every format written is loaded back from the folder through
+:func:`transferlab.predict.load` and run on the raw test images (decoded from the files, not
+from features); its top-1 class must equal evaluate's prediction on at least
+:data:`MINIMUM_AGREEMENT` of them, else the stage fails and writes nothing. Measured on all 3670
+flower_photos (MobileNetV2 with the shared weights, logistic head, 735 test images): model.tflite
+735/735 with confidences within 2e-6 (it is fed the pipeline's own resize), model.keras 734/735
+(the one that flipped had confidence 0.49; the in-graph resize moves confidences by up to 0.12).
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from transferlab import atomic, backbones, images, predict
+from transferlab.heads import base
+from transferlab.stack import Member
+
+MINIMUM_AGREEMENT = 0.99
+LATENCY_RUNS = 20
+CHECK_BATCH = 32
+FEATURE_HEADS = ("logistic", "dense")  # classify the backbones' pooled embeddings
+PIXEL_HEADS = ("finetune", "scratch")  # are (with their own backbone part) one Keras model of the pixels
+EXPORTABLE_HEADS = FEATURE_HEADS + PIXEL_HEADS
+RESIZE_RULE = {
+    "rule": "pillow-bilinear",
+    "detail": (
+        "decode with EXIF orientation to 8-bit RGB (transferlab.images.open_rgb), then resize the whole "
+        "image to SxS with PIL.Image.resize(..., Image.BILINEAR), no crop (transferlab.augment.render_view "
+        "with the original recipe); model.keras does this inside with keras.layers.Resizing(bilinear, "
+        "antialias=True), rounded to uint8"
+    ),
+}
+
+
+# ---------------------------------------------------------------- inputs
+
+
+def check_consistency(*, members: Sequence[Member], head: base.TrainedHead, test: base.Features) -> None:
+    """Raises ``ValueError`` unless params, head and features describe the same backbones.
+
+    Args:
+        members: the stack resolved from the current ``extract_features`` params.
+        head: the trained head (models/head).
+        test: the test features (data/features/test.npz).
+    """
+    description = head.description
+    if description.head not in EXPORTABLE_HEADS:
+        raise ValueError(f"export supports the {', '.join(EXPORTABLE_HEADS)} heads; models/head is a '{description.head}' head")
+    description.check_features(test)
+    trained = [(block.spec, block.weights) for block in description.blocks]
+    current = [(member.spec, member.weights_identity) for member in members]
+    if trained != current:
+        raise ValueError(
+            f"the head was trained on {_listing(trained)}, but the extract_features params now give "
+            f"{_listing(current)}; run `dvc repro` so that features, head and evaluate follow the params"
+        )
+
+
+def _listing(pairs: Sequence[tuple[str, str]]) -> str:
+    return " + ".join(f"{spec} (weights {weights})" for spec, weights in pairs)
+
+
+def read_test_predictions(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Reads evaluate's test_predictions.csv (path, sha256, actual, predicted, confidence)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found; run the evaluate stage first (dvc repro evaluate)")
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        missing = {"path", "sha256", "predicted", "confidence"} - set(reader.fieldnames or ())
+        if missing:
+            raise ValueError(f"{path} lacks column(s) {', '.join(sorted(missing))}; re-run evaluate")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{path} has no rows; evaluate needs test images (split.test_fraction > 0)")
+    return rows
+
+
+def select_rows(rows: Sequence[dict[str, str]], *, count: int, seed: int) -> list[dict[str, str]]:
+    """``count`` rows drawn without replacement (seeded), in file order; 0 or more than there are = all."""
+    if count <= 0 or count >= len(rows):
+        return list(rows)
+    chosen = np.random.default_rng(seed).choice(len(rows), size=count, replace=False)
+    return [rows[index] for index in sorted(chosen.tolist())]
+
+
+# ---------------------------------------------------------------- building the models
+
+
+def fold_logistic(*, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The Dense kernel (D, C) and bias (C,) equal to standardize-then-logistic, in float64.
+
+    ``((x - mean) / scale) @ coef.T + intercept == x @ kernel + bias``. Folding, instead of a
+    Normalization layer, keeps tiny scales exact (Normalization divides by at least 1e-7).
+    """
+    weights = np.asarray(coef, dtype=np.float64) / np.asarray(scale, dtype=np.float64)
+    bias = np.asarray(intercept, dtype=np.float64) - weights @ np.asarray(mean, dtype=np.float64)
+    return weights.T, bias
+
+
+def head_model(head: base.TrainedHead) -> Any:
+    """The head as a Keras model from raw (unstandardized) features to probabilities."""
+    import keras
+
+    name = head.description.head
+    if name == "dense":
+        return head.model
+    if name != "logistic":
+        raise ValueError(f"export supports the {', '.join(EXPORTABLE_HEADS)} heads, not '{name}'")
+    kernel, bias = fold_logistic(coef=head.coef, intercept=head.intercept, mean=head.standardizer.mean_, scale=head.standardizer.scale_)
+    features = keras.Input(shape=(kernel.shape[0],), name="features")
+    layer = keras.layers.Dense(kernel.shape[1], activation="softmax", name="logistic")
+    probabilities = layer(features)
+    layer.set_weights([kernel.astype(np.float32), bias.astype(np.float32)])
+    return keras.Model(features, probabilities, name="logistic_head")
+
+
+def build_core(*, members: Sequence[Member], head: base.TrainedHead, head_folder: Path, seed: int) -> Any:
+    """The classifier after the resize: one uint8 input ``pixels_S`` per input size S -> probabilities.
+
+    Args:
+        members: the stack (Keras members only, unless the head is a pixel head).
+        head: the trained head.
+        head_folder: where the head was loaded from (the finetune head rebuilds its model there).
+        seed: ``base.seed`` (rebuilds random-init backbones exactly as extract_features did).
+    """
+    if head.description.head in PIXEL_HEADS:
+        return _pixel_core(head, head_folder)
+    import keras
+
+    sizes = sorted({member.image_size for member in members})
+    inputs = {size: keras.Input(shape=(size, size, 3), dtype="uint8", name=f"pixels_{size}") for size in sizes}
+    pixels = {size: keras.ops.cast(tensor, "float32") for size, tensor in inputs.items()}
+    embeddings = []
+    for member in members:
+        backbone = backbones.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
+        backbone.trainable = False
+        embeddings.append(backbone(pixels[member.image_size], training=False))
+    joined = embeddings[0] if len(embeddings) == 1 else keras.layers.Concatenate(name="stack_features")(embeddings)
+    probabilities = head_model(head)(joined)
+    return keras.Model([inputs[size] for size in sizes], probabilities, name="transferlab_classifier")
+
+
+def _pixel_core(head: base.TrainedHead, head_folder: Path) -> Any:
+    """A pixel head's own model (scratch: the CNN; finetune: frozen bottom + trained top) on uint8 pixels."""
+    import keras
+
+    if head.description.head == "finetune":
+        from transferlab.heads import finetune
+
+        model = finetune.full_model(head_folder)
+    else:
+        model = head.model
+    size = int(model.input_shape[1])
+    pixels = keras.Input(shape=(size, size, 3), dtype="uint8", name=f"pixels_{size}")
+    wanted = model.inputs[0].dtype
+    fed = pixels if wanted == "uint8" else keras.ops.cast(pixels, wanted)
+    return keras.Model(pixels, model(fed, training=False), name="transferlab_classifier")
+
+
+def build_image_model(core: Any) -> Any:
+    """``model.keras``: raw uint8 images (any size) -> Pillow-like resize per input size -> ``core``."""
+    import keras
+
+    image = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
+    floats = keras.ops.cast(image, "float32")
+    resized = []
+    for tensor in core.inputs:
+        size = int(tensor.shape[1])
+        scaled = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name=f"resize_{size}")(floats)
+        resized.append(keras.ops.cast(keras.ops.clip(keras.ops.round(scaled), 0.0, 255.0), "uint8"))
+    return keras.Model(image, core(resized), name="transferlab_image_classifier")
+
+
+# ---------------------------------------------------------------- writing the folder
+
+
+def write_export(
+    folder: Path,
+    *,
+    members: Sequence[Member],
+    head: base.TrainedHead,
+    head_folder: Path,
+    seed: int,
+    tflite: bool,
+    block_engines: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Writes the export into ``folder`` (an empty directory) and returns its manifest.
+
+    Args:
+        folder: where to write (the stage passes a temporary directory, swapped in on success).
+        members: the stack, consistent with ``head`` (:func:`check_consistency`).
+        head: the trained head.
+        head_folder: models/head, copied into ``folder/head``.
+        seed: ``base.seed``.
+        tflite: also write ``model.tflite`` (all-Keras stacks; a stack with a TFLite member is
+            always exported as TFLite files).
+        block_engines: the engine each block's features came from (``block_engines`` of the
+            features files): a TFLite member is written as the rewrite that engine ran, so the
+            export computes exactly what the head was trained on.
+    """
+    if head.description.head in PIXEL_HEADS or all(member.kind == "keras" for member in members):
+        layout = _write_classifier(folder, members=members, head=head, head_folder=head_folder, seed=seed, tflite=tflite)
+        member_files = [{} for _ in members]
+    else:
+        layout, member_files = _write_stack(folder, members=members, seed=seed, block_engines=block_engines)
+    shutil.copytree(head_folder, folder / predict.HEAD_FOLDER)
+    class_names = list(head.description.class_names)
+    (folder / predict.LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    manifest = {
+        "format": predict.EXPORT_FORMAT,
+        "version": predict.EXPORT_VERSION,
+        **layout,
+        "backbone": base.stack_name(head.description.blocks),
+        "class_names": class_names,
+        "labels": predict.LABELS_FILE,
+        "resize": RESIZE_RULE,
+        "members": [
+            {**_member_entry(member, block), **files}
+            for member, block, files in zip(members, head.description.blocks, member_files)
+        ],
+        "head": {"type": head.description.head, "folder": predict.HEAD_FOLDER, "settings": head.description.settings},
+        "files": _file_table(folder),
+    }
+    atomic.write_json(folder / predict.MANIFEST_FILE, manifest)
+    return manifest
+
+
+def _write_classifier(
+    folder: Path, *, members: Sequence[Member], head: base.TrainedHead, head_folder: Path, seed: int, tflite: bool
+) -> dict[str, Any]:
+    from transferlab import engines
+
+    core = build_core(members=members, head=head, head_folder=head_folder, seed=seed)
+    model = build_image_model(core)
+    model.save(folder / predict.KERAS_FILE)
+    if tflite:
+        engines.convert_to_tflite(core, folder / predict.TFLITE_FILE)
+    inputs = [{"name": tensor.name, "image_size": int(tensor.shape[1]), "dtype": "uint8"} for tensor in core.inputs]
+    return {
+        "layout": "classifier",
+        "keras_model": predict.KERAS_FILE,
+        "tflite_model": predict.TFLITE_FILE if tflite else "",
+        "inputs": inputs,
+    }
+
+
+def _write_stack(
+    folder: Path, *, members: Sequence[Member], seed: int, block_engines: Sequence[str]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    from transferlab import engines, tflite_files
+
+    recorded = list(block_engines) or ["tflite"] * len(members)
+    (folder / predict.BACKBONES_FOLDER).mkdir()
+    entries = []
+    for index, member in enumerate(members):
+        relative = f"{predict.BACKBONES_FOLDER}/{index:02d}_{_safe_name(member.name)}.tflite"
+        if member.kind == "tflite":
+            rewrite = tflite_files.rewrite_of_engine(recorded[index] or "tflite")
+            (folder / relative).write_bytes(tflite_files.rewritten_content(member.path.read_bytes(), rewrite))
+        else:
+            model = backbones.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
+            engines.convert_to_tflite(model, folder / relative)
+        info = backbones.describe_tflite(folder / relative, member.tensor or None)
+        entries.append({
+            "file": relative, "sha256": info.sha256, "tensor": member.tensor, "input_dtype": info.input_dtype,
+            "input_quantization": list(info.input_quantization), "output": info.output_name,
+            "converted_from_keras": member.kind == "keras",
+        })
+    return {"layout": "stack", "keras_model": "", "tflite_model": "", "inputs": []}, entries
+
+
+def _safe_name(name: str) -> str:
+    return "".join(character if character.isalnum() or character in "._-" else "_" for character in name)
+
+
+def _member_entry(member: Member, block: base.Block) -> dict[str, Any]:
+    return {
+        "name": member.name, "spec": member.spec, "kind": member.kind, "image_size": member.image_size,
+        "alpha": member.alpha, "weights": member.weights_identity, "random_init": member.random_init,
+        "width": block.width, "offset": block.offset,
+    }
+
+
+def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
+    return {
+        path.relative_to(folder).as_posix(): {"bytes": path.stat().st_size, "sha256": images.sha256_file(path)}
+        for path in sorted(folder.rglob("*"))
+        if path.is_file() and path.name != predict.MANIFEST_FILE
+    }
+
+
+# ---------------------------------------------------------------- the check against evaluate
+
+
+def check_against_evaluate(
+    folder: Path,
+    *,
+    rows: Sequence[dict[str, str]],
+    images_directory: Path,
+    max_image_pixels: int = predict.DEFAULT_MAX_IMAGE_PIXELS,
+    minimum_agreement: float = MINIMUM_AGREEMENT,
+) -> dict[str, Any]:
+    """Runs every format in ``folder`` on the rows' raw images; compares with evaluate's predictions.
+
+    Args:
+        folder: a written export.
+        rows: test_predictions.csv rows to check (:func:`select_rows`).
+        images_directory: data/raw/images (the rows' paths are relative to it).
+        max_image_pixels: decompression-bomb limit.
+        minimum_agreement: the share of top-1 predictions that must agree.
+
+    Returns:
+        Per format: agreement, disagreements, largest difference in the confidence of
+        evaluate's predicted class, single-image latency; and, for model.keras, how far its
+        in-graph resize is from Pillow's on these images.
+
+    Raises:
+        ValueError: an image differs from the one evaluate saw, or agreement is below the minimum.
+    """
+    manifest = predict.read_manifest(folder)
+    models = {name: predict.load(folder, format=name) for name in predict.available_formats(manifest)}
+    tallies = {name: _Tally() for name in models}
+    resize = _ResizeTally(models.get("keras"))
+    first = None
+    for start in range(0, len(rows), CHECK_BATCH):
+        chunk = rows[start : start + CHECK_BATCH]
+        pictures = [_open_checked(images_directory, row, max_image_pixels) for row in chunk]
+        first = pictures[0] if first is None else first
+        for name, model in models.items():
+            tallies[name].add(chunk, model.predict(pictures), model.class_names)
+        resize.add(pictures)
+    report = {name: {**tally.summary(), "latency_ms": predict.median_latency_ms(models[name], first, runs=LATENCY_RUNS)}
+              for name, tally in tallies.items()}
+    _require_agreement(report, tallies, minimum_agreement)
+    return {"formats": report, "checked_images": len(rows), "resize": {"rule": RESIZE_RULE["rule"], **resize.summary()}}
+
+
+def _open_checked(images_directory: Path, row: dict[str, str], max_image_pixels: int) -> Any:
+    path = images_directory / row["path"]
+    if not path.is_file() or images.sha256_file(path) != row["sha256"]:
+        raise ValueError(f"{path} is missing or is not the image evaluate saw (sha256 differs); run `dvc repro`")
+    return images.open_rgb(path, max_image_pixels=max_image_pixels)
+
+
+class _Tally:
+    """Agreement of one format with evaluate's predictions, accumulated batch by batch."""
+
+    def __init__(self) -> None:
+        self.agreeing = 0
+        self.total = 0
+        self.largest_difference = 0.0
+        self.disagreements: list[dict[str, Any]] = []
+
+    def add(self, rows: Sequence[dict[str, str]], probabilities: np.ndarray, class_names: Sequence[str]) -> None:
+        index = {name: i for i, name in enumerate(class_names)}
+        for row, row_probabilities in zip(rows, probabilities):
+            predicted = class_names[int(np.argmax(row_probabilities))]
+            difference = abs(float(row_probabilities[index[row["predicted"]]]) - float(row["confidence"]))
+            self.largest_difference = max(self.largest_difference, difference)
+            self.total += 1
+            if predicted == row["predicted"]:
+                self.agreeing += 1
+            else:
+                self.disagreements.append({"path": row["path"], "evaluate": row["predicted"], "export": predicted,
+                                           "evaluate_confidence": float(row["confidence"])})
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "top1_agreement": round(self.agreeing / self.total, 6),
+            "disagreements": len(self.disagreements),
+            "disagreeing_images": self.disagreements[:10],
+            "max_confidence_difference": round(self.largest_difference, 6),
+        }
+
+
+class _ResizeTally:
+    """How far model.keras's in-graph resize is from the pipeline's Pillow resize (grey levels)."""
+
+    def __init__(self, exported: predict.ExportedModel | None):
+        self.resizers = _resize_models(exported) if exported is not None else {}
+        self.largest = 0.0
+        self.exact = 0
+        self.values = 0
+
+    def add(self, pictures: Sequence[Any]) -> None:
+        for size, resizer in self.resizers.items():
+            for picture in pictures:
+                ours = np.clip(np.round(resizer(np.asarray(picture)[None])), 0, 255)[0]
+                theirs = predict.resize_all([picture], [size])[size][0].astype(np.float64)
+                difference = np.abs(ours - theirs)
+                self.largest = max(self.largest, float(difference.max()))
+                self.exact += int(np.count_nonzero(difference == 0))
+                self.values += difference.size
+
+    def summary(self) -> dict[str, Any]:
+        if not self.values:
+            return {}
+        return {"keras_max_abs_difference": self.largest, "keras_exact_share": round(self.exact / self.values, 6)}
+
+
+def _resize_models(exported: predict.ExportedModel) -> dict[int, Any]:
+    import keras
+    import tensorflow as tf
+
+    model = exported.runner.model
+    resizers = {}
+    for item in exported.manifest["inputs"]:
+        size = int(item["image_size"])
+        cut = keras.Model(model.inputs, model.get_layer(f"resize_{size}").output)
+        call = tf.function(lambda pixels, cut=cut: cut(pixels), input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
+        resizers[size] = lambda pixels, call=call: call(pixels).numpy().astype(np.float64)
+    return resizers
+
+
+def _require_agreement(report: dict[str, Any], tallies: dict[str, _Tally], minimum: float) -> None:
+    failing = {name: figures for name, figures in report.items() if figures["top1_agreement"] < minimum}
+    if not failing:
+        return
+    lines = []
+    for name, figures in failing.items():
+        examples = ", ".join(f"{item['path']} ({item['evaluate']} -> {item['export']})" for item in figures["disagreeing_images"][:5])
+        lines.append(
+            f"{name}: top-1 agreement {figures['top1_agreement']:.2%} ({figures['disagreements']} of "
+            f"{tallies[name].total} differ, e.g. {examples})"
+        )
+    raise ValueError(
+        f"the exported model does not reproduce evaluate's test predictions (needs >= {minimum:.0%}):\n  "
+        + "\n  ".join(lines)
+        + "\nThe export is not written. Check that data/raw/images, models/head and the extract_features params are "
+        "those evaluate used (`dvc repro` brings them in line)"
+    )
+
+
+def provenance(manifest: dict[str, Any], head: base.TrainedHead) -> dict[str, Any]:
+    """Which backbones and head the export holds (for metrics/export.json)."""
+    return {
+        "backbone": manifest["backbone"],
+        "layout": manifest["layout"],
+        "members": [{key: member[key] for key in ("name", "spec", "kind", "image_size", "alpha", "weights", "random_init", "width")}
+                    for member in manifest["members"]],
+        "head": head.description.head,
+        "head_settings": head.description.settings,
+        "random_init": any(member["random_init"] for member in manifest["members"]),
+    }
+
+
+def file_sizes(manifest: dict[str, Any]) -> dict[str, int]:
+    """Bytes per exported file (from the manifest) and their total."""
+    sizes = {name: int(entry["bytes"]) for name, entry in manifest["files"].items()}
+    return {**sizes, "total": sum(sizes.values())}

@@ -1,0 +1,285 @@
+"""Fine-tuning the top of a Keras backbone on cached tap activations.
+
+The head is the backbone's own layers from ``from_layer`` to the pooled embedding (a copy,
+with the backbone's weights: see :func:`transferlab.taps.top_model`) followed by Dropout and a
+new Dense softmax layer. It trains on *tap activations*, the input of ``from_layer``, that
+extract_features computed once per image with the frozen bottom and wrote to
+``data/features/taps/<split>.npy`` (float16). Fine-tuning from pixels would run the whole frozen
+bottom again in every epoch; here an epoch costs only the top.
+
+- Batch normalization stays in inference mode: its layers are frozen (``trainable = False``,
+  which in Keras 3 also uses the saved statistics while training). The shared MobileNetV2 has
+  its batch norm folded into the convolutions (identity plus bias): batch statistics would
+  replace that identity with a noisy per-batch rescaling.
+- Training data is streamed from the memory-mapped ``.npy`` files by a ``keras.utils.PyDataset``
+  (the whole set never sits in memory), shuffled per epoch and, with ``flip``, each cached map
+  mirrored left-right with probability 1/2 (the map of a mirrored photo, to a good approximation).
+- Early stopping on validation loss restores the best epoch; Keras' seeds come from ``seed``
+  and TensorFlow runs with deterministic ops, as for the dense head.
+
+Saved head: ``head.keras`` (tap in, probabilities out), ``backbone.keras`` (the frozen backbone
+the taps came from) and head.json. :func:`full_model` joins them into one model from raw pixels
+to probabilities, for export.
+
+This module imports Keras when it is imported; the head registry imports it only for this head.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from transferlab import engines, taps
+from transferlab.heads import base, dense
+
+NAME = "finetune"
+MODEL_FILE = "head.keras"
+BACKBONE_FILE = "backbone.keras"
+PREDICT_BATCH_SIZE = 128
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FinetuneHead:
+    """A trained finetune head: the backbone's top plus a softmax, from tap activations to probabilities."""
+
+    description: base.HeadDescription
+    model: Any  # keras.Model: tap (H, W, C) -> probabilities (C,)
+    backbone_file: Path  # the frozen backbone the taps come from (pixels -> embedding)
+    _engine: list = field(default_factory=list, repr=False, compare=False)
+
+    @property
+    def layer(self) -> str:
+        return str(self.description.settings["from_layer"])
+
+    @property
+    def tap_shape(self) -> tuple[int, ...]:
+        return tuple(int(dim) for dim in self.description.settings["tap_shape"])
+
+    def predict_proba(self, activations: np.ndarray) -> np.ndarray:
+        """Class probabilities (N, C), float64, for tap activations (N, H, W, C), e.g. a memory map."""
+        if activations.ndim != 4 or tuple(activations.shape[1:]) != self.tap_shape:
+            raise ValueError(
+                f"the finetune head classifies tap activations of shape (N, {', '.join(map(str, self.tap_shape))}) "
+                f"(the input of {self.layer}), got {activations.shape}; pass a split with base.predict_split"
+            )
+        if not self._engine:  # one traced function: model.predict costs 0.4 s per call
+            self._engine.append(engines.KerasEngine(self.model))
+        parts = [self._engine[0].run(np.asarray(activations[start : start + PREDICT_BATCH_SIZE], dtype=np.float32))
+                 for start in range(0, len(activations), PREDICT_BATCH_SIZE)]
+        if not parts:
+            return np.zeros((0, len(self.description.class_names)))
+        probabilities = np.concatenate(parts).astype(np.float64)
+        return probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 rows sum to 1 +- 1e-7
+
+    def predict_split(self, split: base.Features) -> np.ndarray:
+        """Class probabilities (N, C) for the rows of ``split``, from their tap activations."""
+        check_taps(split, layer=self.layer, block=str(self.description.settings["block"]))
+        return self.predict_proba(split.taps.activations)
+
+    def save(self, folder: Path) -> None:
+        """Writes head.keras, backbone.keras and head.json."""
+        self.model.save(folder / MODEL_FILE)
+        shutil.copyfile(self.backbone_file, folder / BACKBONE_FILE)
+        self.description.write(folder)
+
+
+def check_taps(split: base.Features, *, layer: str | None = None, block: str | None = None) -> base.Taps:
+    """The split's tap activations; ``ValueError`` saying what to re-run when absent or cut elsewhere."""
+    if split.taps is None:
+        raise ValueError(
+            f"{split.source}: the finetune head trains on tap activations, but there are none beside it "
+            f"({taps.FOLDER}/); extract_features writes them when train_head.head is finetune: re-run it "
+            "(dvc repro, or dvc exp run -S train_head.head=finetune)"
+        )
+    if layer is not None and (split.taps.layer, split.taps.block) != (layer, block):
+        raise ValueError(
+            f"{split.source}: the tap activations feed {split.taps.block} layer '{split.taps.layer}', but the head "
+            f"starts at {block} layer '{layer}'; re-run extract_features (dvc repro) so that they match"
+        )
+    return split.taps
+
+
+def train(
+    *,
+    train: base.Features,
+    val: base.Features,
+    seed: int,
+    class_weight: str,
+    from_layer: str,
+    epochs: int,
+    learning_rate: float,
+    batch_size: int,
+    dropout: float,
+    flip: bool,
+    patience: int,
+    log_step: base.StepLogger | None = None,
+) -> base.TrainOutcome:
+    """Fine-tunes the backbone's top plus a new softmax on cached tap activations.
+
+    Args:
+        train: training rows with their taps (augmented views included).
+        val: validation rows with their taps (must not be empty: early stopping watches them).
+        seed: seeds the new layer's weights, dropout, shuffling and flips.
+        class_weight: ``none``, or ``balanced`` to weight classes inversely to their frequency.
+        from_layer: the first layer trained, or ``auto``; must be the layer the taps feed.
+        epochs: most epochs.
+        learning_rate: Adam's learning rate.
+        batch_size: maps per gradient step.
+        dropout: dropout rate before the softmax layer.
+        flip: mirror each training map left-right with probability 1/2.
+        patience: epochs without a better validation loss before stopping.
+        log_step: called after every epoch with train/val loss and accuracy.
+
+    Returns:
+        The head with the best epoch's weights, and a report (best and run epochs, seconds per
+        epoch, the layer, trainable parameters).
+    """
+    tapped, layer = _checked_inputs(train, val, from_layer)
+    dense._seed_everything(seed)
+    backbone = keras.models.load_model(tapped.backbone_file, compile=False)
+    model = build_model(backbone=backbone, layer=layer, classes=len(train.class_names), dropout=dropout, seed=seed)
+    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    timer = _EpochTimer()
+    history = model.fit(
+        TapBatches(tapped.activations, train.labels, batch_size=batch_size, seed=seed, shuffle=True, flip=flip),
+        validation_data=TapBatches(val.taps.activations, val.labels, batch_size=PREDICT_BATCH_SIZE, seed=seed),
+        epochs=epochs, verbose=0, class_weight=dense._keras_class_weight(class_weight, train),
+        callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+                   dense._epoch_logger(epochs, log_step), timer],
+    )
+    settings = {"from_layer": layer, "block": tapped.block, "tap_shape": list(tapped.activations.shape[1:]),
+                "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "dropout": dropout,
+                "flip": flip, "patience": patience, "class_weight": class_weight, "seed": seed}
+    description = base.description_for(NAME, train, settings, {"model": MODEL_FILE, "backbone": BACKBONE_FILE})
+    head = FinetuneHead(description=description, model=model, backbone_file=Path(tapped.backbone_file))
+    return base.TrainOutcome(head=head, report=_report(history.history, timer.seconds, model, layer))
+
+
+def _checked_inputs(train: base.Features, val: base.Features, from_layer: str) -> tuple[base.Taps, str]:
+    """The training taps and the resolved layer; ``ValueError`` when the splits cannot be fine-tuned."""
+    base.check_trainable(train, val)
+    if len(val) == 0:
+        raise ValueError("the finetune head stops early on validation loss, but the validation split is empty; "
+                         "set split.val_fraction > 0")
+    if len(train.blocks) != 1:
+        raise ValueError(f"{train.source}: the finetune head fine-tunes one backbone, but the features come from the stack "
+                         f"{base.stack_name(train.blocks)}; set extract_features.backbone to one registry backbone")
+    tapped = check_taps(train)
+    layer = taps.resolve_from_layer(tapped.block, from_layer)
+    check_taps(train, layer=layer, block=tapped.block)
+    check_taps(val, layer=layer, block=tapped.block)
+    return tapped, layer
+
+
+def _report(history: dict, epoch_seconds: list[float], model: Any, layer: str) -> dict[str, Any]:
+    best_epoch = int(np.argmin(history["val_loss"])) + 1
+    logger.info("best epoch %d of %d run (weights restored from it)", best_epoch, len(history["loss"]))
+    return {
+        "best_epoch": best_epoch, "epochs_run": len(history["loss"]), "from_layer": layer,
+        "epoch_seconds": [round(seconds, 2) for seconds in epoch_seconds],
+        "trainable_parameters": int(sum(np.prod(weight.shape) for weight in model.trainable_weights)),
+        "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # the process's, so far
+    }
+
+
+def build_model(*, backbone: Any, layer: str, classes: int, dropout: float, seed: int) -> Any:
+    """Tap -> the backbone's top (a copy, batch norm frozen) -> Dropout -> Dense(classes, softmax)."""
+    top = taps.top_model(backbone, layer)
+    hidden = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(top.output)
+    outputs = keras.layers.Dense(classes, activation="softmax", name="head_probabilities")(hidden)
+    return keras.Model(top.input, outputs, name="finetune_head")
+
+
+class TapBatches(keras.utils.PyDataset):
+    """Batches of tap activations (float32) and labels, read from an (N, H, W, C) array or memory map.
+
+    Only one batch is read at a time. With ``shuffle`` the order changes every epoch; with
+    ``flip`` each map is mirrored left-right with probability 1/2. Both are drawn from
+    ``(seed, epoch, batch)``, so a run is the same however Keras schedules the batches.
+    """
+
+    def __init__(self, activations: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
+                 shuffle: bool = False, flip: bool = False):
+        super().__init__()
+        self.activations, self.labels = activations, np.asarray(labels, dtype=np.int32)
+        self.batch_size, self.seed, self.shuffle, self.flip = int(batch_size), int(seed), shuffle, flip
+        self.epoch = 0
+        self.order = self._arrange()
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])  # file order reads faster
+        maps = np.asarray(self.activations[rows], dtype=np.float32)
+        if self.flip:
+            mirrored = np.random.default_rng([self.seed, self.epoch, index]).random(len(rows)) < 0.5
+            maps[mirrored] = maps[mirrored, :, ::-1, :]
+        return maps, self.labels[rows]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self.order = self._arrange()
+
+    def _arrange(self) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(len(self.labels))
+        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.labels))
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.seconds: list[float] = []
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.started = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        self.seconds.append(time.perf_counter() - self.started)
+
+
+def load(folder: Path, description: base.HeadDescription) -> FinetuneHead:
+    """Loads a head written by :meth:`FinetuneHead.save`."""
+    model_path = base.required_file(folder, MODEL_FILE)
+    backbone_file = base.required_file(folder, BACKBONE_FILE)
+    model = keras.models.load_model(model_path, compile=False)
+    expected = ((None, *description.settings["tap_shape"]), (None, len(description.class_names)))
+    if (tuple(model.input_shape), tuple(model.output_shape)) != expected:
+        raise ValueError(
+            f"{model_path}: model maps {model.input_shape} -> {model.output_shape}, head.json says "
+            f"{expected[0]} -> {expected[1]}; re-run train_head"
+        )
+    return FinetuneHead(description=description, model=model, backbone_file=backbone_file)
+
+
+def full_model(head_folder: str | Path) -> Any:
+    """One Keras model from raw pixels to class probabilities: frozen bottom, trained top, softmax.
+
+    Takes float32 RGB images (N, S, S, 3) with raw 0..255 values (preprocessing is inside, as for
+    every backbone) at the backbone's input size.
+
+    Args:
+        head_folder: a folder saved by the train_head stage with the finetune head (models/head).
+    """
+    folder = Path(head_folder)
+    description = base.read_description(folder)
+    if description.head != NAME:
+        raise ValueError(f"{folder} holds a {description.head} head, not a {NAME} head")
+    head = load(folder, description)
+    backbone = keras.models.load_model(head.backbone_file, compile=False)
+    bottom = taps.bottom_model(backbone, head.layer)
+    bottom.trainable = False
+    pixels = keras.Input(shape=tuple(bottom.input_shape[1:]), dtype="float32", name="pixels")
+    return keras.Model(pixels, head.model(bottom(pixels)), name=f"{backbone.name}_finetuned")

@@ -1,0 +1,174 @@
+"""The finetune head through DVC, and on real photos with the shared MobileNetV2 weights."""
+
+from __future__ import annotations
+
+import csv
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import support
+from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
+from transferlab import extract, params, stack
+
+pytestmark = pytest.mark.slow
+SHARED_MOBILENET_V2 = "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"
+
+
+def read_json(project, path):
+    return json.loads((project.root / path).read_text())
+
+
+def test_dvc_pipeline_with_the_finetune_head(dvc_project):
+    project = dvc_project
+    finetune = {"from_layer": "block_13_expand", "epochs": 2, "batch_size": 8}
+    project.set_params(train_head={"head": "finetune", "finetune": finetune})
+    project.commit("finetune head")
+    project.dvc("repro")
+
+    report = read_json(project, "metrics/extract_features.json")
+    taps = report["taps"]
+    assert taps["layer"] == "block_13_expand" and taps["shape"] == [2, 2, 32] and taps["dtype"] == "float16"
+    assert taps["computed"] == report["distinct_views"] == 54 and taps["cache_bytes"] > 0
+    file_bytes = 0
+    for split in ("train", "val", "test"):
+        features = np.load(project.root / f"data/features/{split}.npz", allow_pickle=False)["features"]
+        activations = np.load(project.root / f"data/features/taps/{split}.npy", mmap_mode="r")
+        assert activations.shape == (len(features), 2, 2, 32) and activations.dtype == np.float16
+        file_bytes += (project.root / f"data/features/taps/{split}.npy").stat().st_size
+    assert taps["file_bytes"] == file_bytes
+    assert json.loads((project.root / "data/features/taps/taps.json").read_text())["layer"] == "block_13_expand"
+    assert {path.name for path in (project.root / "models/head").iterdir()} == {"head.json", "head.keras", "backbone.keras"}
+    trained = read_json(project, "metrics/train_head.json")
+    assert trained["head"] == "finetune" and trained["epochs_run"] == 2 and trained["from_layer"] == "block_13_expand"
+    assert len((project.root / "metrics/train_head/val/loss.tsv").read_text().splitlines()) == 3  # header + 2 epochs
+    evaluated = read_json(project, "metrics/evaluate.json")
+    assert evaluated["provenance"]["head"] == "finetune" and evaluated["test"]["examples"] == 9
+    with (project.root / "metrics/evaluate/test_predictions.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 9
+    project.commit("baseline")
+
+    # Only a head parameter changed: extract_features does not run, nothing is embedded.
+    result = project.dvc("exp", "run", "-S", "train_head.finetune.epochs=1")
+    assert "Running stage 'extract_features'" not in result.stdout
+    assert "Running stage 'train_head'" in result.stdout and "Running stage 'evaluate'" in result.stdout
+    assert read_json(project, "metrics/extract_features.json") == report
+    assert read_json(project, "metrics/train_head.json")["epochs_run"] == 1
+
+    # A layer inside a residual block cannot be cut: the stage says so and lists the cut points.
+    failed = project.dvc("exp", "run", "-S", "train_head.finetune.from_layer=block_14_depthwise", check=False)
+    assert failed.returncode != 0
+    assert "cannot be cut in front of 'block_14_depthwise'" in failed.stderr and "block_14_expand" in failed.stderr
+
+
+def flower_subset(archive: Path, folder: Path, per_class: int) -> Path:
+    """The first ``per_class`` photos of each class in the archive, extracted as class folders."""
+    taken: dict[str, int] = {}
+    with tarfile.open(archive) as handle:
+        for member in handle:
+            parts = member.name.split("/")
+            if not (member.isfile() and len(parts) == 3 and parts[2].endswith(".jpg")):
+                continue
+            if taken.get(parts[1], 0) < per_class:
+                taken[parts[1]] = taken.get(parts[1], 0) + 1
+                member.name = f"{parts[1]}/{parts[2]}"
+                handle.extract(member, folder, filter="data")
+    return folder
+
+
+@pytest.mark.real_data
+def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(tmp_path):
+    from transferlab import evaluation, train
+    from transferlab.heads import base, finetune
+
+    archive = require_mirror(FLOWERS_ARCHIVE)
+    weights = require_mirror(WEIGHTS / SHARED_MOBILENET_V2)
+    folder = flower_subset(archive, tmp_path / "photos", per_class=60)
+    rows = support.rows_for(folder)
+    splits = {"train": [], "val": [], "test": []}
+    for index, row in enumerate(rows):  # rows are sorted by class: each class gets 60% / 20% / 20%
+        splits[("train", "train", "train", "val", "test")[index % 5]].append(row)
+    settings = params.parse_section("extract_features", {"backbone": "mobilenet_v2", "weights": str(weights)})
+    features_folder = tmp_path / "features"
+    feature_sets, report = extract.extract_features(
+        members=stack.resolve_members(settings, seed=0), rows_by_split=splits, images_directory=folder,
+        cache_directory=tmp_path / "cache", engine="auto", batch_size=32, threads=2, seed=0, max_image_pixels=10**8,
+        tap_request=extract.TapRequest("auto", features_folder / "taps"),
+    )
+    extract.write_feature_files(features_folder, feature_sets)
+    assert report["taps"]["layer"] == "block_13_expand" and report["taps"]["shape"] == [14, 14, 96]
+    assert report["taps"]["engine"] == "tflite" and report["taps"]["bytes_per_image"] == 14 * 14 * 96 * 2
+
+    loaded = train.load_splits(features_folder)
+    options = params.TrainHeadParams(head="finetune").head_options()
+    result = train.train_head(head="finetune", train=loaded["train"], val=loaded["val"], seed=0, class_weight="none",
+                              options=options)
+    evaluated = evaluation.evaluate(head=result.head, val=loaded["val"], test=loaded["test"], gallery_images=4)
+    assert evaluated.metrics["test"]["examples"] == 60
+    assert evaluated.metrics["test"]["accuracy"] > 0.6  # chance is 0.2
+
+    train.save_head(result.head, tmp_path / "head")
+    model = finetune.full_model(tmp_path / "head")
+    test = loaded["test"]
+    pixels = np.stack([
+        extract.render(extract.Item(sha, recipe, path), images_directory=folder, size=224, max_image_pixels=10**8)
+        for sha, recipe, path in zip(test.sha256, test.recipes, test.paths)
+    ]).astype(np.float32)
+    from_pixels = model.predict(pixels, batch_size=32, verbose=0)
+    expected = base.predict_split(result.head, test)
+    assert (from_pixels.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.98
+
+
+def test_taps_are_the_same_without_the_cache_and_a_corrupt_tap_is_recomputed(tmp_path):
+    import sqlite3
+
+    folder = support.write_dataset(tmp_path / "photos", per_class=4)
+    rows = support.rows_for(folder)
+    splits = {"train": rows[::2], "val": rows[1::4], "test": rows[3::4]}
+    settings = params.parse_section("extract_features", support.SMALL_PARAMS["extract_features"])
+
+    def run(cache, out):
+        _, report = extract.extract_features(
+            members=stack.resolve_members(settings, seed=0), rows_by_split=splits, images_directory=folder,
+            cache_directory=cache, engine="keras", batch_size=4, threads=2, seed=0, max_image_pixels=10**8,
+            tap_request=extract.TapRequest("block_15_expand", out),
+        )
+        return report["taps"], {split: np.load(out / f"{split}.npy") for split in splits}
+
+    cold, reference = run(tmp_path / "cache", tmp_path / "cold")
+    assert cold["computed"] == len(rows) and cold["cache_hits"] == 0 and cold["layer"] == "block_15_expand"
+    assert {name: array.shape[0] for name, array in reference.items()} == {name: len(split) for name, split in splits.items()}
+    uncached, arrays = run(None, tmp_path / "uncached")
+    assert uncached["computed"] == len(rows) and uncached["cache_bytes"] == 0
+    for split in splits:
+        np.testing.assert_array_equal(arrays[split], reference[split])
+
+    (database,) = [path for path in (tmp_path / "cache").glob("*/*.sqlite") if "block_15_expand" in _description(path)]
+    with sqlite3.connect(database) as connection:
+        blob = bytearray(connection.execute("SELECT data FROM entries LIMIT 1").fetchone()[0])
+        blob[3] ^= 0xFF
+        connection.execute("UPDATE entries SET data = ? WHERE rowid = (SELECT rowid FROM entries LIMIT 1)", (bytes(blob),))
+    warm, arrays = run(tmp_path / "cache", tmp_path / "warm")
+    assert warm["corrupt_entries_recomputed"] == 1 and warm["computed"] == 1
+    for split in splits:
+        np.testing.assert_array_equal(arrays[split], reference[split])
+    assert json.loads((tmp_path / "warm" / "taps.json").read_text())["shape"] == cold["shape"]
+
+
+def _description(database: Path) -> str:
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        return connection.execute("SELECT value FROM meta WHERE name = 'description'").fetchone()[0]
+
+
+def test_a_stack_or_a_tflite_backbone_cannot_be_fine_tuned():
+    settings = params.parse_section("extract_features", {**support.SMALL_PARAMS["extract_features"],
+                                                         "backbone": ["mobilenet_v2", "mobilenet"], "alpha": {"mobilenet": 0.25}})
+    members = stack.resolve_members(settings, seed=0)
+    with pytest.raises(ValueError, match="one registry backbone"):
+        extract.tap_member(members)
+    assert extract.tap_member(members[:1]).name == "mobilenet_v2"

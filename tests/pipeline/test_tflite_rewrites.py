@@ -1,0 +1,140 @@
+"""Faster rewrites of the shared quantized TFLite extractors, and choosing one by measurement."""
+
+from __future__ import annotations
+
+import json
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
+from transferlab import augment, backbones, engines, images, tflite_files
+
+pytestmark = [pytest.mark.slow, pytest.mark.real_data]
+EDGETPU = WEIGHTS / "mobilenet_edgetpu_1.0_224_uint8_features.tflite"
+V1 = WEIGHTS / "mobilenet_v1_1.0_224_uint8_features.tflite"
+LITE0 = WEIGHTS / "efficientnet_lite0_224_int8_features.tflite"
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Four flower photos of different classes from the mirror, at 224 px as the pipeline renders them."""
+    archive = require_mirror(FLOWERS_ARCHIVE)
+    folder = tmp_path_factory.mktemp("photos")
+    taken: set[str] = set()
+    with tarfile.open(archive) as handle:
+        for member in handle:
+            label = member.name.split("/")[1] if member.name.count("/") == 2 else ""
+            if member.isfile() and member.name.endswith(".jpg") and label not in taken:
+                taken.add(label)
+                handle.extract(member, folder, filter="data")
+            if len(taken) == 4:
+                break
+    paths = sorted(folder.rglob("*.jpg"))
+    return np.stack([augment.render_view(images.open_rgb(path, max_image_pixels=10**8), "", 224) for path in paths])
+
+
+def delegate_partitions(content: bytes) -> int:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=content, num_threads=1)
+    interpreter.allocate_tensors()
+    return sum(op["op_name"] == "DELEGATE" for op in interpreter._get_ops_details())
+
+
+def test_written_in_shapes_let_xnnpack_take_the_whole_edgetpu_graph_and_change_nothing(photos):
+    content = require_mirror(EDGETPU).read_bytes()
+    shaped = tflite_files.static_shapes_content(content)
+
+    assert len(tflite_files.unshaped_tensors(content)) == 74 and tflite_files.unshaped_tensors(shaped) == []  # every activation
+    assert delegate_partitions(content) == 15, "as given, XNNPACK takes only the ADDs, one partition each"
+    assert delegate_partitions(shaped) == 1
+    exact = tflite_files._outputs(content, photos, delegate=False)  # LiteRT's reference kernels, batch 4
+    np.testing.assert_array_equal(tflite_files._outputs(shaped, photos, delegate=False), exact)
+
+
+def dequantized_filters(content: bytes) -> list[tuple[np.ndarray, int]]:
+    """Each convolution's filter as real numbers, (q - zero point) x scale, and its channel axis."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    interpreter = Interpreter(model_content=content, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter.allocate_tensors()
+    details = {detail["index"]: detail for detail in interpreter.get_tensor_details()}
+    filters = []
+    for op in interpreter._get_ops_details():
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D"):
+            detail = details[op["inputs"][1]]
+            quantization = detail["quantization_parameters"]
+            axis = 0 if op["op_name"] == "CONV_2D" else 3
+            shape = [1] * len(detail["shape"])
+            shape[axis] = -1 if len(quantization["scales"]) > 1 else 1
+            values = interpreter.get_tensor(op["inputs"][1]).astype(np.float64)
+            filters.append(((values - quantization["zero_points"].reshape(shape)) * quantization["scales"].reshape(shape), axis))
+    return filters
+
+
+def test_the_int8_rewrite_keeps_the_weights_and_the_features(photos):
+    content = require_mirror(V1).read_bytes()
+    rewritten = tflite_files.int8_content(content)
+
+    original, converted = dequantized_filters(content), dequantized_filters(rewritten)
+    assert len(original) == len(converted) == 27
+    exact = total = 0
+    for (before, axis), (after, _) in zip(original, converted):
+        same = np.moveaxis(before == after, axis, 0).reshape(before.shape[axis], -1).all(axis=1)
+        exact, total = exact + int(same.sum()), total + len(same)
+        assert np.abs(before - after).max() <= np.abs(before).max() / 254  # half a step of the coarser scale
+    assert exact / total > 0.99, f"channels that fit in int8 are carried over exactly; only {exact} of {total} were"
+    assert delegate_partitions(rewritten) == 1
+    reference = tflite_files._outputs(content, photos, delegate=False)
+    cosine = engines.cosine_similarity(tflite_files._outputs(rewritten, photos, delegate=True), reference).min()
+    assert cosine >= 0.999
+    assert tflite_files.int8_problem(require_mirror(LITE0).read_bytes()) == "already an int8 model"
+    with pytest.raises(ValueError, match="already an int8 model"):
+        tflite_files.int8_content(LITE0.read_bytes())
+
+
+def fixed_speeds(monkeypatch, content: bytes, *, as_given: float, rewritten: float) -> None:
+    """Speed is measured on a shared machine; the choice is tested with fixed figures."""
+    monkeypatch.setattr(tflite_files, "_images_per_second", lambda model, pixels: as_given if model == content else rewritten)
+
+
+def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, monkeypatch):
+    content = require_mirror(V1).read_bytes()
+    sha256 = backbones.sha256_file(V1)
+    fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
+    choose = lambda requested: tflite_files.choose_tflite_engine(
+        requested=requested, path=V1, tensor="", sha256=sha256, conversion_directory=tmp_path, sample_pixels=lambda: photos
+    )
+    choice = choose("auto")
+    assert choice.name == "tflite-int8" and choice.verdict["rewrite"] == "int8"
+    verdict = json.loads((tmp_path / f"{sha256}-tflite.json").read_text())
+    assert verdict["paths"]["int8"]["qualifies"] and verdict["paths"]["int8"]["lowest_cosine"] >= verdict["noise_floor"]
+    assert verdict["not_applicable"] == {"static-shapes": "every tensor already has a shape"}
+
+    monkeypatch.setattr(tflite_files, "measure", lambda *arguments: pytest.fail("a remembered verdict is not measured again"))
+    assert choose("auto").name == "tflite-int8"
+    assert choose("tflite").name == "tflite", "engine: tflite runs the file as given"
+    features = choice.build().run(photos)
+    assert features.shape == (4, 1024) and features.dtype == np.float32
+    assert engines.cosine_similarity(features, tflite_files._outputs(content, photos, delegate=False)).min() >= 0.999
+    assert tflite_files.rewrite_of_engine(choice.name) == "int8" and tflite_files.rewrite_of_engine("tflite") == ""
+
+
+def test_a_faster_rewrite_that_disagrees_is_not_used(photos, monkeypatch):
+    from ai_edge_litert.tools import flatbuffer_utils
+
+    content = require_mirror(V1).read_bytes()
+    real_int8 = tflite_files.int8_content
+
+    def broken_int8(source: bytes) -> bytes:  # the rewrite with its weights scrambled
+        model = flatbuffer_utils.convert_bytearray_to_object(bytearray(real_int8(source)))
+        flatbuffer_utils.randomize_weights(model, random_seed=0)
+        return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
+
+    monkeypatch.setattr(tflite_files, "int8_content", broken_int8)
+    fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
+    verdict = tflite_files.measure(content, photos)
+    assert verdict["rewrite"] == "" and not verdict["paths"]["int8"]["qualifies"]
+    assert "(rejected)" in verdict["reason"]
