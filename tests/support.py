@@ -87,7 +87,7 @@ class Project:
 
     def commit(self, message: str) -> None:
         self.run("git", "add", "-A")
-        self.run("git", "commit", "-qm", message)
+        self.run("git", "commit", "-qm", message, "--allow-empty")
 
 
 def make_project(tmp_path: Path) -> Project:

@@ -53,7 +53,10 @@ def test_compare_runs_one_experiment_per_backbone_and_prints_a_leaderboard(dvc_p
     project.commit("baseline")
     transferlab = str(Path(sys.executable).parent / "transferlab")
     result = project.run(transferlab, "compare", "mobilenet_v2", "mobilenet", "-S", "extract_features.alpha={mobilenet_v2: 0.35, mobilenet: 0.25}")
-    assert "[2/2]" in result.stdout and "cmp-mobilenet_v2" in result.stdout and "cmp-mobilenet " in result.stdout + " "
+    assert "[2/2]" in result.stdout, result.stdout
+    assert "queued cmp-mobilenet_v2: mobilenet_v2" in result.stdout and "queued cmp-mobilenet: mobilenet" in result.stdout
+    leaderboard = [line for line in result.stdout.splitlines() if line.rstrip().endswith(("cmp-mobilenet", "cmp-mobilenet_v2"))]
+    assert len(leaderboard) == 2, result.stdout
     assert (project.root / "metrics" / "compare.png").stat().st_size > 0
 
     shown = json.loads(project.dvc("exp", "show", "--json").stdout)
