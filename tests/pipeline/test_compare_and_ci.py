@@ -68,7 +68,7 @@ def test_compare_runs_one_experiment_per_backbone_and_prints_a_leaderboard(dvc_p
     }
     assert {"cmp-mobilenet_v2", "cmp-mobilenet"} <= set(experiments)
     stacks = {name: data["metrics"]["metrics/extract_features.json"]["data"]["stack"] for name, data in experiments.items()}
-    assert stacks["cmp-mobilenet_v2"] == "mobilenet_v2" and stacks["cmp-mobilenet"] == "mobilenet"
+    assert stacks["cmp-mobilenet_v2"] == "mobilenet_v2@0.35" and stacks["cmp-mobilenet"] == "mobilenet@0.25"
     widths = {name: data["metrics"]["metrics/train_head.json"]["data"]["feature_dim"] for name, data in experiments.items()}
     assert widths["cmp-mobilenet_v2"] == 1280 and widths["cmp-mobilenet"] == 256
     for data in experiments.values():
