@@ -6,6 +6,8 @@ temporary folder) with one backbone, each variant in its own process so peak mem
 - ``keras-predict``: the tutorial path: Pillow on one thread, ``model.predict`` per batch;
 - ``keras``: transferlab's pipeline with the Keras engine (traced call, threaded decoding);
 - ``tflite``: transferlab's pipeline with the converted LiteRT engine, cold cache;
+- ``tflite-converted``: the same with the converted model already on disk (it is converted once
+  per backbone, weights and size) but no embeddings: a new dataset's first run;
 - ``tflite-warm``: the same run again, served from the embedding cache.
 
 Run it alone on an otherwise idle machine (timings are noisy on 2 cores)::
@@ -21,6 +23,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -30,7 +33,7 @@ from pathlib import Path
 
 REPOSITORY = Path(__file__).resolve().parents[1]
 DEFAULT_ARCHIVE = REPOSITORY.parent / "shared" / "data" / "flower_photos.tgz"
-VARIANTS = ("keras-predict", "keras", "tflite", "tflite-warm")
+VARIANTS = ("keras-predict", "keras", "tflite", "tflite-converted", "tflite-warm")
 
 
 def list_images(folder: Path, limit: int) -> list[dict]:
@@ -84,7 +87,7 @@ def _pipeline(variant: str, folder: Path, rows: list[dict], arguments) -> int:
         rows_by_split={"train": rows},
         images_directory=folder,
         cache_directory=Path(arguments.cache),
-        engine=variant.removesuffix("-warm"),
+        engine=variant.removesuffix("-warm").removesuffix("-converted"),
         batch_size=arguments.batch_size,
         threads=arguments.threads,
         seed=0,
@@ -121,7 +124,9 @@ def main() -> None:
         results = []
         for variant in arguments.variants.split(","):
             # A fresh cache for the cold runs; the warm run reuses the tflite run's cache.
-            cache = scratch / ("cache-tflite" if variant.startswith("tflite") else f"cache-{variant}")
+            cache = scratch / ("cache-tflite" if variant in ("tflite", "tflite-warm") else f"cache-{variant}")
+            if variant == "tflite-converted":  # only the converted model, from the cold run
+                shutil.copytree(scratch / "cache-tflite" / "converted", cache / "converted")
             command = [sys.executable, __file__, "--child", variant, "--folder", str(folder), "--rows", str(scratch / "rows.json"), "--cache", str(cache)]
             command += ["--backbone", arguments.backbone, "--alpha", str(arguments.alpha), "--weights", arguments.weights]
             command += ["--size", str(arguments.size), "--batch-size", str(arguments.batch_size), "--threads", str(arguments.threads)]
