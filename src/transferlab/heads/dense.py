@@ -92,7 +92,7 @@ def train(
     if len(val) == 0:
         raise ValueError("the dense head stops early on validation loss, but the validation split is empty; "
                          "set split.val_fraction > 0 or use train_head.head=logistic")
-    _seed_everything(seed)
+    seed_everything(seed)
     standardizer = base.BlockStandardizer(widths=train.widths).fit(train.features)
     model = build_model(standardizer=standardizer, classes=len(train.class_names), units=units, dropout=dropout, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
@@ -102,8 +102,8 @@ def train(
         train.features.astype(np.float32), train.labels.astype(np.int32),
         validation_data=(val.features.astype(np.float32), val.labels.astype(np.int32)),
         epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-        class_weight=_keras_class_weight(class_weight, train),
-        callbacks=[stopper, _epoch_logger(epochs, log_step)],
+        class_weight=keras_class_weight(class_weight, train),
+        callbacks=[stopper, epoch_logger(epochs, log_step)],
     )
     settings = {"units": units, "dropout": dropout, "learning_rate": learning_rate, "epochs": epochs,
                 "batch_size": batch_size, "patience": patience, "class_weight": class_weight, "seed": seed}
@@ -131,7 +131,11 @@ def build_model(*, standardizer: base.BlockStandardizer, classes: int, units: in
     return keras.Model(inputs, outputs, name="dense_head")
 
 
-def _seed_everything(seed: int) -> None:
+# The three helpers below are shared by every Keras-trained head (dense, scratch, finetune).
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Keras and makes TensorFlow's ops deterministic: same seed, same metrics."""
     import keras
     import tensorflow as tf
 
@@ -141,7 +145,8 @@ def _seed_everything(seed: int) -> None:
     tf.config.experimental.enable_op_determinism()
 
 
-def _keras_class_weight(class_weight: str, train: base.Features) -> dict[int, float] | None:
+def keras_class_weight(class_weight: str, train: base.Features) -> dict[int, float] | None:
+    """``train_head.class_weight`` as Keras' class_weight mapping (None for ``none``)."""
     if class_weight not in ("none", "balanced"):
         raise ValueError(f"Unsupported class_weight '{class_weight}'; choose one of: none, balanced")
     if class_weight == "none":
@@ -153,7 +158,7 @@ def _keras_class_weight(class_weight: str, train: base.Features) -> dict[int, fl
     return {int(index): float(weight) for index, weight in zip(classes, weights)}
 
 
-def _epoch_logger(epochs: int, log_step: base.StepLogger | None) -> Any:
+def epoch_logger(epochs: int, log_step: base.StepLogger | None) -> Any:
     """A Keras callback: one progress line per epoch, and the curves to ``log_step``."""
     import keras
 

@@ -145,7 +145,7 @@ def train(
         epoch, the layer, trainable parameters).
     """
     tapped, layer = _checked_inputs(train, val, from_layer)
-    dense._seed_everything(seed)
+    dense.seed_everything(seed)
     backbone = keras.models.load_model(tapped.backbone_file, compile=False)
     model = build_model(backbone=backbone, layer=layer, classes=len(train.class_names), dropout=dropout, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
@@ -154,9 +154,9 @@ def train(
     history = model.fit(
         TapBatches(tapped.activations, train.labels, batch_size=batch_size, seed=seed, shuffle=True, flip=flip),
         validation_data=TapBatches(val.taps.activations, val.labels, batch_size=PREDICT_BATCH_SIZE, seed=seed),
-        epochs=epochs, verbose=0, class_weight=dense._keras_class_weight(class_weight, train),
+        epochs=epochs, verbose=0, class_weight=dense.keras_class_weight(class_weight, train),
         callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
-                   dense._epoch_logger(epochs, log_step), timer],
+                   dense.epoch_logger(epochs, log_step), timer],
     )
     settings = {"from_layer": layer, "block": tapped.block, "tap_shape": list(tapped.activations.shape[1:]),
                 "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "dropout": dropout,

@@ -155,7 +155,7 @@ def train(
     settings = {"image_size": image_size, "augment": augment, "dropout": dropout, "epochs": epochs,
                 "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
                 "decode_threads": decode_threads, "class_weight": class_weight, "seed": seed}
-    dense._seed_everything(seed)
+    dense.seed_everything(seed)
     model = build_model(classes=len(train.class_names), image_size=image_size, augment=augment, dropout=dropout, seed=seed)
     head = ScratchHead(description=base.description_for(NAME, train, settings, {"model": MODEL_FILE}), model=model)
     started = time.perf_counter()
@@ -169,8 +169,8 @@ def train(
     history = model.fit(
         train_pixels, originals.labels.astype(np.int32), validation_data=(val_pixels, val.labels.astype(np.int32)),
         epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-        class_weight=dense._keras_class_weight(class_weight, originals),
-        callbacks=[stopper, dense._epoch_logger(epochs, log_step)],
+        class_weight=dense.keras_class_weight(class_weight, originals),
+        callbacks=[stopper, dense.epoch_logger(epochs, log_step)],
     )
     epochs_run = len(history.history["loss"])
     best_epoch = int(np.argmin(history.history["val_loss"])) + 1
