@@ -255,6 +255,20 @@ def _chunks(items: Sequence[_Result], size: int) -> Iterator[Sequence[_Result]]:
         yield items[start : start + size]
 
 
+def _enable_wal(connection: sqlite3.Connection) -> None:
+    # Switching to WAL takes an exclusive lock and SQLite does not call the busy handler for
+    # it: when two processes create the same database at once, retry until the busy timeout.
+    deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _file_identity(path: Path) -> tuple[int, int] | None:
     try:
         status = path.stat()
@@ -314,7 +328,7 @@ class EmbeddingCache:
         try:
             connection.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_SECONDS * 1000)}")
             connection.execute(f"PRAGMA page_size = {PAGE_SIZE}")
-            connection.execute("PRAGMA journal_mode = WAL")
+            _enable_wal(connection)
             # In WAL mode NORMAL never corrupts the database; a power cut may drop the last commits.
             connection.execute("PRAGMA synchronous = NORMAL")
             self._initialize(connection)
