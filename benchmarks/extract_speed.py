@@ -38,7 +38,7 @@ VARIANTS = ("keras-predict", "keras", "tflite", "tflite-converted", "tflite-warm
 
 def list_images(folder: Path, limit: int) -> list[dict]:
     """Rows (path, label, sha256, recipe) for every JPEG under the class folders of ``folder``."""
-    from transferlab import images
+    from transferlab.data import images
 
     rows = []
     for path in sorted(folder.glob("*/*.jpg"))[: limit or None]:
@@ -62,9 +62,9 @@ def _keras_predict(folder: Path, rows: list[dict], arguments) -> int:
     import numpy as np
     from PIL import Image, ImageOps
 
-    from transferlab import backbones
+    from transferlab.backbones import registry
 
-    model = backbones.build(backbones.get(arguments.backbone), weights=arguments.weights, image_size=arguments.size, alpha=arguments.alpha)
+    model = registry.build(registry.get(arguments.backbone), weights=arguments.weights, image_size=arguments.size, alpha=arguments.alpha)
     for start in range(0, len(rows), arguments.batch_size):
         batch = []
         for row in rows[start : start + arguments.batch_size]:
@@ -75,14 +75,16 @@ def _keras_predict(folder: Path, rows: list[dict], arguments) -> int:
 
 
 def _pipeline(variant: str, folder: Path, rows: list[dict], arguments) -> int:
-    from transferlab import extract, params, stack
+    from transferlab.backbones import stack
+    from transferlab.core import params
+    from transferlab.features import extract_features
 
     settings = params.parse_section(
         "extract_features",
         {"backbone": arguments.backbone, "weights": arguments.weights, "alpha": arguments.alpha, "image_size": arguments.size, "batch_size": arguments.batch_size},
     )
     members = stack.resolve_members(settings, seed=0)
-    _, report = extract.extract_features(
+    _, report = extract_features.extract_features(
         members=members,
         rows_by_split={"train": rows},
         images_directory=folder,

@@ -36,10 +36,10 @@ VARIANTS = ("taps", "pixels")
 
 def run_taps(arguments) -> dict:
     """The finetune head on cached taps, ``--epochs`` epochs, no early stopping."""
-    from transferlab import train
+    from transferlab.heads import train_head
     from transferlab.heads import base, finetune
 
-    splits = train.load_splits(arguments.features, ("train", "val"))
+    splits = train_head.load_splits(arguments.features, ("train", "val"))
     started = time.perf_counter()
     outcome = finetune.train(
         train=splits["train"], val=splits["val"], seed=0, class_weight="none", from_layer=arguments.from_layer,
@@ -55,10 +55,11 @@ def run_pixels(arguments) -> dict:
     import keras
     import numpy as np
 
-    from transferlab import taps, train
+    from transferlab.backbones import taps
+    from transferlab.heads import train_head
     from transferlab.heads import dense, finetune
 
-    splits = train.load_splits(arguments.features, ("train", "val"))
+    splits = train_head.load_splits(arguments.features, ("train", "val"))
     tapped = finetune.check_taps(splits["train"])
     layer = taps.resolve_from_layer(tapped.block, arguments.from_layer)
     dense._seed_everything(0)
@@ -89,7 +90,7 @@ def _pixel_batches_class():  # a PyDataset subclass, defined once Keras is impor
     import keras
     import numpy as np
 
-    from transferlab import extract
+    from transferlab.features import extract_features
 
     class PixelBatches(keras.utils.PyDataset):
         """Decodes and resizes each batch's photos (and their augmentation recipes) when asked."""
@@ -107,7 +108,7 @@ def _pixel_batches_class():  # a PyDataset subclass, defined once Keras is impor
             rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
             split = self.split
             batch = np.stack([
-                extract.render(extract.Item(split.sha256[row], split.recipes[row], split.paths[row]),
+                extract_features.render(extract_features.Item(split.sha256[row], split.recipes[row], split.paths[row]),
                                images_directory=self.images, size=self.size, max_image_pixels=10**9)
                 for row in rows
             ]).astype(np.float32)

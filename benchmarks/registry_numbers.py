@@ -1,7 +1,7 @@
 """Measures the numbers the backbone registry stores: parameters, GFLOPs, feature width.
 
 Builds every registered backbone with random weights at its default size (no ImageNet
-download), counts parameters and FLOPs with transferlab.flops, and prints a table plus the
+download), counts parameters and FLOPs with transferlab.backbones.flops, and prints a table plus the
 mismatches against the registry. Paste new values into src/transferlab/backbones.py when Keras
 changes. Run: ``.venv/bin/python benchmarks/registry_numbers.py [NAME ...]`` (about 2 minutes on 2 cores).
 """
@@ -11,16 +11,16 @@ from __future__ import annotations
 import sys
 import time
 
-from transferlab import backbones, flops
+from transferlab.backbones import flops, registry
 
 
 def measure(name: str) -> dict:
     """Builds one backbone at its default size and returns what the registry should say."""
     import keras
 
-    entry = backbones.get(name)
+    entry = registry.get(name)
     started = time.perf_counter()
-    model = backbones.build(entry, weights="none", image_size=entry.default_size)
+    model = registry.build(entry, weights="none", image_size=entry.default_size)
     layer_names = {layer.name for layer in model.layers}
     row = {
         "name": entry.name,
@@ -37,9 +37,9 @@ def measure(name: str) -> dict:
 def main(selected: list[str]) -> int:
     mismatches = 0
     print(f"{'name':22} {'parameters':>12} {'GFLOPs':>7} {'width':>6} finetune seconds")
-    for name in selected or backbones.names():
+    for name in selected or registry.names():
         row = measure(name)
-        entry = backbones.get(name)
+        entry = registry.get(name)
         print(f"{row['name']:22} {row['parameters']:12d} {row['gflops']:7.3f} {row['feature_dim']:6d} "
               f"{str(row['finetune_from_exists']):8} {row['seconds']}")
         stored = (entry.parameters, entry.gflops, entry.feature_dim, True)

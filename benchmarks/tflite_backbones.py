@@ -3,7 +3,7 @@
 For each file (default: the three shared extractors), runs LiteRT on random uint8 images and
 prints images/s side by side, so the best batch size per model can be chosen by measurement
 (ARCHITECTURE.md: depthwise networks run faster at small batches on 2 cores). Each rewrite of
-transferlab.tflite_files that applies to a file (``static-shapes`` for a file whose tensors
+transferlab.tflite.rewrites that applies to a file (``static-shapes`` for a file whose tensors
 lack shapes, ``int8`` for a uint8 model) is run on XNNPACK too::
 
     python benchmarks/tflite_backbones.py [FILE.tflite ...] [--batches 1,8,32] [--seconds 3]
@@ -25,10 +25,10 @@ def images_per_second(path: Path, *, batch: int, threads: int, xnnpack: bool, se
     """Median images/s of repeated invocations (after one warm-up) within about ``seconds``."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    from transferlab import tflite_files
+    from transferlab.tflite import rewrites
 
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    source = {"model_content": tflite_files.rewritten_content(path.read_bytes(), rewrite)} if rewrite else {"model_path": str(path)}
+    source = {"model_content": rewrites.rewritten_content(path.read_bytes(), rewrite)} if rewrite else {"model_path": str(path)}
     interpreter = Interpreter(**source, num_threads=threads, experimental_op_resolver_type=resolver)
     detail = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
@@ -54,11 +54,11 @@ def main() -> None:
     arguments = parser.parse_args()
     batches = [int(value) for value in arguments.batches.split(",")]
     print(f"{'model':<48} {'threads':>7} {'path':>13} " + " ".join(f"{'b=' + str(b):>8}" for b in batches) + "   (images/s, median)")
-    from transferlab import tflite_files
+    from transferlab.tflite import rewrites
 
     for path in arguments.files:
         variants = [(True, "")] + ([] if arguments.no_plain else [(False, "")])
-        variants += [(True, rewrite) for rewrite, problem in tflite_files.candidates(path.read_bytes()).items() if not problem]
+        variants += [(True, rewrite) for rewrite, problem in rewrites.candidates(path.read_bytes()).items() if not problem]
         for threads in [int(value) for value in arguments.threads.split(",")]:
             for xnnpack, rewrite in variants:
                 rates = [images_per_second(path, batch=b, threads=threads, xnnpack=xnnpack, seconds=arguments.seconds, rewrite=rewrite) for b in batches]

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from PIL import Image
 
-from transferlab import atomic, augment, images, params, stage_runner
+from transferlab.core import atomic, params, stage_runner
+from transferlab.data import augment, images
 
 TRAIN_COLUMNS = ("path", "label", "sha256")
 OUT_COLUMNS = ("path", "label", "sha256", "recipe")
@@ -52,7 +53,7 @@ def write_recipes(rows: list[dict[str, str]], out: Path) -> None:
 
 
 def open_rgb(path: Path) -> Image.Image:
-    """Opens an image exactly as extract_features does (transferlab.images.open_rgb)."""
+    """Opens an image exactly as extract_features does (transferlab.data.images.open_rgb)."""
     if not path.is_file():
         raise ValueError(f"image {path} not found; is --images the folder the download stage wrote?")
     try:

@@ -7,7 +7,8 @@ import collections
 import logging
 from pathlib import Path
 
-from transferlab import atomic, download, params, stage_runner
+from transferlab.core import atomic, params, stage_runner
+from transferlab.data import download
 
 
 def main() -> None:

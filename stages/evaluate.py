@@ -6,7 +6,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from transferlab import atomic, evaluation, heads, params, stage_runner, train
+from transferlab import heads
+from transferlab.core import atomic, params, stage_runner
+from transferlab.heads import train_head
+from transferlab.reports import evaluate
 
 
 def main() -> None:
@@ -25,15 +28,15 @@ def main() -> None:
     params.load_section("base", arguments.params)
     settings: params.EvaluateParams = params.load_section("evaluate", arguments.params)
     head = heads.load_head(arguments.model)
-    splits = train.load_splits(arguments.features, ("val", "test"), images_directory=arguments.images)
-    result = evaluation.evaluate(
+    splits = train_head.load_splits(arguments.features, ("val", "test"), images_directory=arguments.images)
+    result = evaluate.evaluate(
         head=head, val=splits["val"], test=splits["test"], gallery_images=settings.gallery_images,
-        extract_report=evaluation.read_extract_report(arguments.extract_metrics),
+        extract_report=evaluate.read_extract_report(arguments.extract_metrics),
     )
     with atomic.atomic_directory(arguments.plots) as folder:
         atomic.write_json(folder / "confusion.json", result.confusion)
-        evaluation.write_predictions(result.predictions, folder / "test_predictions.csv")
-        evaluation.render_gallery(result.mistakes, images_directory=arguments.images, path=folder / "gallery.png",
+        evaluate.write_predictions(result.predictions, folder / "test_predictions.csv")
+        evaluate.render_gallery(result.mistakes, images_directory=arguments.images, path=folder / "gallery.png",
                                   test_images=len(splits["test"]))
     atomic.write_json(arguments.metrics, result.metrics)
     test, origin = result.metrics["test"], result.metrics["provenance"]

@@ -12,8 +12,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from transferlab import atomic, export, heads, params, stack, train
-from transferlab.stage_runner import run_stage
+from transferlab import heads
+from transferlab.backbones import stack
+from transferlab.core import atomic, params
+from transferlab.export import build
+from transferlab.heads import train_head
+from transferlab.core.stage_runner import run_stage
 
 DEFAULT_MAX_IMAGE_PIXELS = params.DownloadParams().max_image_pixels
 
@@ -34,20 +38,20 @@ def main() -> None:
 
     members = stack.resolve_members(extract_settings, seed=base.seed)
     head = heads.load_head(arguments.model)
-    test = train.load_splits(arguments.features, ("test",))["test"]
-    export.check_consistency(members=members, head=head, test=test)
-    rows = export.select_rows(
-        export.read_test_predictions(arguments.test_predictions), count=settings.check_images, seed=base.seed
+    test = train_head.load_splits(arguments.features, ("test",))["test"]
+    build.check_consistency(members=members, head=head, test=test)
+    rows = build.select_rows(
+        build.read_test_predictions(arguments.test_predictions), count=settings.check_images, seed=base.seed
     )
     with atomic.atomic_directory(arguments.out) as folder:
-        manifest = export.write_export(
+        manifest = build.write_export(
             folder, members=members, head=head, head_folder=arguments.model, seed=base.seed, tflite=settings.tflite,
             block_engines=test.engine if isinstance(test.engine, list) else [test.engine] * len(members),
         )
-        check = export.check_against_evaluate(
+        check = build.check_against_evaluate(
             folder, rows=rows, images_directory=arguments.images, max_image_pixels=DEFAULT_MAX_IMAGE_PIXELS
         )
-    report = {**check, "files": export.file_sizes(manifest), "provenance": export.provenance(manifest, head)}
+    report = {**check, "files": build.file_sizes(manifest), "provenance": build.provenance(manifest, head)}
     atomic.write_json(arguments.metrics, report)
     if report["provenance"]["random_init"]:
         logging.warning("random-init backbone weights: this export classifies nothing real")

@@ -13,8 +13,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from transferlab import atomic, embedding_cache, extract, params, stack
-from transferlab.stage_runner import run_stage
+from transferlab.backbones import stack
+from transferlab.core import atomic, params
+from transferlab.features import embedding_cache, extract_features
+from transferlab.core.stage_runner import run_stage
 
 DEFAULT_MAX_IMAGE_PIXELS = params.DownloadParams().max_image_pixels
 
@@ -34,17 +36,17 @@ def main() -> None:
     if any(member.random_init for member in members):
         logging.warning("weights: none -> RANDOM-INIT backbone(s): for tests only; every output says random_init")
     rows_by_split = {
-        "train": extract.read_rows(arguments.augmented),
-        "val": extract.read_rows(arguments.splits / "val.csv"),
-        "test": extract.read_rows(arguments.splits / "test.csv"),
+        "train": extract_features.read_rows(arguments.augmented),
+        "val": extract_features.read_rows(arguments.splits / "val.csv"),
+        "test": extract_features.read_rows(arguments.splits / "test.csv"),
     }
     cache_directory = embedding_cache.cache_directory(settings.cache_dir) if settings.cache else None
     head: params.TrainHeadParams = params.load_section("train_head")
     if head.head == "finetune":
-        extract.tap_member(members)  # a stack or a TFLite backbone fails before any work
+        extract_features.tap_member(members)  # a stack or a TFLite backbone fails before any work
     with atomic.atomic_directory(arguments.out) as temporary:
-        taps = extract.TapRequest(head.finetune.from_layer, temporary / "taps") if head.head == "finetune" else None
-        feature_sets, report = extract.extract_features(
+        taps = extract_features.TapRequest(head.finetune.from_layer, temporary / "taps") if head.head == "finetune" else None
+        feature_sets, report = extract_features.extract_features(
             members=members,
             rows_by_split=rows_by_split,
             images_directory=arguments.images,
@@ -57,7 +59,7 @@ def main() -> None:
             tap_request=taps,
             mirror_average=settings.mirror_average,
         )
-        extract.write_feature_files(temporary, feature_sets)
+        extract_features.write_feature_files(temporary, feature_sets)
     atomic.write_json(arguments.metrics, report)
     logging.info(
         "%s: %d embedded, %d cache hits, %.1f s (%s images/s)",

@@ -7,7 +7,8 @@ import csv
 import logging
 from pathlib import Path
 
-from transferlab import atomic, params, split, stage_runner
+from transferlab.core import atomic, params, stage_runner
+from transferlab.data import split
 
 
 def read_index(path: Path) -> list[dict[str, str]]:

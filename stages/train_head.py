@@ -6,7 +6,8 @@ import argparse
 import logging
 from pathlib import Path
 
-from transferlab import atomic, params, stage_runner, train
+from transferlab.core import atomic, params, stage_runner
+from transferlab.heads import train_head
 
 
 def main() -> None:
@@ -21,18 +22,18 @@ def main() -> None:
     arguments = parser.parse_args()
     base = params.load_section("base", arguments.params)
     settings: params.TrainHeadParams = params.load_section("train_head", arguments.params)
-    splits = train.load_splits(arguments.features, ("train", "val"), images_directory=arguments.images)
+    splits = train_head.load_splits(arguments.features, ("train", "val"), images_directory=arguments.images)
     logging.info(
         "training the %s head on %d rows, validating on %d (%d features, %d classes)",
         settings.head, len(splits["train"]), len(splits["val"]), splits["train"].features.shape[1],
         len(splits["train"].class_names),
     )
-    with train.live_curves(arguments.live) as log_step:
-        result = train.train_head(
+    with train_head.live_curves(arguments.live) as log_step:
+        result = train_head.train_head(
             head=settings.head, train=splits["train"], val=splits["val"], seed=base.seed,
             class_weight=settings.class_weight, options=settings.head_options(), log_step=log_step,
         )
-        train.save_head(result.head, arguments.model)
+        train_head.save_head(result.head, arguments.model)
     atomic.write_json(arguments.metrics, result.metrics)
     figures = result.metrics
     val_accuracy = f"{figures['val']['accuracy']:.4f}" if "accuracy" in figures["val"] else "n/a (no validation rows)"

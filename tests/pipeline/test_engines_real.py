@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 
 from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
-from transferlab import augment, backbones, engines, images
+from transferlab.backbones import registry
+from transferlab.data import augment, images
+from transferlab.features import engines
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 SHARED_KERAS_WEIGHTS = {
@@ -38,19 +40,19 @@ def real_photos(tmp_path_factory):
 @pytest.mark.parametrize("name,alpha", sorted(SHARED_KERAS_WEIGHTS))
 def test_tflite_engine_agrees_with_keras_on_real_photos(name, alpha, real_photos, tmp_path):
     weights = require_mirror(WEIGHTS / SHARED_KERAS_WEIGHTS[(name, alpha)])
-    model = backbones.build(name, alpha=alpha, weights=str(weights), image_size=224)
+    model = registry.build(name, alpha=alpha, weights=str(weights), image_size=224)
     pixels = np.stack([augment.render_view(image, "", 224) for image in real_photos])
     keras_features = engines.KerasEngine(model).run(pixels)
     tflite_features = engines.TFLiteEngine(engines.convert_to_tflite(model, tmp_path / "model.tflite")).run(pixels)
-    assert keras_features.shape == (16, backbones.feature_dim(name, alpha))
+    assert keras_features.shape == (16, registry.feature_dim(name, alpha))
     assert engines.cosine_similarity(keras_features, tflite_features).min() >= engines.MINIMUM_COSINE
     # Real weights give informative features: photos are not all alike.
     assert engines.cosine_similarity(keras_features[:1].repeat(16, 0), keras_features).min() < 0.95
     # keras.applications' own preprocessing outside the model gives the same features.
     import keras
 
-    preprocess = getattr(keras.applications, backbones.get(name).preprocess_module).preprocess_input
-    plain = getattr(keras.applications, backbones.get(name).constructor)(
+    preprocess = getattr(keras.applications, registry.get(name).preprocess_module).preprocess_input
+    plain = getattr(keras.applications, registry.get(name).constructor)(
         include_top=False, pooling="avg", alpha=alpha, weights=str(weights), input_shape=(224, 224, 3)
     )
     reference = plain.predict(preprocess(pixels.astype(np.float32)), verbose=0)
@@ -64,7 +66,7 @@ def test_choose_engine_remembers_its_verdict(real_photos, tmp_path):
 
     def build():
         builds.append(1)
-        return backbones.build("mobilenet", alpha=0.25, weights=str(weights), image_size=128)
+        return registry.build("mobilenet", alpha=0.25, weights=str(weights), image_size=128)
 
     choice = engines.choose_keras_engine(requested="auto", build_model=build, conversion_directory=tmp_path, identity="mobilenet@0.25|x|128", sample_pixels=lambda: pixels)
     assert choice.name == "tflite" and choice.verdict["cosine"] >= engines.MINIMUM_COSINE and len(builds) == 1

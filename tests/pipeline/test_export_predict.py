@@ -19,7 +19,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from transferlab import cli, engines, images
+from transferlab import cli
+from transferlab.data import images
+from transferlab.features import engines
 
 pytestmark = pytest.mark.slow
 

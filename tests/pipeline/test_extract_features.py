@@ -15,7 +15,9 @@ import pytest
 import yaml
 
 import support
-from transferlab import extract, params, stack
+from transferlab.backbones import stack
+from transferlab.core import params
+from transferlab.features import extract_features
 
 pytestmark = pytest.mark.slow
 SMALL = support.SMALL_PARAMS["extract_features"]
@@ -25,7 +27,7 @@ def run_extraction(folder: Path, rows: list[dict], cache: Path | None, **setting
     values = {**SMALL, **settings}
     members = stack.resolve_members(params.parse_section("extract_features", values), seed=0)
     splits = {"train": rows[::2], "val": rows[1::4], "test": rows[3::4]}
-    return extract.extract_features(
+    return extract_features.extract_features(
         members=members,
         rows_by_split=splits,
         images_directory=folder,

@@ -12,7 +12,9 @@ import pytest
 
 import support
 from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
-from transferlab import extract, params, stack
+from transferlab.backbones import stack
+from transferlab.core import params
+from transferlab.features import extract_features
 
 pytestmark = pytest.mark.slow
 SHARED_MOBILENET_V2 = "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"
@@ -81,7 +83,8 @@ def flower_subset(archive: Path, folder: Path, per_class: int) -> Path:
 
 @pytest.mark.real_data
 def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(tmp_path):
-    from transferlab import evaluation, train
+    from transferlab.heads import train_head
+    from transferlab.reports import evaluate
     from transferlab.heads import base, finetune
 
     archive = require_mirror(FLOWERS_ARCHIVE)
@@ -93,28 +96,28 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
         splits[("train", "train", "train", "val", "test")[index % 5]].append(row)
     settings = params.parse_section("extract_features", {"backbone": "mobilenet_v2", "weights": str(weights)})
     features_folder = tmp_path / "features"
-    feature_sets, report = extract.extract_features(
+    feature_sets, report = extract_features.extract_features(
         members=stack.resolve_members(settings, seed=0), rows_by_split=splits, images_directory=folder,
         cache_directory=tmp_path / "cache", engine="auto", batch_size=32, threads=2, seed=0, max_image_pixels=10**8,
-        tap_request=extract.TapRequest("auto", features_folder / "taps"),
+        tap_request=extract_features.TapRequest("auto", features_folder / "taps"),
     )
-    extract.write_feature_files(features_folder, feature_sets)
+    extract_features.write_feature_files(features_folder, feature_sets)
     assert report["taps"]["layer"] == "block_13_expand" and report["taps"]["shape"] == [14, 14, 96]
     assert report["taps"]["engine"] == "tflite" and report["taps"]["bytes_per_image"] == 14 * 14 * 96 * 2
 
-    loaded = train.load_splits(features_folder)
+    loaded = train_head.load_splits(features_folder)
     options = params.TrainHeadParams(head="finetune").head_options()
-    result = train.train_head(head="finetune", train=loaded["train"], val=loaded["val"], seed=0, class_weight="none",
+    result = train_head.train_head(head="finetune", train=loaded["train"], val=loaded["val"], seed=0, class_weight="none",
                               options=options)
-    evaluated = evaluation.evaluate(head=result.head, val=loaded["val"], test=loaded["test"], gallery_images=4)
+    evaluated = evaluate.evaluate(head=result.head, val=loaded["val"], test=loaded["test"], gallery_images=4)
     assert evaluated.metrics["test"]["examples"] == 60
     assert evaluated.metrics["test"]["accuracy"] > 0.6  # chance is 0.2
 
-    train.save_head(result.head, tmp_path / "head")
+    train_head.save_head(result.head, tmp_path / "head")
     model = finetune.full_model(tmp_path / "head")
     test = loaded["test"]
     pixels = np.stack([
-        extract.render(extract.Item(sha, recipe, path), images_directory=folder, size=224, max_image_pixels=10**8)
+        extract_features.render(extract_features.Item(sha, recipe, path), images_directory=folder, size=224, max_image_pixels=10**8)
         for sha, recipe, path in zip(test.sha256, test.recipes, test.paths)
     ]).astype(np.float32)
     from_pixels = model.predict(pixels, batch_size=32, verbose=0)
@@ -131,10 +134,10 @@ def test_taps_are_the_same_without_the_cache_and_a_corrupt_tap_is_recomputed(tmp
     settings = params.parse_section("extract_features", support.SMALL_PARAMS["extract_features"])
 
     def run(cache, out):
-        _, report = extract.extract_features(
+        _, report = extract_features.extract_features(
             members=stack.resolve_members(settings, seed=0), rows_by_split=splits, images_directory=folder,
             cache_directory=cache, engine="keras", batch_size=4, threads=2, seed=0, max_image_pixels=10**8,
-            tap_request=extract.TapRequest("block_15_expand", out),
+            tap_request=extract_features.TapRequest("block_15_expand", out),
         )
         return report["taps"], {split: np.load(out / f"{split}.npy") for split in splits}
 
@@ -170,5 +173,5 @@ def test_a_stack_or_a_tflite_backbone_cannot_be_fine_tuned():
                                                          "backbone": ["mobilenet_v2", "mobilenet"], "alpha": {"mobilenet": 0.25}})
     members = stack.resolve_members(settings, seed=0)
     with pytest.raises(ValueError, match="one registry backbone"):
-        extract.tap_member(members)
-    assert extract.tap_member(members[:1]).name == "mobilenet_v2"
+        extract_features.tap_member(members)
+    assert extract_features.tap_member(members[:1]).name == "mobilenet_v2"

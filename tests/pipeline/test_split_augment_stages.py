@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from transferlab import augment, images
+from transferlab.data import augment, images
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 CLASSES = {"daisy": 14, "roses": 11, "tulips": 9}

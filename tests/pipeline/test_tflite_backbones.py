@@ -13,7 +13,10 @@ import pytest
 import yaml
 
 import support
-from transferlab import augment, backbones, engines, extract, images, params, paths, stack
+from transferlab.backbones import registry, stack
+from transferlab.core import params, paths
+from transferlab.data import augment, images
+from transferlab.features import engines, extract_features
 
 pytestmark = pytest.mark.slow
 SIZE = 32
@@ -60,7 +63,7 @@ def dataset(tmp_path):
 def extract_with(folder: Path, rows: list[dict], cache: Path, backbone, mirror_average: bool = False, **settings):
     values = {**support.SMALL_PARAMS["extract_features"], "backbone": backbone, **settings}
     members = stack.resolve_members(params.parse_section("extract_features", values), seed=0)
-    return extract.extract_features(
+    return extract_features.extract_features(
         members=members, rows_by_split={"train": rows[::2], "val": rows[1::2]}, images_directory=folder,
         cache_directory=cache, engine=values.get("engine", "auto"), batch_size=5, threads=2, seed=0, max_image_pixels=10**8,
         mirror_average=mirror_average,
@@ -84,7 +87,7 @@ def test_a_tflite_file_gives_the_keras_models_features(tiny, dataset, tmp_path):
     assert features["train"].arrays["features"].shape == (len(rows[::2]), 16)
     assert lowest_cosine(features["train"].arrays["features"], expected) >= engines.MINIMUM_COSINE
     member = report["backbones"]["tiny"]
-    assert member["kind"] == "tflite" and member["weights"] == backbones.sha256_file(path)
+    assert member["kind"] == "tflite" and member["weights"] == registry.sha256_file(path)
     assert member["engine"] == "tflite" and "no rewrite applies" in member["engine_note"]  # a float file runs as given
 
 
@@ -147,10 +150,10 @@ def test_mirror_averaging_refuses_the_finetune_heads_tap_activations(tiny, datas
     folder, rows = dataset
     members = stack.resolve_members(params.parse_section("extract_features", {"backbone": f"tflite:{path}"}), seed=0)
     with pytest.raises(ValueError, match="mirror_average: false"):
-        extract.extract_features(
+        extract_features.extract_features(
             members=members, rows_by_split={"train": rows}, images_directory=folder, cache_directory=tmp_path / "cache",
             engine="auto", batch_size=5, threads=2, seed=0, max_image_pixels=10**8,
-            tap_request=extract.TapRequest("auto", tmp_path / "taps"), mirror_average=True,
+            tap_request=extract_features.TapRequest("auto", tmp_path / "taps"), mirror_average=True,
         )
 
 
@@ -216,7 +219,7 @@ def test_relative_paths_resolve_against_the_main_root_inside_queued_copies(tmp_p
     root = tmp_path / "project"
     queued_copy = root / ".dvc" / "tmp" / "exps" / "tmp1a2b3c" / "stages"
     assert paths.repository_root(queued_copy) == root
-    spec = backbones.parse_spec("tflite:../models/tiny.tflite", root=paths.repository_root(queued_copy))
+    spec = registry.parse_spec("tflite:../models/tiny.tflite", root=paths.repository_root(queued_copy))
     assert spec.path.resolve() == (tmp_path / "models" / "tiny.tflite").resolve()
 
 
@@ -234,7 +237,7 @@ def test_a_queued_experiment_with_a_relative_tflite_path_works(tiny, dvc_project
 
     metrics = experiment_metrics(project, name)
     member = metrics["metrics/extract_features.json"]["backbones"]["tiny"]
-    assert member["spec"] == "tflite:../models/tiny.tflite" and member["weights"] == backbones.sha256_file(path)
+    assert member["spec"] == "tflite:../models/tiny.tflite" and member["weights"] == registry.sha256_file(path)
     assert member["feature_dim"] == 16 and member["embedded"] + member["cache_hits"] > 0
     assert 0.0 <= metrics["metrics/evaluate.json"]["test"]["accuracy"] <= 1.0
 

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
-from transferlab import augment, backbones, engines, images, tflite_files
+from transferlab.backbones import registry
+from transferlab.data import augment, images
+from transferlab.features import engines
+from transferlab.tflite import rewrites
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 EDGETPU = WEIGHTS / "mobilenet_edgetpu_1.0_224_uint8_features.tflite"
@@ -45,13 +48,13 @@ def delegate_partitions(content: bytes) -> int:
 
 def test_written_in_shapes_let_xnnpack_take_the_whole_edgetpu_graph_and_change_nothing(photos):
     content = require_mirror(EDGETPU).read_bytes()
-    shaped = tflite_files.static_shapes_content(content)
+    shaped = rewrites.static_shapes_content(content)
 
-    assert len(tflite_files.unshaped_tensors(content)) == 74 and tflite_files.unshaped_tensors(shaped) == []  # every activation
+    assert len(rewrites.unshaped_tensors(content)) == 74 and rewrites.unshaped_tensors(shaped) == []  # every activation
     assert delegate_partitions(content) == 15, "as given, XNNPACK takes only the ADDs, one partition each"
     assert delegate_partitions(shaped) == 1
-    exact = tflite_files._outputs(content, photos, delegate=False)  # LiteRT's reference kernels, batch 4
-    np.testing.assert_array_equal(tflite_files._outputs(shaped, photos, delegate=False), exact)
+    exact = rewrites._outputs(content, photos, delegate=False)  # LiteRT's reference kernels, batch 4
+    np.testing.assert_array_equal(rewrites._outputs(shaped, photos, delegate=False), exact)
 
 
 def dequantized_filters(content: bytes) -> list[tuple[np.ndarray, int]]:
@@ -76,7 +79,7 @@ def dequantized_filters(content: bytes) -> list[tuple[np.ndarray, int]]:
 
 def test_the_int8_rewrite_keeps_the_weights_and_the_features(photos):
     content = require_mirror(V1).read_bytes()
-    rewritten = tflite_files.int8_content(content)
+    rewritten = rewrites.int8_content(content)
 
     original, converted = dequantized_filters(content), dequantized_filters(rewritten)
     assert len(original) == len(converted) == 27
@@ -87,12 +90,12 @@ def test_the_int8_rewrite_keeps_the_weights_and_the_features(photos):
         assert np.abs(before - after).max() <= np.abs(before).max() / 254  # half a step of the coarser scale
     assert exact / total > 0.99, f"channels that fit in int8 are carried over exactly; only {exact} of {total} were"
     assert delegate_partitions(rewritten) == 1
-    reference = tflite_files._outputs(content, photos, delegate=False)
-    cosine = engines.cosine_similarity(tflite_files._outputs(rewritten, photos, delegate=True), reference).min()
+    reference = rewrites._outputs(content, photos, delegate=False)
+    cosine = engines.cosine_similarity(rewrites._outputs(rewritten, photos, delegate=True), reference).min()
     assert cosine >= 0.999
-    assert tflite_files.int8_problem(require_mirror(LITE0).read_bytes()) == "already an int8 model"
+    assert rewrites.int8_problem(require_mirror(LITE0).read_bytes()) == "already an int8 model"
     with pytest.raises(ValueError, match="already an int8 model"):
-        tflite_files.int8_content(LITE0.read_bytes())
+        rewrites.int8_content(LITE0.read_bytes())
 
 
 def fixed_speeds(monkeypatch, content: bytes, *, as_given: float, rewritten: float) -> None:
@@ -102,9 +105,9 @@ def fixed_speeds(monkeypatch, content: bytes, *, as_given: float, rewritten: flo
 
 def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, monkeypatch):
     content = require_mirror(V1).read_bytes()
-    sha256 = backbones.sha256_file(V1)
+    sha256 = registry.sha256_file(V1)
     fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
-    choose = lambda requested: tflite_files.choose_tflite_engine(
+    choose = lambda requested: rewrites.choose_tflite_engine(
         requested=requested, path=V1, tensor="", sha256=sha256, conversion_directory=tmp_path, sample_pixels=lambda: photos
     )
     choice = choose("auto")
@@ -118,15 +121,15 @@ def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, mo
     assert choose("tflite").name == "tflite", "engine: tflite runs the file as given"
     features = choice.build().run(photos)
     assert features.shape == (4, 1024) and features.dtype == np.float32
-    assert engines.cosine_similarity(features, tflite_files._outputs(content, photos, delegate=False)).min() >= 0.999
-    assert tflite_files.rewrite_of_engine(choice.name) == "int8" and tflite_files.rewrite_of_engine("tflite") == ""
+    assert engines.cosine_similarity(features, rewrites._outputs(content, photos, delegate=False)).min() >= 0.999
+    assert rewrites.rewrite_of_engine(choice.name) == "int8" and rewrites.rewrite_of_engine("tflite") == ""
 
 
 def test_a_faster_rewrite_that_disagrees_is_not_used(photos, monkeypatch):
     from ai_edge_litert.tools import flatbuffer_utils
 
     content = require_mirror(V1).read_bytes()
-    real_int8 = tflite_files.int8_content
+    real_int8 = rewrites.int8_content
 
     def broken_int8(source: bytes) -> bytes:  # the rewrite with its weights scrambled
         model = flatbuffer_utils.convert_bytearray_to_object(bytearray(real_int8(source)))
@@ -135,6 +138,6 @@ def test_a_faster_rewrite_that_disagrees_is_not_used(photos, monkeypatch):
 
     monkeypatch.setattr(tflite_files, "int8_content", broken_int8)
     fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
-    verdict = tflite_files.measure(content, photos)
+    verdict = rewrites.measure(content, photos)
     assert verdict["rewrite"] == "" and not verdict["paths"]["int8"]["qualifies"]
     assert "(rejected)" in verdict["reason"]

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab import augment
+from transferlab.data import augment
 
 RANGES = {"flip": True, "zoom": 0.2, "rotation": 15.0, "brightness": 0.1, "contrast": 0.1}
 

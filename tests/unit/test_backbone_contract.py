@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import WEIGHTS, require_mirror
-from transferlab import backbones, flops
+from transferlab.backbones import flops, registry
 
 pytestmark = pytest.mark.slow
 
@@ -38,13 +38,13 @@ def _pixels(size: int, count: int = 1, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).uniform(0.0, 255.0, (count, size, size, 3)).astype("float32")
 
 
-@pytest.mark.parametrize("name", backbones.names())
+@pytest.mark.parametrize("name", registry.names())
 def test_every_backbone_keeps_its_contract(name):
     import keras
 
-    entry = backbones.get(name)
+    entry = registry.get(name)
     size = max(entry.min_size, 64)  # the smallest sizes exercise the declared minimum (71, 75)
-    model = backbones.build(entry, weights="none", image_size=size, seed=0)
+    model = registry.build(entry, weights="none", image_size=size, seed=0)
     assert tuple(model.input.shape) == (None, size, size, 3) and model.input.dtype == "float32"
 
     features = np.asarray(model(_pixels(size), training=False))
@@ -53,27 +53,27 @@ def test_every_backbone_keeps_its_contract(name):
 
     # The stored numbers are for the default size (building is symbolic: cheap even for B7).
     keras.backend.clear_session()
-    model = backbones.build(entry, weights="none", image_size=entry.default_size)
+    model = registry.build(entry, weights="none", image_size=entry.default_size)
     assert model.count_params() == flops.count_parameters(model) == entry.parameters
     assert flops.count_flops(model) / 1e9 == pytest.approx(entry.gflops, rel=0.01)
     assert entry.finetune_from in {layer.name for layer in model.layers}
 
 
-ALPHA_CASES = [(name, alpha) for name in backbones.names() for alpha in backbones.get(name).alphas if alpha != 1.0]
+ALPHA_CASES = [(name, alpha) for name in registry.names() for alpha in registry.get(name).alphas if alpha != 1.0]
 
 
 @pytest.mark.parametrize(("name", "alpha"), ALPHA_CASES)
 def test_feature_width_at_every_alpha(name, alpha):
-    model = backbones.build(name, alpha=alpha, weights="none", image_size=32)
-    assert model.output.shape[-1] == backbones.feature_dim(name, alpha)
+    model = registry.build(name, alpha=alpha, weights="none", image_size=32)
+    assert model.output.shape[-1] == registry.feature_dim(name, alpha)
 
 
 @pytest.mark.parametrize("name", ["vgg16", "resnet50_v2", "mobilenet_v3_small"])  # caffe, tf, in-model
 def test_preprocessing_inside_equals_keras_preprocess_input_outside(name):
     import keras
 
-    entry = backbones.get(name)
-    model = backbones.build(entry, weights="none", image_size=64, seed=1)
+    entry = registry.get(name)
+    model = registry.build(entry, weights="none", image_size=64, seed=1)
     reference = getattr(keras.applications, entry.constructor)(include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg")
     reference.set_weights(model.get_weights())
     pixels = _pixels(64, count=2)
@@ -83,9 +83,9 @@ def test_preprocessing_inside_equals_keras_preprocess_input_outside(name):
 
 
 def test_random_init_is_seeded():
-    first = backbones.build("mobilenet", alpha=0.25, weights="none", image_size=32, seed=5).get_weights()
-    again = backbones.build("mobilenet", alpha=0.25, weights="none", image_size=32, seed=5).get_weights()
-    other = backbones.build("mobilenet", alpha=0.25, weights="none", image_size=32, seed=6).get_weights()
+    first = registry.build("mobilenet", alpha=0.25, weights="none", image_size=32, seed=5).get_weights()
+    again = registry.build("mobilenet", alpha=0.25, weights="none", image_size=32, seed=5).get_weights()
+    other = registry.build("mobilenet", alpha=0.25, weights="none", image_size=32, seed=6).get_weights()
     assert all(np.array_equal(a, b) for a, b in zip(first, again))
     assert not all(np.array_equal(a, b) for a, b in zip(first, other))
 
@@ -96,9 +96,9 @@ def test_real_weights_load_and_preprocessing_matches(name, alpha, file_name):
     import keras
 
     path = require_mirror(WEIGHTS / file_name)
-    entry = backbones.get(name)
-    assert backbones.weights_identity(entry, str(path), alpha=alpha, image_size=160) == SHA256[file_name]
-    model = backbones.build(entry, alpha=alpha, weights=str(path), image_size=160)
+    entry = registry.get(name)
+    assert registry.weights_identity(entry, str(path), alpha=alpha, image_size=160) == SHA256[file_name]
+    model = registry.build(entry, alpha=alpha, weights=str(path), image_size=160)
     reference = getattr(keras.applications, entry.constructor)(
         alpha=alpha, include_top=False, weights=str(path), input_shape=(160, 160, 3), pooling="avg"
     )
@@ -106,9 +106,9 @@ def test_real_weights_load_and_preprocessing_matches(name, alpha, file_name):
     preprocess = getattr(keras.applications, entry.preprocess_module).preprocess_input
     features = np.asarray(model(pixels, training=False))
     expected = np.asarray(reference(preprocess(pixels.copy()), training=False))
-    assert features.shape == (2, backbones.feature_dim(entry, alpha))
+    assert features.shape == (2, registry.feature_dim(entry, alpha))
     assert np.abs(features - expected).max() < 1e-4
-    untrained = np.asarray(backbones.build(entry, alpha=alpha, weights="none", image_size=160)(pixels, training=False))
+    untrained = np.asarray(registry.build(entry, alpha=alpha, weights="none", image_size=160)(pixels, training=False))
     assert np.abs(features - untrained).max() > 0.1  # the file's weights were really loaded
 
 
@@ -117,9 +117,9 @@ def test_weights_that_do_not_fit_name_the_file():
     no_top = require_mirror(WEIGHTS / MOBILENET_025)
     with_top = require_mirror(WEIGHTS / "mobilenet_v1_0.25_224_imagenet.h5")
     with pytest.raises(ValueError, match=f"could not load weights file {no_top} into mobilenet \\(alpha 1.0"):
-        backbones.build("mobilenet", alpha=1.0, weights=str(no_top), image_size=96)
+        registry.build("mobilenet", alpha=1.0, weights=str(no_top), image_size=96)
     with pytest.raises(ValueError, match="no-top weights"):
-        backbones.build("mobilenet", alpha=0.25, weights=str(with_top), image_size=96)
+        registry.build("mobilenet", alpha=0.25, weights=str(with_top), image_size=96)
 
 
 def test_count_flops_and_parameters_by_hand():
@@ -159,4 +159,4 @@ def test_count_flops_needs_a_size_for_flexible_models():
 @pytest.mark.real_data
 def test_weights_identity_of_real_file_is_its_sha256():
     path = require_mirror(WEIGHTS / MOBILENET_025)
-    assert backbones.weights_identity("mobilenet", str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert registry.weights_identity("mobilenet", str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()

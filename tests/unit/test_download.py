@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab import download
+from transferlab.data import download
 
 LIMITS = dict(max_files=1000, max_total_bytes=10**8)
 CHECKS = dict(min_image_side=16, max_image_pixels=10**7)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from transferlab import embedding_cache
+from transferlab.features import embedding_cache
 
 MAP_SHAPE = (14, 14, 96)  # a MobileNetV2 block_12_add tap, as cached for fine-tuning
 
@@ -43,7 +43,7 @@ def cache(tmp_path):
 _CHILD_PRELUDE = r"""
 import hashlib, sys
 import numpy as np
-from transferlab import embedding_cache
+from transferlab.features import embedding_cache
 def _key(index, recipe=""):
     return (hashlib.sha256(f"image-{index}".encode()).hexdigest(), recipe)
 def _value(index, shape=(8,), dtype=np.float32):

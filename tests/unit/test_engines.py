@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from transferlab import engines
+from transferlab.features import engines
 
 
 def test_pool_and_flatten_average_pools_spatial_outputs():

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab import evaluation, train
+from transferlab.heads import train_head
+from transferlab.reports import evaluate
 from transferlab.heads import base
 
 CLASSES = ("daisy", "rose", "tulip")
@@ -52,7 +53,7 @@ def fixed_head(probabilities=PROBABILITIES) -> FixedHead:
 
 
 def test_metrics_equal_hand_computed_values():
-    report = evaluation.classification_metrics(labels=LABELS, probabilities=PROBABILITIES, class_names=CLASSES)
+    report = evaluate.classification_metrics(labels=LABELS, probabilities=PROBABILITIES, class_names=CLASSES)
     # predictions: daisy, rose, rose, rose, tulip, daisy
     assert report["examples"] == 6
     assert report["accuracy"] == pytest.approx(4 / 6)
@@ -68,13 +69,13 @@ def test_metrics_equal_hand_computed_values():
 
 
 def test_top2_is_perfect_with_two_classes_and_metrics_of_an_empty_split_are_just_a_count():
-    assert evaluation.top_k_accuracy(np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]), k=2) == 1.0
-    empty = evaluation.classification_metrics(labels=np.array([], dtype=int), probabilities=np.zeros((0, 3)), class_names=CLASSES)
+    assert evaluate.top_k_accuracy(np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]), k=2) == 1.0
+    empty = evaluate.classification_metrics(labels=np.array([], dtype=int), probabilities=np.zeros((0, 3)), class_names=CLASSES)
     assert empty == {"examples": 0}
 
 
 def test_evaluate_report_schema_and_plot_data():
-    result = evaluation.evaluate(head=fixed_head(), val=features(name="val"), test=features(), gallery_images=10)
+    result = evaluate.evaluate(head=fixed_head(), val=features(name="val"), test=features(), gallery_images=10)
     report = result.metrics
     assert set(report) == {"test", "val", "provenance"}
     metric_keys = {"examples", "accuracy", "balanced_accuracy", "macro_f1", "top2_accuracy", "log_loss", "per_class"}
@@ -92,11 +93,11 @@ def test_evaluate_report_schema_and_plot_data():
     # The two mistakes, most confident first.
     assert [(m.path, m.predicted, m.confidence, m.actual_probability) for m in result.mistakes] == [
         ("daisy/1.jpg", "rose", 0.5, 0.2), ("tulip/5.jpg", "daisy", 0.45, 0.35)]
-    assert len(evaluation.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=1).mistakes) == 1
+    assert len(evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=1).mistakes) == 1
 
 
 def test_provenance_names_backbones_weights_engine_and_flags_random_init():
-    origin = evaluation.provenance(description=fixed_head().description, features=features(engine=["keras", "tflite"]))
+    origin = evaluate.provenance(description=fixed_head().description, features=features(engine=["keras", "tflite"]))
     assert origin["head"] == "logistic" and origin["head_settings"] == {"c": 0.1}
     assert origin["backbone"] == "mobilenet_v2+lite0"
     assert origin["engine"] == "keras+tflite"
@@ -110,28 +111,28 @@ def test_provenance_falls_back_on_the_extract_report():
     report = {"backbones": {"mobilenet_v2": {"spec": "mobilenet_v2", "engine": "tflite", "image_size": 224, "random_init": False}}}
     only_real = (BLOCKS[0],)
     description = base.HeadDescription(head="dense", class_names=CLASSES, blocks=only_real)
-    origin = evaluation.provenance(description=description, features=features(blocks=only_real), extract_report=report)
+    origin = evaluate.provenance(description=description, features=features(blocks=only_real), extract_report=report)
     assert origin["engine"] == "tflite" and origin["random_init"] is False
     assert origin["blocks"]["mobilenet_v2"]["image_size"] == 224
-    unknown = evaluation.provenance(description=description, features=features(blocks=only_real))
+    unknown = evaluate.provenance(description=description, features=features(blocks=only_real))
     assert unknown["engine"] == "unknown"
 
 
 def test_evaluate_refuses_an_empty_test_split_and_foreign_features():
     empty = features(labels=np.array([], dtype=int))
     with pytest.raises(ValueError, match="split.test_fraction"):
-        evaluation.evaluate(head=fixed_head(), val=features(), test=empty, gallery_images=4)
+        evaluate.evaluate(head=fixed_head(), val=features(), test=empty, gallery_images=4)
     foreign = features(blocks=(BLOCKS[0], base.Block("resnet50", "imagenet", 1, 2)))
     with pytest.raises(ValueError, match="re-run train_head"):
-        evaluation.evaluate(head=fixed_head(), val=features(), test=foreign, gallery_images=4)
+        evaluate.evaluate(head=fixed_head(), val=features(), test=foreign, gallery_images=4)
 
 
 def test_predictions_csv(tmp_path):
-    result = evaluation.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
-    evaluation.write_predictions(result.predictions, tmp_path / "predictions.csv")
+    result = evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
+    evaluate.write_predictions(result.predictions, tmp_path / "predictions.csv")
     with (tmp_path / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == list(evaluation.PREDICTION_COLUMNS)
+    assert list(rows[0]) == list(evaluate.PREDICTION_COLUMNS)
     assert rows[5] == {"path": "tulip/5.jpg", "sha256": f"{5:064x}", "actual": "tulip", "predicted": "daisy",
                        "confidence": "0.450000"}
 
@@ -140,25 +141,25 @@ def test_gallery_png_with_images_a_missing_file_and_no_mistakes(tmp_path):
     images = tmp_path / "images"
     (images / "daisy").mkdir(parents=True)
     Image.new("RGB", (120, 80), (200, 30, 30)).save(images / "daisy" / "1.jpg")
-    result = evaluation.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
+    result = evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
     # daisy/1.jpg exists; tulip/5.jpg does not and gets a tile saying so.
-    evaluation.render_gallery(result.mistakes, images_directory=images, path=tmp_path / "gallery.png", test_images=6)
+    evaluate.render_gallery(result.mistakes, images_directory=images, path=tmp_path / "gallery.png", test_images=6)
     with Image.open(tmp_path / "gallery.png") as png:
         assert png.format == "PNG" and png.width >= 400 and png.height >= 300
         pixels = np.asarray(png.convert("RGB"))
     assert np.any(np.all(np.abs(pixels.astype(int) - [200, 30, 30]) < 12, axis=-1)), "the thumbnail is not drawn"
-    evaluation.render_gallery([], images_directory=images, path=tmp_path / "none.png", test_images=6)
+    evaluate.render_gallery([], images_directory=images, path=tmp_path / "none.png", test_images=6)
     with Image.open(tmp_path / "none.png") as png:
         assert png.format == "PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.png", "images", "none.png"]  # no temporary files left
 
 
 def test_read_extract_report(tmp_path):
-    assert evaluation.read_extract_report(None) is None
-    assert evaluation.read_extract_report(tmp_path / "absent.json") is None
+    assert evaluate.read_extract_report(None) is None
+    assert evaluate.read_extract_report(tmp_path / "absent.json") is None
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json is not valid JSON"):
-        evaluation.read_extract_report(tmp_path / "bad.json")
+        evaluate.read_extract_report(tmp_path / "bad.json")
 
 
 # --- features files ------------------------------------------------------------------------------
@@ -180,7 +181,7 @@ def write_features(path, **changes):
 
 
 def test_load_features_reads_the_contract(tmp_path):
-    loaded = train.load_features(write_features(tmp_path / "test.npz"))
+    loaded = train_head.load_features(write_features(tmp_path / "test.npz"))
     assert loaded.features.shape == (6, 3) and loaded.class_names == CLASSES and loaded.engine == ["keras", "tflite"]
     assert [(b.spec, b.name, b.width, b.offset, b.random_init) for b in loaded.blocks] == [
         ("mobilenet_v2", "mobilenet_v2", 2, 0, False), ("tflite:x.tflite", "x", 1, 2, True)]
@@ -203,18 +204,18 @@ def test_load_features_reads_the_contract(tmp_path):
 def test_load_features_errors_name_the_file_and_problem(tmp_path, changes, message):
     path = write_features(tmp_path / "broken.npz", **changes)
     with pytest.raises(ValueError, match=message) as error:
-        train.load_features(path)
+        train_head.load_features(path)
     assert "broken.npz" in str(error.value)
 
 
 def test_missing_features_file_says_which_stage_to_run(tmp_path):
     with pytest.raises(ValueError, match="run the extract_features stage"):
-        train.load_features(tmp_path / "train.npz")
+        train_head.load_features(tmp_path / "train.npz")
 
 
 def test_splits_from_different_extractions_are_refused(tmp_path):
     write_features(tmp_path / "val.npz")
     write_features(tmp_path / "test.npz", block_weights=np.array(["other.h5", "random-init-seed0"]))
     with pytest.raises(ValueError, match="different extractions"):
-        train.load_splits(tmp_path, ("val", "test"))
-    assert len(train.load_splits(tmp_path, ("val",))["val"]) == 6
+        train_head.load_splits(tmp_path, ("val", "test"))
+    assert len(train_head.load_splits(tmp_path, ("val",))["val"]) == 6

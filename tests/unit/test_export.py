@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab import cli, export, params, predict
-from transferlab.commands import imagenet
+from transferlab import cli
+from transferlab.core import params
+from transferlab.export import build, predict
+from transferlab.cli import imagenet
 from transferlab.heads import base, logistic
-from transferlab.stack import Member
+from transferlab.backbones.stack import Member
 
 CLASSES = ("daisy", "roses", "tulips")
 
@@ -47,20 +49,20 @@ def features_for(head: logistic.LogisticHead) -> base.Features:
 def test_folded_logistic_head_gives_the_heads_probabilities_even_for_tiny_scales():
     head = logistic_head()
     features = np.random.default_rng(1).normal(size=(20, 7)) * head.standardizer.scale_ + head.standardizer.mean_
-    kernel, bias = export.fold_logistic(coef=head.coef, intercept=head.intercept, mean=head.standardizer.mean_,
+    kernel, bias = build.fold_logistic(coef=head.coef, intercept=head.intercept, mean=head.standardizer.mean_,
                                         scale=head.standardizer.scale_)
     np.testing.assert_allclose(base.softmax(features @ kernel + bias), head.predict_proba(features), atol=1e-9)
 
 
 def test_consistency_check_names_what_changed():
     head = logistic_head()
-    export.check_consistency(members=members_for(head), head=head, test=features_for(head))
+    build.check_consistency(members=members_for(head), head=head, test=features_for(head))
     changed = members_for(head)
     changed[1] = Member(spec="spec1", name="b1", kind="keras", identity="spec1", weights_identity="other", image_size=32)
     with pytest.raises(ValueError, match=r"weights other.*dvc repro"):
-        export.check_consistency(members=changed, head=head, test=features_for(head))
+        build.check_consistency(members=changed, head=head, test=features_for(head))
     with pytest.raises(ValueError, match="differ from the head"):
-        export.check_consistency(members=members_for(head), head=head, test=features_for(logistic_head(widths=(4, 2))))
+        build.check_consistency(members=members_for(head), head=head, test=features_for(logistic_head(widths=(4, 2))))
 
 
 def test_a_head_export_does_not_know_is_refused_by_name():
@@ -70,7 +72,7 @@ def test_a_head_export_does_not_know_is_refused_by_name():
         head.standardizer, head.coef, head.intercept,
     )
     with pytest.raises(ValueError, match="supports the logistic, dense, finetune, scratch heads; models/head is a 'knn' head"):
-        export.check_consistency(members=members_for(head), head=other, test=features_for(head))
+        build.check_consistency(members=members_for(head), head=other, test=features_for(head))
 
 
 def write_predictions(path: Path, rows: list[dict]) -> Path:
@@ -84,14 +86,14 @@ def write_predictions(path: Path, rows: list[dict]) -> Path:
 def test_test_predictions_are_read_and_sampled_reproducibly(tmp_path):
     rows = [{"path": f"daisy/{i}.jpg", "sha256": f"{i:064x}", "actual": "daisy", "predicted": "daisy", "confidence": "0.9"}
             for i in range(50)]
-    read = export.read_test_predictions(write_predictions(tmp_path / "p.csv", rows))
+    read = build.read_test_predictions(write_predictions(tmp_path / "p.csv", rows))
     assert read == rows
-    sample = export.select_rows(read, count=10, seed=3)
-    assert len(sample) == 10 and sample == export.select_rows(read, count=10, seed=3)
-    assert sample != export.select_rows(read, count=10, seed=4)
+    sample = build.select_rows(read, count=10, seed=3)
+    assert len(sample) == 10 and sample == build.select_rows(read, count=10, seed=3)
+    assert sample != build.select_rows(read, count=10, seed=4)
     assert [row["path"] for row in sample] == [row["path"] for row in read if row in sample]  # file order kept
-    assert export.select_rows(read, count=0, seed=3) == read
-    assert export.select_rows(read, count=500, seed=3) == read
+    assert build.select_rows(read, count=0, seed=3) == read
+    assert build.select_rows(read, count=500, seed=3) == read
 
 
 @pytest.mark.parametrize("content, message", [
@@ -104,11 +106,11 @@ def test_bad_test_predictions_say_what_to_do(tmp_path, content, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=message):
-        export.read_test_predictions(path)
+        build.read_test_predictions(path)
 
 
 def test_agreement_below_the_minimum_stops_with_the_disagreeing_images():
-    tally = export._Tally()
+    tally = build._Tally()
     rows = [{"path": f"{i}.jpg", "predicted": "daisy", "confidence": "0.8"} for i in range(100)]
     probabilities = np.tile([0.8, 0.1, 0.1], (100, 1))
     probabilities[7] = [0.2, 0.7, 0.1]
@@ -116,12 +118,12 @@ def test_agreement_below_the_minimum_stops_with_the_disagreeing_images():
     report = {"keras": tally.summary()}
     assert report["keras"]["top1_agreement"] == 0.99
     assert report["keras"]["max_confidence_difference"] == pytest.approx(0.6)
-    export._require_agreement(report, {"keras": tally}, 0.99)  # exactly the minimum passes
+    build._require_agreement(report, {"keras": tally}, 0.99)  # exactly the minimum passes
     probabilities[8] = [0.1, 0.1, 0.8]
-    tally = export._Tally()
+    tally = build._Tally()
     tally.add(rows, probabilities, CLASSES)
     with pytest.raises(ValueError, match=r"keras: top-1 agreement 98\.00% \(2 of 100 differ, e\.g\. 7\.jpg \(daisy -> roses\)"):
-        export._require_agreement({"keras": tally.summary()}, {"keras": tally}, 0.99)
+        build._require_agreement({"keras": tally.summary()}, {"keras": tally}, 0.99)
 
 
 def test_export_params_defaults_and_validation():
@@ -323,12 +325,12 @@ def test_centre_square_keeps_the_middle():
 def test_image_model_is_resize_then_backbone_then_head_and_loads_safely(head_kind, tmp_path):
     import keras
 
-    from transferlab import backbones
+    from transferlab.backbones import registry
     from transferlab.heads import dense
 
     member = Member(spec="mobilenet_v2", name="mobilenet_v2", kind="keras", identity="keras:mobilenet_v2@0.35",
                     weights_identity="random-init-seed5", image_size=32, alpha=0.35, weights="none", random_init=True)
-    backbone = backbones.build("mobilenet_v2", alpha=0.35, weights="none", image_size=32, seed=5)
+    backbone = registry.build("mobilenet_v2", alpha=0.35, weights="none", image_size=32, seed=5)
     rng = np.random.default_rng(0)
     photos = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
     features = np.asarray(backbone(np.stack(photos).astype(np.float32), training=False), dtype=np.float64)
@@ -340,7 +342,7 @@ def test_image_model_is_resize_then_backbone_then_head_and_loads_safely(head_kin
         head = dense.DenseHead(description=description, standardizer=standardizer, model=model)
     else:
         head = logistic.LogisticHead(description, standardizer, rng.normal(size=(3, 1280)), rng.normal(size=3))
-    image_model = export.build_image_model(export.build_core(members=[member], head=head, head_folder=tmp_path, seed=5))
+    image_model = build.build_image_model(build.build_core(members=[member], head=head, head_folder=tmp_path, seed=5))
     image_model.save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
     # At the backbone's own size the resize changes nothing, so the model is head(backbone(pixels)).
@@ -352,7 +354,8 @@ def test_image_model_is_resize_then_backbone_then_head_and_loads_safely(head_kin
 
 def pixel_head(kind: str, folder: Path):
     """A scratch CNN or a finetune head (random weights) saved into ``folder``, loaded back as train_head would."""
-    from transferlab import backbones, heads, taps
+    from transferlab import heads
+    from transferlab.backbones import registry, taps
     from transferlab.heads import finetune, scratch
 
     block = base.Block(spec="mobilenet_v2", weights="random-init-seed5", width=1280, offset=0, name="mobilenet_v2")
@@ -361,7 +364,7 @@ def pixel_head(kind: str, folder: Path):
         model = scratch.build_model(classes=3, image_size=24, augment=True, dropout=0.2, seed=0)
         head = scratch.ScratchHead(description=base.HeadDescription("scratch", CLASSES, (block,), settings), model=model)
     else:
-        backbone = backbones.build("mobilenet_v2", alpha=0.35, weights="none", image_size=32, seed=5)
+        backbone = registry.build("mobilenet_v2", alpha=0.35, weights="none", image_size=32, seed=5)
         backbone.save(folder.parent / "backbone.keras")
         layer = "block_13_expand"
         settings = {"from_layer": layer, "block": "mobilenet_v2", "tap_shape": list(taps.tap_shape(backbone, layer))}
@@ -381,7 +384,7 @@ def test_pixel_heads_export_as_one_model_in_both_formats(kind, tmp_path):
                     weights_identity="random-init-seed5", image_size=32, alpha=0.35, weights="none", random_init=True)
     folder = tmp_path / "export"
     folder.mkdir()
-    manifest = export.write_export(folder, members=[member], head=head, head_folder=tmp_path / "head", seed=5, tflite=True)
+    manifest = build.write_export(folder, members=[member], head=head, head_folder=tmp_path / "head", seed=5, tflite=True)
     size = 24 if kind == "scratch" else 32
     assert manifest["layout"] == "classifier" and manifest["inputs"][0]["image_size"] == size
     rng = np.random.default_rng(1)
@@ -390,7 +393,7 @@ def test_pixel_heads_export_as_one_model_in_both_formats(kind, tmp_path):
     if kind == "scratch":
         expected = head.predict_pixels(pixels)
     else:
-        from transferlab import taps
+        from transferlab.backbones import taps
         from transferlab.heads import finetune
 
         bottom = taps.bottom_model(finetune.keras.models.load_model(head.backbone_file), head.layer)

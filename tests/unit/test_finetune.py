@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from transferlab import taps
+from transferlab.backbones import taps
 from transferlab.heads import base
 
 pytestmark = pytest.mark.slow  # builds and trains Keras models (about 30 s in all)
@@ -82,7 +82,7 @@ def backbone():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, backbone):
     """A finetune head trained on the tiny backbone's taps, saved, plus what it was trained on."""
-    from transferlab import train
+    from transferlab.heads import train_head
     from transferlab.heads import finetune
 
     folder = tmp_path_factory.mktemp("finetune")
@@ -94,7 +94,7 @@ def trained(tmp_path_factory, backbone):
     outcome = finetune.train(train=splits["train"], val=splits["val"], seed=3, class_weight="none", from_layer=CUT,
                              epochs=6, learning_rate=0.03, batch_size=8, dropout=0.1, flip=True, patience=6,
                              log_step=curves.append)
-    train.save_head(outcome.head, folder / "head")
+    train_head.save_head(outcome.head, folder / "head")
     return {"head": outcome.head, "report": outcome.report, "splits": splits, "folder": folder / "head", "curves": curves}
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 from sklearn import linear_model, metrics, pipeline
 
-from transferlab import heads, params, train
+from transferlab import heads
+from transferlab.core import params
+from transferlab.heads import train_head
 from transferlab.heads import base, logistic
 
 C_GRID = [0.001, 0.01, 0.1, 1.0, 10.0]
@@ -176,11 +178,11 @@ def test_a_class_without_training_rows_is_an_error_naming_it():
 
 def test_train_head_reports_metrics_and_round_trips_through_the_saved_folder(tmp_path):
     train_split, val_split, test_split = blob_splits(10)
-    result = train.train_head(head="logistic", train=train_split, val=val_split, seed=0, class_weight="none",
+    result = train_head.train_head(head="logistic", train=train_split, val=val_split, seed=0, class_weight="none",
                               options=LOGISTIC_OPTIONS)
     assert set(result.metrics) >= {"head", "seconds", "c", "train", "val", "classes", "feature_dim"}
     assert set(result.metrics["val"]) == {"examples", "accuracy", "loss"}
-    train.save_head(result.head, tmp_path / "head")
+    train_head.save_head(result.head, tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["head.json", "logistic.npz", "standardizer.npz"]
     loaded = heads.load_head(tmp_path / "head")
     assert np.array_equal(loaded.predict_proba(test_split.features), result.head.predict_proba(test_split.features))
@@ -189,7 +191,7 @@ def test_train_head_reports_metrics_and_round_trips_through_the_saved_folder(tmp
     assert [block["random_init"] for block in description["blocks"]] == [False, True]
     assert description["settings"]["c"] == result.metrics["c"]
     # Saving the same head again gives the same bytes: DVC sees an unchanged head and skips evaluate.
-    train.save_head(result.head, tmp_path / "again")
+    train_head.save_head(result.head, tmp_path / "again")
     for name in ("head.json", "logistic.npz", "standardizer.npz"):
         assert (tmp_path / "again" / name).read_bytes() == (tmp_path / "head" / name).read_bytes(), name
 
@@ -198,7 +200,7 @@ def test_saved_folder_is_replaced_whole(tmp_path):
     train_split, val_split, _ = blob_splits(11)
     (tmp_path / "head").mkdir()
     (tmp_path / "head" / "stale.txt").write_text("from an older run")
-    train.save_head(train_logistic(train_split, val_split).head, tmp_path / "head")
+    train_head.save_head(train_logistic(train_split, val_split).head, tmp_path / "head")
     assert not (tmp_path / "head" / "stale.txt").exists()
 
 
@@ -209,7 +211,7 @@ def test_load_head_errors_say_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="head.json not found"):
         heads.load_head(tmp_path / "empty")
     train_split, val_split, _ = blob_splits(12)
-    train.save_head(train_logistic(train_split, val_split).head, tmp_path / "head")
+    train_head.save_head(train_logistic(train_split, val_split).head, tmp_path / "head")
     payload = json.loads((tmp_path / "head" / "head.json").read_text())
     (tmp_path / "head" / "head.json").write_text(json.dumps({**payload, "head": "svm"}))
     with pytest.raises(ValueError, match="Unsupported head 'svm'; choose one of: dense, finetune, logistic, scratch"):
@@ -261,14 +263,17 @@ def test_logistic_path_never_imports_tensorflow(tmp_path):
         """
         import sys
         import numpy as np
-        from transferlab import evaluation, heads, params, train
+        from transferlab import heads
+        from transferlab.core import params
+        from transferlab.heads import train_head
+        from transferlab.reports import evaluate
         from transferlab.heads import base
         rng = np.random.default_rng(0)
         x, y = rng.normal(size=(30, 4)).astype(np.float32), np.arange(30) % 3
         split = base.Features(features=x, labels=y, class_names=("a", "b", "c"), blocks=(base.Block("m", "w", 4, 0),))
-        result = train.train_head(head="logistic", train=split, val=split, seed=0, class_weight="none",
+        result = train_head.train_head(head="logistic", train=split, val=split, seed=0, class_weight="none",
                                   options={"c_grid": [0.1, 1.0], "max_iter": 100, "select_by": "accuracy"})
-        train.save_head(result.head, sys.argv[1])
+        train_head.save_head(result.head, sys.argv[1])
         heads.load_head(sys.argv[1]).predict_proba(x)
         loaded = sorted(name for name in ("tensorflow", "keras") if name in sys.modules)
         print("loaded:", loaded)
@@ -304,7 +309,7 @@ def test_dense_is_deterministic_for_a_seed_and_round_trips(tmp_path):
     assert np.array_equal(first_probabilities, second.head.predict_proba(test_split.features))
     assert not np.allclose(first_probabilities, other_seed.head.predict_proba(test_split.features))
     assert metrics.accuracy_score(test_split.labels, first_probabilities.argmax(axis=1)) > 0.6  # chance 0.25
-    train.save_head(first.head, tmp_path / "head")
+    train_head.save_head(first.head, tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["head.json", "head.keras", "standardizer.npz"]
     loaded = heads.load_head(tmp_path / "head")
     np.testing.assert_array_equal(loaded.predict_proba(test_split.features), first_probabilities)

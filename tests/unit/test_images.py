@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from transferlab import images
+from transferlab.data import images
 
 LIMIT = 10_000_000  # max_image_pixels for tests that are not about bombs
 

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab import augment, mirror
-from transferlab.extract import Item
+from transferlab.data import augment
+from transferlab.features import mirror
+from transferlab.features.extract_features import Item
 
 SHA = "a" * 64
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from conftest import REPOSITORY_ROOT
-from transferlab import params, paths
+from transferlab.core import params, paths
 
 
 def test_the_repository_params_file_is_valid_and_complete():

@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 
 import support
-from transferlab import augment, evaluation, heads, params, train
+from transferlab import heads
+from transferlab.core import params
+from transferlab.data import augment
+from transferlab.heads import train_head
+from transferlab.reports import evaluate
 from transferlab.heads import base, scratch
 
 CLASSES = tuple(support.CLASS_COLOURS)
@@ -89,7 +93,7 @@ def test_trains_on_original_pixels_beats_chance_is_deterministic_and_round_trips
     assert again.report == report
     np.testing.assert_array_equal(base.predict_split(again.head, splits["test"]), test_probabilities)
 
-    train.save_head(outcome.head, tmp_path / "head")
+    train_head.save_head(outcome.head, tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["head.json", "model.keras"]
     description = json.loads((tmp_path / "head" / "head.json").read_text())
     assert description["head"] == "scratch" and description["settings"]["image_size"] == 32
@@ -102,15 +106,15 @@ def test_trains_on_original_pixels_beats_chance_is_deterministic_and_round_trips
 @pytest.mark.slow
 def test_metrics_land_in_evaluate_with_the_logistic_schema(splits):
     logistic_options = params.LogisticParams().model_dump()
-    transfer = train.train_head(head="logistic", train=splits["train"], val=splits["val"], seed=0, class_weight="none",
+    transfer = train_head.train_head(head="logistic", train=splits["train"], val=splits["val"], seed=0, class_weight="none",
                                 options=logistic_options)
-    result = train.train_head(head="scratch", train=splits["train"], val=splits["val"], seed=0, class_weight="balanced",
+    result = train_head.train_head(head="scratch", train=splits["train"], val=splits["val"], seed=0, class_weight="balanced",
                               options=OPTIONS)
     assert set(result.metrics["val"]) == set(transfer.metrics["val"]) == {"examples", "accuracy", "loss"}
     assert result.metrics["train"]["examples"] == 60 and result.metrics["val"]["accuracy"] > 0.6
 
-    ours = evaluation.evaluate(head=result.head, val=splits["val"], test=splits["test"], gallery_images=4)
-    theirs = evaluation.evaluate(head=transfer.head, val=splits["val"], test=splits["test"], gallery_images=4)
+    ours = evaluate.evaluate(head=result.head, val=splits["val"], test=splits["test"], gallery_images=4)
+    theirs = evaluate.evaluate(head=transfer.head, val=splits["val"], test=splits["test"], gallery_images=4)
     assert set(ours.metrics) == set(theirs.metrics) == {"test", "val", "provenance"}
     for name in ("test", "val"):
         assert set(ours.metrics[name]) == set(theirs.metrics[name])
@@ -142,7 +146,7 @@ def test_input_errors_say_what_to_do(splits, tmp_path):
 
 
 def test_decoded_views_are_render_view_of_open_rgb(splits):
-    from transferlab import images
+    from transferlab.data import images
 
     split = splits["train"]
     pixels = scratch.decode_views(images_directory=split.images_directory, paths=split.paths[-3:],

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from transferlab import split
+from transferlab.data import split
 
 
 def _sha(text: str) -> str:

@@ -20,6 +20,8 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from transferlab.core import params
+
 _HEADS: dict[str, str] = {}
 _PIXEL_HEADS: set[str] = set()
 INPUTS = ("features", "pixels")
@@ -34,6 +36,8 @@ def register_head(name: str, module: str, *, reads: str = "features") -> None:
         reads: ``features`` (the backbone's embeddings) or ``pixels`` (each row's image, opened
             from ``Features.images_directory``; such a head has ``predict_split``).
     """
+    if name not in params.HEAD_NAMES:
+        raise ValueError(f"head '{name}' is not in transferlab.core.params.HEAD_NAMES; add it there first")
     if name in _HEADS and _HEADS[name] != module:
         raise ValueError(f"head '{name}' is already registered by {_HEADS[name]}")
     if reads not in INPUTS:

@@ -1,7 +1,7 @@
 """Fine-tuning the top of a Keras backbone on cached tap activations.
 
 The head is the backbone's own layers from ``from_layer`` to the pooled embedding (a copy,
-with the backbone's weights: see :func:`transferlab.taps.top_model`) followed by Dropout and a
+with the backbone's weights: see :func:`transferlab.backbones.taps.top_model`) followed by Dropout and a
 new Dense softmax layer. It trains on *tap activations*, the input of ``from_layer``, that
 extract_features computed once per image with the frozen bottom and wrote to
 ``data/features/taps/<split>.npy`` (float16). Fine-tuning from pixels would run the whole frozen
@@ -38,7 +38,8 @@ from typing import Any
 import keras
 import numpy as np
 
-from transferlab import engines, taps
+from transferlab.backbones import taps
+from transferlab.features import engines
 from transferlab.heads import base, dense
 
 NAME = "finetune"

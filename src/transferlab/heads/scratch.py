@@ -20,7 +20,7 @@ It trains on the training split's originals (recipe ``""``) only: the augmentati
 compared with is the tutorial's, on the fly, not the augment stage's fixed views. The reported
 train figures (train_head.json) still cover every training row. Images are decoded once, in a
 thread pool, into uint8 memory at ``image_size`` with the resize every stage uses
-(:func:`transferlab.augment.render_view`: Pillow bilinear, aspect ratio not kept, as the
+(:func:`transferlab.data.augment.render_view`: Pillow bilinear, aspect ratio not kept, as the
 tutorial's ``image_dataset_from_directory`` does). Training stops early on validation loss and
 restores the best epoch, as the dense head does; same seed and params give the same model.
 
@@ -40,7 +40,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from transferlab import augment, images
+from transferlab.data import augment, images
 from transferlab.heads import base, dense
 
 NAME = "scratch"

@@ -7,7 +7,7 @@ Each image is decoded and resized once per input size, for every member that nee
 
 For the ``finetune`` head it also caches *tap activations* of the stack's Keras member: the
 tensor feeding ``train_head.finetune.from_layer``, computed by the frozen bottom of the backbone
-(see :mod:`transferlab.taps`) from the same decoded pixels, stored as float16 in the same cache
+(see :mod:`transferlab.backbones.taps`) from the same decoded pixels, stored as float16 in the same cache
 (the namespace adds the tap layer) and exported to ``{split}.npy`` files batch by batch, so the
 whole set never sits in memory.
 """
@@ -32,8 +32,11 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from transferlab import augment, embedding_cache, engines, images, mirror, stack, taps, tflite_files
-from transferlab.stack import Member
+from transferlab.backbones import stack, taps
+from transferlab.data import augment, images
+from transferlab.features import embedding_cache, engines, mirror
+from transferlab.tflite import rewrites
+from transferlab.backbones.stack import Member
 
 LOGGER = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -269,20 +272,20 @@ def extract_features(
     """Embeds every row of every split with the stack; returns features files and a report.
 
     Args:
-        members: the resolved stack (transferlab.stack.resolve_members).
+        members: the resolved stack (transferlab.backbones.stack.resolve_members).
         rows_by_split: rows (path, label, sha256, recipe) of train (with augmented views), val, test.
         images_directory: where the rows' paths are relative to (data/raw/images).
         cache_directory: the embedding cache folder, or None to run without the cache.
         engine: auto, keras or tflite. Keras members: see engines.choose_keras_engine. TFLite
             members run on LiteRT: as given, or with auto a faster rewrite of the file chosen by
-            measurement (see tflite_files.choose_tflite_engine).
+            measurement (see rewrites.choose_tflite_engine).
         batch_size: images per inference batch.
         threads: decoding threads.
         seed: seeds random-init backbones.
         max_image_pixels: decompression-bomb limit when decoding.
         tap_request: also cache and export tap activations (the ``finetune`` head), or None.
         mirror_average: each row's embedding is the mean of its view's and that view's mirror
-            image's (see :mod:`transferlab.mirror`); mirrored views are cached like any view.
+            image's (see :mod:`transferlab.features.mirror`); mirrored views are cached like any view.
     """
     started = time.perf_counter()
     items = unique_items(rows_by_split)
@@ -326,14 +329,14 @@ def extract_features(
 
 def _backbone_builder(member: Member, seed: int) -> Callable[[], Any]:
     """Builds the member's Keras model on the first call, then returns that same model."""
-    from transferlab import backbones
+    from transferlab.backbones import registry
 
     built: list = []
 
     def build() -> Any:
         if not built:
-            entry = backbones.get(member.name)
-            built.append(backbones.build(entry, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed))
+            entry = registry.get(member.name)
+            built.append(registry.build(entry, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed))
         return built[0]
 
     return build
@@ -341,7 +344,7 @@ def _backbone_builder(member: Member, seed: int) -> Callable[[], Any]:
 
 def _choose_engine(member: Member, sample, requested: str, converted: Path, build_model: Callable[[], Any] | None) -> engines.ConvertedEngine:
     if member.kind == "tflite":  # the file as given, or a faster rewrite chosen by measurement
-        return tflite_files.choose_tflite_engine(
+        return rewrites.choose_tflite_engine(
             requested=requested, path=member.path, tensor=member.tensor, sha256=member.weights_identity,
             conversion_directory=converted, sample_pixels=sample,
         )

@@ -7,7 +7,7 @@ params.yaml: it travels with the backbone, *inside* the model :func:`build` retu
 
 Besides registry names, a backbone *spec* may be ``tflite:PATH`` or ``tflite:PATH#TENSOR``: any
 TFLite image model, described by :func:`describe_tflite` (input, output width, parameters,
-operations). Relative paths count from the main repository root (see :mod:`transferlab.paths`),
+operations). Relative paths count from the main repository root (see :mod:`transferlab.core.paths`),
 so they mean the same in ``dvc exp run --queue`` copies of the repository.
 
 Numbers in the registry (``parameters``, ``gflops``) come from ``benchmarks/registry_numbers.py``
@@ -15,7 +15,7 @@ Numbers in the registry (``parameters``, ``gflops``) come from ``benchmarks/regi
 Conventions: ``parameters`` = ``count_params()`` of the model without its top
 (``include_top=False``) at alpha 1.0, batch-norm statistics included; ``gflops`` = 2 x
 multiply-accumulates of the convolution and dense layers for one image at the default size (see
-:mod:`transferlab.flops`; MobileNetV2 0.60, ResNet50 7.7, VGG16 30.7).
+:mod:`transferlab.backbones.flops`; MobileNetV2 0.60, ResNet50 7.7, VGG16 30.7).
 
 Importing this module never imports TensorFlow (``transferlab backbones`` must stay fast):
 :func:`build` imports Keras when it runs, :func:`describe_tflite` imports LiteRT.
@@ -32,7 +32,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transferlab import images, paths
+from transferlab.core import paths
+from transferlab.data import images
 
 TFLITE_PREFIX = "tflite:"
 WEIGHTS_CHOICES = ("imagenet", "none")
@@ -248,7 +249,7 @@ def parameter_count(entry: Backbone | str, alpha: float | None = None) -> int:
     alpha = check_alpha(entry, alpha)
     if alpha in (None, 1.0):
         return entry.parameters
-    from transferlab import flops
+    from transferlab.backbones import flops
 
     return flops.count_parameters(build(entry, alpha=alpha, weights="none", image_size=entry.default_size))
 
@@ -262,7 +263,7 @@ def _make_divisible(value: float, divisor: int = 8) -> int:
 def check_weights(weights: str | os.PathLike | None, root: str | os.PathLike | None = None) -> str:
     """Normalizes a weights setting: ``imagenet``, ``none``, or the resolved path of a local file.
 
-    Relative paths count from the main repository root (:func:`transferlab.paths.resolve_param_path`).
+    Relative paths count from the main repository root (:func:`transferlab.core.paths.resolve_param_path`).
 
     Raises:
         ValueError: the file does not exist (the message names it and the choices).

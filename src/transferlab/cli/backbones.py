@@ -10,7 +10,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from transferlab import backbones
+from transferlab.backbones import registry
 
 COLUMNS = ("name", "family", "size", "width", "parameters", "GFLOPs", "alphas", "official weights file (no top)")
 FOOTNOTE = (
@@ -32,16 +32,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Prints the registry table, or the description of ``--file``; returns the exit code."""
     if args.file:
-        spec = backbones.parse_spec(backbones.TFLITE_PREFIX + args.file, root=Path.cwd())
-        info = backbones.describe_tflite(spec.path, spec.tensor or None)
+        spec = registry.parse_spec(registry.TFLITE_PREFIX + args.file, root=Path.cwd())
+        info = registry.describe_tflite(spec.path, spec.tensor or None)
         print(json.dumps(dataclasses.asdict(info), indent=2) if args.json else describe(info))
         return 0
-    entries = [backbones.get(name) for name in backbones.names()]
+    entries = [registry.get(name) for name in registry.names()]
     print(json.dumps([dataclasses.asdict(entry) for entry in entries], indent=2) if args.json else table(entries))
     return 0
 
 
-def table(entries: list[backbones.Backbone]) -> str:
+def table(entries: list[registry.Backbone]) -> str:
     """The registry as an aligned text table with a footnote on the conventions."""
     rows = [COLUMNS] + [_row(entry) for entry in entries]
     widths = [max(len(row[column]) for row in rows) for column in range(len(COLUMNS))]
@@ -54,7 +54,7 @@ def table(entries: list[backbones.Backbone]) -> str:
     return "\n".join(line.rstrip() for line in lines) + "\n\n" + FOOTNOTE
 
 
-def _row(entry: backbones.Backbone) -> tuple[str, ...]:
+def _row(entry: registry.Backbone) -> tuple[str, ...]:
     alphas = ", ".join(f"{alpha:g}" for alpha in entry.alphas) or "-"
     return (
         entry.name,
@@ -68,7 +68,7 @@ def _row(entry: backbones.Backbone) -> tuple[str, ...]:
     )
 
 
-def describe(info: backbones.TFLiteInfo) -> str:
+def describe(info: registry.TFLiteInfo) -> str:
     """A TFLite backbone's description, one ``key: value`` per line."""
     scale, zero_point = info.input_quantization
     quantized = f", quantized scale {scale:.6g} zero point {zero_point}" if scale else ""

@@ -6,7 +6,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from transferlab import compare
+from transferlab.reports import compare
 
 
 def configure(parser) -> None:

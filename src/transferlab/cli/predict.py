@@ -12,7 +12,7 @@ import sys
 
 from tqdm import tqdm
 
-from transferlab import predict
+from transferlab.export import predict
 
 PROGRESS_FROM = 20  # a progress bar (on stderr) from this many files on
 

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
 
 import numpy as np
 
-from transferlab import atomic, paths
+from transferlab.core import atomic, paths
 
 LOGGER = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ def cache_directory(cache_dir: str | os.PathLike = "") -> Path:
     """The cache folder for ``extract_features.cache_dir``.
 
     Empty means ``$TRANSFERLAB_CACHE_DIR`` or the user's cache directory; a relative path is
-    resolved against the main repository root (see :mod:`transferlab.paths`).
+    resolved against the main repository root (see :mod:`transferlab.core.paths`).
     """
     if not str(cache_dir).strip():
         return paths.default_cache_directory()

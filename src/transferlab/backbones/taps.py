@@ -53,11 +53,11 @@ def resolve_from_layer(backbone: str, from_layer: str) -> str:
     Raises:
         ValueError: ``auto`` for a backbone without a registered default.
     """
-    from transferlab import backbones
+    from transferlab.backbones import registry
 
     if from_layer.strip() != AUTO:
         return from_layer.strip()
-    entry = backbones.get(backbone)
+    entry = registry.get(backbone)
     if not entry.finetune_from:
         raise ValueError(f"{entry.name} has no default fine-tuning layer; set train_head.finetune.from_layer to a layer name")
     return entry.finetune_from
@@ -155,7 +155,7 @@ def bottom_model(model: Any, layer: str, *, flatten: bool = False) -> Any:
     """The frozen bottom: ``model``'s input (raw pixels) to the tap feeding ``layer``.
 
     Args:
-        model: a backbone from :func:`transferlab.backbones.build` (or a loaded copy).
+        model: a backbone from :func:`transferlab.backbones.registry.build` (or a loaded copy).
         layer: the first layer of the top.
         flatten: flatten the tap to (N, H*W*C), as the embedding engines expect one row per image.
     """

@@ -41,7 +41,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from transferlab import atomic, engines
+from transferlab.core import atomic
+from transferlab.features import engines
 
 AS_GIVEN = ""  # the file unchanged
 STATIC_SHAPES = "static-shapes"

@@ -20,7 +20,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from sklearn import metrics as sklearn_metrics
 
-from transferlab import atomic, heads
+from transferlab import heads
+from transferlab.core import atomic
 from transferlab.heads import base
 
 TOP_K = 2
@@ -291,7 +292,7 @@ def _draw_tile(axis: Any, mistake: Mistake, images_directory: Path, max_image_pi
 
 
 def _thumbnail(path: Path, max_image_pixels: int) -> Any:
-    from transferlab import images
+    from transferlab.data import images
 
     image = images.open_rgb(path, max_image_pixels=max_image_pixels)
     image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))

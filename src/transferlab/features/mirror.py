@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from transferlab import augment
+from transferlab.data import augment
 
 PLAIN = augment.Recipe()  # a recipe that changes nothing: its canonical form is the original's ""
 

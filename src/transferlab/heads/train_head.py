@@ -19,7 +19,9 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from transferlab import atomic, heads, taps
+from transferlab import heads
+from transferlab.backbones import taps
+from transferlab.core import atomic
 from transferlab.heads import base
 
 SPLITS = ("train", "val", "test")

@@ -1,6 +1,6 @@
 """export: the trained classifier as files that run without the pipeline, checked against evaluate.
 
-What is written (the folder's layouts and formats are described in :mod:`transferlab.predict`,
+What is written (the folder's layouts and formats are described in :mod:`transferlab.export.predict`,
 which runs them):
 
 - Every backbone a Keras registry entry: ``model.keras``, one Keras model from a raw uint8 RGB
@@ -25,7 +25,7 @@ which runs them):
   ``manifest.json``.
 
 The check: every format written is loaded back from the folder through
-:func:`transferlab.predict.load` and run on the raw test images (decoded from the files, not
+:func:`transferlab.export.predict.load` and run on the raw test images (decoded from the files, not
 from features); its top-1 class must equal evaluate's prediction on at least
 :data:`MINIMUM_AGREEMENT` of them, else the stage fails and writes nothing. Measured on all 3670
 flower_photos (MobileNetV2 with the shared weights, logistic head, 735 test images): model.tflite
@@ -43,9 +43,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from transferlab import atomic, backbones, images, predict
+from transferlab.backbones import registry
+from transferlab.core import atomic
+from transferlab.data import images
+from transferlab.export import predict
 from transferlab.heads import base
-from transferlab.stack import Member
+from transferlab.backbones.stack import Member
 
 MINIMUM_AGREEMENT = 0.99
 LATENCY_RUNS = 20
@@ -56,8 +59,8 @@ EXPORTABLE_HEADS = FEATURE_HEADS + PIXEL_HEADS
 RESIZE_RULE = {
     "rule": "pillow-bilinear",
     "detail": (
-        "decode with EXIF orientation to 8-bit RGB (transferlab.images.open_rgb), then resize the whole "
-        "image to SxS with PIL.Image.resize(..., Image.BILINEAR), no crop (transferlab.augment.render_view "
+        "decode with EXIF orientation to 8-bit RGB (transferlab.data.images.open_rgb), then resize the whole "
+        "image to SxS with PIL.Image.resize(..., Image.BILINEAR), no crop (transferlab.data.augment.render_view "
         "with the original recipe); model.keras does this inside with keras.layers.Resizing(bilinear, "
         "antialias=True), rounded to uint8"
     ),
@@ -165,7 +168,7 @@ def build_core(*, members: Sequence[Member], head: base.TrainedHead, head_folder
     pixels = {size: keras.ops.cast(tensor, "float32") for size, tensor in inputs.items()}
     embeddings = []
     for member in members:
-        backbone = backbones.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
+        backbone = registry.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
         backbone.trainable = False
         embeddings.append(backbone(pixels[member.image_size], training=False))
     joined = embeddings[0] if len(embeddings) == 1 else keras.layers.Concatenate(name="stack_features")(embeddings)
@@ -261,7 +264,7 @@ def write_export(
 def _write_classifier(
     folder: Path, *, members: Sequence[Member], head: base.TrainedHead, head_folder: Path, seed: int, tflite: bool
 ) -> dict[str, Any]:
-    from transferlab import engines
+    from transferlab.features import engines
 
     core = build_core(members=members, head=head, head_folder=head_folder, seed=seed)
     model = build_image_model(core)
@@ -280,7 +283,8 @@ def _write_classifier(
 def _write_stack(
     folder: Path, *, members: Sequence[Member], seed: int, block_engines: Sequence[str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    from transferlab import engines, tflite_files
+    from transferlab.features import engines
+    from transferlab.tflite import rewrites
 
     recorded = list(block_engines) or ["tflite"] * len(members)
     (folder / predict.BACKBONES_FOLDER).mkdir()
@@ -288,12 +292,12 @@ def _write_stack(
     for index, member in enumerate(members):
         relative = f"{predict.BACKBONES_FOLDER}/{index:02d}_{_safe_name(member.name)}.tflite"
         if member.kind == "tflite":
-            rewrite = tflite_files.rewrite_of_engine(recorded[index] or "tflite")
-            (folder / relative).write_bytes(tflite_files.rewritten_content(member.path.read_bytes(), rewrite))
+            rewrite = rewrites.rewrite_of_engine(recorded[index] or "tflite")
+            (folder / relative).write_bytes(rewrites.rewritten_content(member.path.read_bytes(), rewrite))
         else:
-            model = backbones.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
+            model = registry.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
             engines.convert_to_tflite(model, folder / relative)
-        info = backbones.describe_tflite(folder / relative, member.tensor or None)
+        info = registry.describe_tflite(folder / relative, member.tensor or None)
         entries.append({
             "file": relative, "sha256": info.sha256, "tensor": member.tensor, "input_dtype": info.input_dtype,
             "input_quantization": list(info.input_quantization), "output": info.output_name,

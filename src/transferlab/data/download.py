@@ -9,7 +9,7 @@ A source is one of:
 - a local folder holding one sub-folder per class (copied; symbolic links are skipped and
   listed in the index with status ``link``).
 
-Relative local paths are resolved with :func:`transferlab.paths.resolve_param_path`.
+Relative local paths are resolved with :func:`transferlab.core.paths.resolve_param_path`.
 
 An archive's sha256 is verified before anything is extracted; an empty ``sha256`` is accepted
 only for a local folder. Extraction refuses the whole archive, naming the member, when any member
@@ -22,7 +22,7 @@ The dataset root is the extracted folder, descending through a single wrapping f
 are kept but not indexed; hidden entries and ``__MACOSX`` at the root are dropped. Every file
 under a class folder (recursively) gets one index row; hidden files (``.DS_Store``) and files in
 hidden folders are ``not-an-image``; the others are checked with
-:func:`transferlab.images.inspect_image` in worker processes.
+:func:`transferlab.data.images.inspect_image` in worker processes.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ from typing import Any, Callable, Iterable, Sequence
 import requests
 from tqdm import tqdm
 
-from transferlab import atomic, images, paths
+from transferlab.core import atomic, paths
+from transferlab.data import images
 
 LOGGER = logging.getLogger(__name__)
 

@@ -18,8 +18,8 @@ Formats: ``keras`` (``model.keras``) and ``tflite`` (``model.tflite``, or the st
 backbones). ``auto`` prefers ``tflite``: it resizes exactly as the pipeline does (Pillow), runs
 on LiteRT, and needs no TensorFlow import (8-10 s of start-up on this machine).
 
-Every image is decoded as training decodes it (:func:`transferlab.images.open_rgb`) and, outside
-``model.keras``, resized as training resizes it (:func:`transferlab.augment.render_view` with
+Every image is decoded as training decodes it (:func:`transferlab.data.images.open_rgb`) and, outside
+``model.keras``, resized as training resizes it (:func:`transferlab.data.augment.render_view` with
 the original recipe: Pillow bilinear on the whole image, no crop).
 """
 
@@ -35,7 +35,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from transferlab import augment, images
+from transferlab.data import augment, images
 
 EXPORT_FORMAT = "transferlab-export"
 EXPORT_VERSION = 1
@@ -217,7 +217,7 @@ class TFLiteClassifierRunner:
     def __init__(self, path: Path, inputs: Sequence[dict[str, Any]], threads: int | None = None):
         from ai_edge_litert.interpreter import Interpreter
 
-        from transferlab import engines
+        from transferlab.features import engines
 
         try:
             self.interpreter = Interpreter(model_path=str(path), num_threads=threads or engines.ENGINE_THREADS)
@@ -248,7 +248,8 @@ class StackRunner:
     """A stack export: each backbone's .tflite on LiteRT, then the head on the joined embeddings."""
 
     def __init__(self, folder: Path, manifest: dict[str, Any]):
-        from transferlab import engines, heads
+        from transferlab import heads
+        from transferlab.features import engines
 
         self.members = manifest["members"]
         self.engines = [engines.TFLiteEngine(folder / member["file"], tensor=member.get("tensor", "")) for member in self.members]

@@ -1,6 +1,6 @@
 """The `transferlab` console command.
 
-Each sub-command lives in its own module under ``transferlab.commands`` with two functions,
+Each sub-command lives in its own module under ``transferlab.cli`` with two functions,
 ``configure(parser)`` and ``run(args) -> int``; modules are imported only when their command
 runs, so that a quick command does not pay for TensorFlow's start-up.
 """
@@ -12,10 +12,10 @@ import importlib
 import sys
 
 COMMANDS = {
-    "backbones": ("transferlab.commands.backbones", "list the registered backbones, or describe a TFLite file"),
-    "compare": ("transferlab.commands.compare", "run one experiment per backbone or stack and print a leaderboard"),
-    "predict": ("transferlab.commands.predict", "classify image files or folders with the exported model (models/export)"),
-    "imagenet": ("transferlab.commands.imagenet", "classify photos into the 1000 ImageNet classes with a pretrained model and its top"),
+    "backbones": ("transferlab.cli.backbones", "list the registered backbones, or describe a TFLite file"),
+    "compare": ("transferlab.cli.compare", "run one experiment per backbone or stack and print a leaderboard"),
+    "predict": ("transferlab.cli.predict", "classify image files or folders with the exported model (models/export)"),
+    "imagenet": ("transferlab.cli.imagenet", "classify photos into the 1000 ImageNet classes with a pretrained model and its top"),
 }
 
 

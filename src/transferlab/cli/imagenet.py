@@ -25,7 +25,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image
 
-from transferlab import backbones, predict
+from transferlab.backbones import registry
+from transferlab.export import predict
 
 DEFAULT_BACKBONE = "mobilenet_v2"
 IMAGENET_CLASSES = 1000
@@ -51,8 +52,8 @@ def run(args: argparse.Namespace) -> int:
     """Classifies every photo into the ImageNet classes; returns 0, or 1 when any file failed."""
     if not 1 <= args.top <= IMAGENET_CLASSES:
         raise ValueError(f"--top must be between 1 and {IMAGENET_CLASSES}, got {args.top}")
-    entry = backbones.get(args.backbone)
-    alpha = backbones.check_alpha(entry, args.alpha)
+    entry = registry.get(args.backbone)
+    alpha = registry.check_alpha(entry, args.alpha)
     class_index = read_class_index(args.class_index) if args.class_index is not None else None
     weights = check_top_weights(args.weights)
     files, missing = predict.collect_files(args.paths)
@@ -117,7 +118,7 @@ def _hdf5_layer_names(path: Path) -> list[str] | None:
         return None  # not HDF5 (a .keras archive, say): let Keras judge it
 
 
-def build_classifier(entry: backbones.Backbone, *, alpha: float | None, weights: str) -> Any:
+def build_classifier(entry: registry.Backbone, *, alpha: float | None, weights: str) -> Any:
     """``keras.applications.<constructor>(include_top=True)`` at its default size, with ``weights``."""
     import keras
 
@@ -151,7 +152,7 @@ def centre_square(picture: Image.Image, size: int) -> np.ndarray:
 
 
 def classify(
-    model: Any, entry: backbones.Backbone, files: Sequence[Path], *, top: int, class_index: dict[str, tuple[str, str]] | None
+    model: Any, entry: registry.Backbone, files: Sequence[Path], *, top: int, class_index: dict[str, tuple[str, str]] | None
 ) -> list[dict[str, Any]]:
     """Runs the classifier on the files: per file ``{"path", "predictions": [{"class", "wnid", "confidence"}]}``,
     or ``{"path", "error"}`` for a file that is not a readable image."""

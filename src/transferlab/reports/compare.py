@@ -134,7 +134,7 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    from transferlab import atomic
+    from transferlab.core import atomic
 
     figure, axis = pyplot.subplots(figsize=(8, 5.5), dpi=110)
     for row in rows:
@@ -224,12 +224,12 @@ def exp_show(dvc: str, cwd: Path | None = None) -> list[dict]:
 
 def backbone_parameters(extract_report: dict) -> int | None:
     """Total parameters of a stack's backbones (registry counts; TFLite files are read)."""
-    from transferlab import backbones
+    from transferlab.backbones import registry
 
     total = 0
     for name, member in (extract_report.get("backbones") or {}).items():
         if member.get("kind") == "tflite":
-            total += backbones.describe_tflite(backbones.parse_spec(member["spec"]).path).parameters
+            total += registry.describe_tflite(registry.parse_spec(member["spec"]).path).parameters
         else:
-            total += backbones.parameter_count(name, member.get("alpha"))
+            total += registry.parameter_count(name, member.get("alpha"))
     return total or None

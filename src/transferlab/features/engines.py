@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from transferlab import atomic
+from transferlab.core import atomic
 
 LOGGER = logging.getLogger(__name__)
 MINIMUM_COSINE = 0.9999  # the agreement an engine must reach with Keras to be used
@@ -93,7 +93,7 @@ class TFLiteEngine:
         tensor: name of a tensor to read instead of the graph output (``tflite:PATH#TENSOR``).
         threads: LiteRT's CPU threads.
         rewrite: run the file rewritten in memory for XNNPACK (``static-shapes`` or ``int8``,
-            see :mod:`transferlab.tflite_files`), or as given (empty).
+            see :mod:`transferlab.tflite.rewrites`), or as given (empty).
     """
 
     name = "tflite"
@@ -104,9 +104,9 @@ class TFLiteEngine:
         self.path = Path(path)
         source = {"model_path": str(self.path)}
         if rewrite:
-            from transferlab import tflite_files
+            from transferlab.tflite import rewrites
 
-            source = {"model_content": tflite_files.rewritten_content(self.path.read_bytes(), rewrite)}
+            source = {"model_content": rewrites.rewritten_content(self.path.read_bytes(), rewrite)}
         self.interpreter = Interpreter(**source, num_threads=threads, experimental_preserve_all_tensors=bool(tensor))
         self._input = self.interpreter.get_input_details()[0]
         self._output_index = self._tensor_index(tensor) if tensor else self.interpreter.get_output_details()[0]["index"]

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from transferlab import backbones
+from transferlab.backbones import registry
 
 PER_MEMBER_SETTINGS = ("alpha", "weights", "image_size")
 
@@ -74,7 +74,7 @@ def resolve_members(params: Any, *, seed: int, root: Path | None = None) -> list
         if isinstance(value, Mapping):
             # Names of other registry backbones are allowed, so that one mapping in params.yaml
             # serves every experiment of a comparison; anything else is a typo.
-            unknown = sorted(set(value) - set(names) - set(backbones.names()))
+            unknown = sorted(set(value) - set(names) - set(registry.names()))
             if unknown:
                 raise ValueError(
                     f"extract_features.{setting} names {', '.join(unknown)}, which is neither in the stack nor a "
@@ -91,9 +91,9 @@ def _setting(params: Any, setting: str, name: str) -> Any:
 
 
 def _resolve_one(spec: str, params: Any, *, seed: int, root: Path | None) -> Member:
-    parsed = backbones.parse_spec(spec, root=root)
+    parsed = registry.parse_spec(spec, root=root)
     if parsed.kind == "tflite":
-        info = backbones.describe_tflite(parsed.path, parsed.tensor or None)
+        info = registry.describe_tflite(parsed.path, parsed.tensor or None)
         return Member(
             spec=spec,
             name=parsed.name,
@@ -104,11 +104,11 @@ def _resolve_one(spec: str, params: Any, *, seed: int, root: Path | None) -> Mem
             path=parsed.path,
             tensor=parsed.tensor,
         )
-    entry = backbones.get(parsed.name)
+    entry = registry.get(parsed.name)
     alpha = float(_setting(params, "alpha", entry.name)) if entry.alphas else None
     image_size = int(_setting(params, "image_size", entry.name)) or entry.default_size
     weights = _resolve_weights(str(_setting(params, "weights", entry.name)), root)
-    identity = backbones.weights_identity(entry, weights, alpha=alpha, image_size=image_size, seed=seed)
+    identity = registry.weights_identity(entry, weights, alpha=alpha, image_size=image_size, seed=seed)
     return Member(
         spec=spec,
         name=entry.name,
@@ -124,7 +124,7 @@ def _resolve_one(spec: str, params: Any, *, seed: int, root: Path | None) -> Mem
 
 def _resolve_weights(weights: str, root: Path | None) -> str:
     try:
-        return backbones.check_weights(weights, root)
+        return registry.check_weights(weights, root)
     except ValueError as error:
         raise ValueError(f"extract_features.weights: {error}") from None
 

@@ -1,1 +1,0 @@
-"""Sub-commands of the `transferlab` console command (see transferlab.cli)."""
