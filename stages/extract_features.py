@@ -15,7 +15,7 @@ from pathlib import Path
 
 from transferlab.backbones import stack
 from transferlab.core import atomic, params
-from transferlab.features import embedding_cache, extract_features
+from transferlab.features import embedding_cache, extract_features, files
 from transferlab.core.stage_runner import run_stage
 
 DEFAULT_MAX_IMAGE_PIXELS = params.DownloadParams().max_image_pixels
@@ -59,7 +59,7 @@ def main() -> None:
             tap_request=taps,
             mirror_average=settings.mirror_average,
         )
-        extract_features.write_feature_files(temporary, feature_sets)
+        files.write_feature_files(temporary, feature_sets)
     atomic.write_json(arguments.metrics, report)
     logging.info(
         "%s: %d embedded, %d cache hits, %.1f s (%s images/s)",

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from transferlab.backbones import stack, taps
 from transferlab.data import augment, images
-from transferlab.features import embedding_cache, engines, mirror
+from transferlab.features import embedding_cache, engines, files, mirror
 from transferlab.tflite import rewrites
 from transferlab.backbones.stack import Member
 
@@ -214,14 +214,7 @@ def _fill_misses(group: list, items: list[Item], *, size: int, render_one, batch
     progress.close()
 
 
-@dataclass
-class FeatureSet:
-    """The contents of one features file (see docs/DESIGN.md)."""
-
-    arrays: dict[str, np.ndarray]
-
-
-def assemble(rows: list[dict], runs: list[MemberRun], class_names: list[str]) -> FeatureSet:
+def assemble(rows: list[dict], runs: list[MemberRun], class_names: list[str]) -> files.FeatureSet:
     """Concatenates each row's member embeddings in stack order into one features file."""
     widths = [len(next(iter(run.vectors.values()))) if run.vectors else 0 for run in runs]
     offsets = np.cumsum([0, *widths[:-1]]).astype(np.int64)
@@ -230,7 +223,7 @@ def assemble(rows: list[dict], runs: list[MemberRun], class_names: list[str]) ->
         key = (row["sha256"], row["recipe"])
         features[index] = np.concatenate([run.vectors[key] for run in runs]) if runs else []
     label_index = {name: position for position, name in enumerate(class_names)}
-    return FeatureSet(
+    return files.FeatureSet(
         {
             "features": features,
             "labels": np.array([label_index[row["label"]] for row in rows], dtype=np.int32),
@@ -248,13 +241,6 @@ def assemble(rows: list[dict], runs: list[MemberRun], class_names: list[str]) ->
     )
 
 
-def write_feature_files(directory: Path, feature_sets: dict[str, FeatureSet]) -> None:
-    """Writes train/val/test .npz files into ``directory`` (the caller makes it atomic)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, feature_set in feature_sets.items():
-        np.savez(directory / f"{split}.npz", **feature_set.arrays)
-
-
 def extract_features(
     *,
     members: list[Member],
@@ -268,7 +254,7 @@ def extract_features(
     max_image_pixels: int,
     tap_request: TapRequest | None = None,
     mirror_average: bool = False,
-) -> tuple[dict[str, FeatureSet], dict]:
+) -> tuple[dict[str, files.FeatureSet], dict]:
     """Embeds every row of every split with the stack; returns features files and a report.
 
     Args:

@@ -1,0 +1,266 @@
+"""The features files contract: ``data/features/{train,val,test}.npz`` and ``taps/``, writer and readers.
+
+extract_features writes these files; train_head, evaluate and export read them. Both sides live
+here, with the records the readers return (:class:`Features`, :class:`Block`, :class:`Taps`), so
+that a change to the format is one change in one module (docs/DESIGN.md describes the keys).
+The heads import these records; nothing here imports a head.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from transferlab.backbones import taps as taps_module
+
+SPLITS = ("train", "val", "test")
+REQUIRED_KEYS = (
+    "features", "labels", "class_names", "paths", "sha256", "recipes",
+    "block_specs", "block_weights", "block_widths", "block_offsets",
+)
+RANDOM_INIT_PREFIX = "random-init"  # the weights identity of a random-init backbone starts with it
+
+
+@dataclass(frozen=True)
+class Block:
+    """One backbone's columns within a features matrix."""
+
+    spec: str
+    weights: str
+    width: int
+    offset: int
+    name: str = ""  # the registry name (block_names), when the features file records it
+
+    @property
+    def random_init(self) -> bool:
+        """True when the backbone ran with random weights (tests only; never a real result)."""
+        return self.weights.startswith(RANDOM_INIT_PREFIX)
+
+    def describe(self) -> dict[str, Any]:
+        """The block as a JSON-ready mapping, with its random-init flag spelled out."""
+        return {**asdict(self), "random_init": self.random_init}
+
+
+def stack_name(blocks: Sequence[Block]) -> str:
+    """The stack's name, members joined by ``+`` (``mobilenet_v2``, ``a+b``)."""
+    return "+".join(block.name or block.spec for block in blocks)
+
+
+@dataclass(frozen=True, eq=False)
+class Taps:
+    """A split's cached tap activations, read by the ``finetune`` head (data/features/taps/).
+
+    extract_features writes them when ``train_head.head`` is ``finetune``: the input of one
+    layer of the stack's Keras member, one map per features row, in the same order.
+
+    Attributes:
+        activations: (N, H, W, C) float16, usually a read-only memory map of ``taps/<split>.npy``.
+        layer: the layer they feed (the first layer the head trains).
+        block: the member they come from (its block name).
+        backbone_file: the frozen backbone (raw pixels to embedding) that computed them.
+        description: ``taps/taps.json`` (member, weights, image size, engine, shape).
+    """
+
+    activations: np.ndarray
+    layer: str
+    block: str
+    backbone_file: Path
+    description: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, eq=False)  # arrays inside: compare the fields you mean, not the whole
+class Features:
+    """One split of the extract_features stage's output (see docs/DESIGN.md)."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    class_names: tuple[str, ...]
+    blocks: tuple[Block, ...]
+    paths: tuple[str, ...] = ()
+    sha256: tuple[str, ...] = ()
+    recipes: tuple[str, ...] = ()
+    engine: Any = None
+    source: str = "<memory>"
+    # The folder that ``paths`` are relative to (data/raw/images), when the stage was given it:
+    # heads that read pixels instead of features (``scratch``) open the rows' images there.
+    images_directory: Path | None = None
+    # Tap activations of the rows, when extract_features wrote them (the ``finetune`` head).
+    taps: Taps | None = None
+
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return tuple(block.width for block in self.blocks)
+
+
+@dataclass
+class FeatureSet:
+    """The arrays of one features file, as extract_features assembles them (key -> array)."""
+
+    arrays: dict[str, np.ndarray]
+
+
+# ---------------------------------------------------------------- writing
+
+
+def write_feature_files(directory: Path, feature_sets: Mapping[str, FeatureSet]) -> None:
+    """Writes one ``<split>.npz`` per entry of ``feature_sets`` into ``directory`` (the caller makes it atomic).
+
+    Raises:
+        ValueError: a feature set lacks a key of :data:`REQUIRED_KEYS` (the readers would refuse the file).
+    """
+    for split, feature_set in feature_sets.items():
+        missing = [key for key in REQUIRED_KEYS if key not in feature_set.arrays]
+        if missing:
+            raise ValueError(f"the {split} features lack key(s) {', '.join(missing)}; this is a bug in extract_features")
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, feature_set in feature_sets.items():
+        np.savez(directory / f"{split}.npz", **feature_set.arrays)
+
+
+# ---------------------------------------------------------------- reading
+
+
+def load_features(path: str | os.PathLike, *, images_directory: str | os.PathLike | None = None) -> Features:
+    """Reads and checks one features file written by extract_features (see docs/DESIGN.md).
+
+    Args:
+        path: the ``.npz`` file.
+        images_directory: the folder its ``paths`` are relative to (data/raw/images), recorded
+            in the result for heads that read pixels; ``None`` when only features are needed.
+
+    Raises:
+        ValueError: naming the file, when it is missing, unreadable or breaks the contract.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"features file {path} not found; run the extract_features stage first (dvc repro extract_features)")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
+        raise ValueError(f"{path} is not a readable features file ({error}); re-run extract_features") from None
+    missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    if missing:
+        raise ValueError(f"{path} lacks key(s) {', '.join(missing)}; re-run extract_features")
+    blocks = _blocks(arrays, path)
+    features, labels, class_names = _matrix(arrays, path, blocks)
+    rows = features.shape[0]
+    per_row = {key: tuple(str(item) for item in arrays[key].reshape(-1)) for key in ("paths", "sha256", "recipes")}
+    for key, values in per_row.items():
+        if len(values) != rows:
+            raise ValueError(f"{path}: '{key}' has {len(values)} entries for {rows} feature rows; re-run extract_features")
+    return Features(
+        features=features, labels=labels, class_names=class_names, blocks=blocks,
+        paths=per_row["paths"], sha256=per_row["sha256"], recipes=per_row["recipes"],
+        engine=_engine(arrays), source=str(path),
+        images_directory=None if images_directory is None else Path(images_directory),
+        taps=load_taps(path, rows),
+    )
+
+
+def load_taps(path: str | os.PathLike, rows: int) -> Taps | None:
+    """The tap activations beside a features file (``taps/<split>.npy``), memory-mapped; None if absent.
+
+    Args:
+        path: the features file, e.g. ``data/features/val.npz``.
+        rows: its number of rows; the taps must have as many.
+
+    Raises:
+        ValueError: naming the file, when it is unreadable or does not match the features.
+    """
+    path = Path(path)
+    folder = path.parent / taps_module.FOLDER
+    file = folder / f"{path.stem}.npy"
+    if not file.is_file():
+        return None
+    try:
+        description = json.loads((folder / taps_module.DESCRIPTION_FILE).read_text(encoding="utf-8"))
+        activations = np.load(file, mmap_mode="r", allow_pickle=False)
+        layer, block = str(description["layer"]), str(description["member"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(
+            f"{file} or its {taps_module.DESCRIPTION_FILE} is unreadable ({error!r}); re-run extract_features"
+        ) from None
+    if activations.ndim != 4 or activations.shape[0] != rows:
+        raise ValueError(
+            f"{file}: tap activations {activations.shape} do not give one (H, W, C) map per row of {path} "
+            f"({rows} rows); re-run extract_features"
+        )
+    return Taps(activations=activations, layer=layer, block=block,
+                backbone_file=folder / str(description.get("backbone_file", taps_module.BACKBONE_FILE)),
+                description=description)
+
+
+def _blocks(arrays: Mapping[str, np.ndarray], path: Path) -> tuple[Block, ...]:
+    specs, weights = arrays["block_specs"].reshape(-1), arrays["block_weights"].reshape(-1)
+    widths, offsets = arrays["block_widths"].reshape(-1), arrays["block_offsets"].reshape(-1)
+    if not (len(specs) == len(weights) == len(widths) == len(offsets) >= 1):
+        raise ValueError(f"{path}: block_specs, block_weights, block_widths and block_offsets must have one entry per block")
+    expected_offsets = np.concatenate([[0], np.cumsum(widths)[:-1]])
+    if np.any(widths < 1) or not np.array_equal(offsets, expected_offsets):
+        raise ValueError(f"{path}: block widths {widths.tolist()} and offsets {offsets.tolist()} do not tile the columns")
+    names = arrays["block_names"].reshape(-1) if "block_names" in arrays else [""] * len(specs)
+    if len(names) != len(specs):
+        raise ValueError(f"{path}: block_names must have one entry per block")
+    return tuple(
+        Block(spec=str(spec), weights=str(weight), width=int(width), offset=int(offset), name=str(name))
+        for spec, weight, width, offset, name in zip(specs, weights, widths, offsets, names)
+    )
+
+
+def _matrix(
+    arrays: Mapping[str, np.ndarray], path: Path, blocks: Sequence[Block]
+) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
+    features, labels = arrays["features"], arrays["labels"]
+    class_names = tuple(str(name) for name in arrays["class_names"].reshape(-1))
+    width = sum(block.width for block in blocks)
+    if features.ndim != 2 or features.shape[1] != width or not np.issubdtype(features.dtype, np.floating):
+        raise ValueError(
+            f"{path}: 'features' must be float (N, {width}) to match its blocks, got {features.dtype} {features.shape}"
+        )
+    if labels.shape != (features.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: 'labels' must be integers, one per feature row, got {labels.dtype} {labels.shape}")
+    if not class_names or len(set(class_names)) != len(class_names):
+        raise ValueError(f"{path}: 'class_names' must be non-empty and unique, got {list(class_names)}")
+    if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
+        raise ValueError(f"{path}: labels must lie in 0..{len(class_names) - 1} (one per class name)")
+    bad_rows = int(np.count_nonzero(~np.isfinite(features).all(axis=1)))
+    if bad_rows:
+        raise ValueError(f"{path}: {bad_rows} feature row(s) hold NaN or infinity; re-run extract_features")
+    return features, labels.astype(np.int64), class_names
+
+
+def _engine(arrays: Mapping[str, np.ndarray]) -> Any:
+    # Optional: extract_features may record the engine(s) it ran in the features file.
+    for key in ("block_engines", "engine"):
+        if key in arrays:
+            values = [str(item) for item in arrays[key].reshape(-1)]
+            return values[0] if len(values) == 1 else values
+    return None
+
+
+def load_splits(
+    folder: str | os.PathLike, names: Sequence[str] = SPLITS, *, images_directory: str | os.PathLike | None = None
+) -> dict[str, Features]:
+    """Reads ``<folder>/<name>.npz`` for each split name; all must share classes and blocks.
+
+    ``images_directory`` is passed on to :func:`load_features`.
+    """
+    splits = {name: load_features(Path(folder) / f"{name}.npz", images_directory=images_directory) for name in names}
+    first = splits[names[0]]
+    for split in splits.values():
+        if split.class_names != first.class_names or split.blocks != first.blocks:
+            raise ValueError(
+                f"{split.source} and {first.source} differ in classes or backbones; they come from different "
+                "extractions: re-run extract_features"
+            )
+    return splits
