@@ -183,20 +183,3 @@ def test_describe_recipe_is_short_and_readable():
     assert augment.describe_recipe("") == "original"
     text = augment.describe_recipe(augment.Recipe(flip=True, zoom=0.85, rotation=-7.5, brightness=-0.001).to_string())
     assert text == "flip, zoom 0.85, rot -7.5°, bright +0.00"
-
-
-def test_preview_grid_lays_out_one_row_per_image():
-    image = _photo()
-    rows = [
-        augment.PreviewRow(title=f"c/img{index}.jpg", tiles=[(augment.describe_recipe(item["recipe"]),
-                                                              augment.render_view(image, item["recipe"], 40))
-                                                             for item in _recipes(_rows(1), copies=2)])
-        for index in range(3)
-    ]
-    grid = augment.preview_grid(rows, heading="two lines\nof heading")
-    assert grid.mode == "RGB"
-    assert grid.width >= 3 * 40 and grid.height >= 3 * 40
-    pixels = np.asarray(grid)
-    assert (pixels != 255).any(axis=-1).sum() > 3 * 3 * 40 * 40 * 0.9  # the tiles are there
-    with pytest.raises(ValueError, match="at least one row"):
-        augment.preview_grid([])

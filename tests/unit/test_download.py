@@ -1,4 +1,8 @@
-"""download.py: sources, downloads with retries, checksums, safe extraction, the index and report."""
+"""The download stage's library: fetch, archive, index, and download (the whole stage and its report).
+
+fetch: sources, URLs with retries and resume, checksums, local folders; archive: safe extraction;
+index: the dataset root, the rows and their statuses, the class checks.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.data import download
+from transferlab.data import archive, download, fetch, index, tables
 
 LIMITS = dict(max_files=1000, max_total_bytes=10**8)
 CHECKS = dict(min_image_side=16, max_image_pixels=10**7)
@@ -39,17 +43,17 @@ def make_dataset(folder: Path, classes=("cats", "dogs"), per_class=3, seed=0) ->
 
 
 def make_tgz(path: Path, folder: Path, arcname: str = "pets") -> Path:
-    with tarfile.open(path, "w:gz") as archive:
-        archive.add(folder, arcname=arcname)
+    with tarfile.open(path, "w:gz") as tarball:
+        tarball.add(folder, arcname=arcname)
     return path
 
 
 def tar_with(path: Path, *members: tuple[tarfile.TarInfo, bytes | None]) -> Path:
-    with tarfile.open(path, "w") as archive:
+    with tarfile.open(path, "w") as tarball:
         for info, data in members:
             if data is not None:
                 info.size = len(data)
-            archive.addfile(info, io.BytesIO(data) if data is not None else None)
+            tarball.addfile(info, io.BytesIO(data) if data is not None else None)
     return path
 
 
@@ -71,36 +75,36 @@ def sha256(path: Path) -> str:
 
 
 def test_resolve_source_kinds(tmp_path):
-    archive = tmp_path / "data.tgz"
-    archive.write_bytes(b"x")
-    assert download.resolve_source("https://example.org/a.tgz") == ("url", "https://example.org/a.tgz")
-    assert download.resolve_source(str(archive)) == ("archive", archive)
-    assert download.resolve_source(str(tmp_path)) == ("folder", tmp_path)
-    assert download.resolve_source("data.tgz", root=tmp_path) == ("archive", tmp_path / "data.tgz")
+    tarball = tmp_path / "data.tgz"
+    tarball.write_bytes(b"x")
+    assert fetch.resolve_source("https://example.org/a.tgz") == ("url", "https://example.org/a.tgz")
+    assert fetch.resolve_source(str(tarball)) == ("archive", tarball)
+    assert fetch.resolve_source(str(tmp_path)) == ("folder", tmp_path)
+    assert fetch.resolve_source("data.tgz", root=tmp_path) == ("archive", tmp_path / "data.tgz")
 
 
 def test_resolve_source_errors(tmp_path):
     with pytest.raises(ValueError, match=r"missing\.tgz does not exist"):
-        download.resolve_source("missing.tgz", root=tmp_path)
+        fetch.resolve_source("missing.tgz", root=tmp_path)
     with pytest.raises(ValueError, match=r"unsupported scheme 'ftp://'.*http\(s\)"):
-        download.resolve_source("ftp://example.org/a.tgz")
+        fetch.resolve_source("ftp://example.org/a.tgz")
 
 
 # ---------------------------------------------------------------------------------- checksum
 
 
 def test_verify_sha256(tmp_path):
-    archive = tmp_path / "a.tgz"
-    archive.write_bytes(b"archive bytes")
-    got = sha256(archive)
-    assert download.verify_sha256(archive, expected=got.upper(), source="a.tgz") == got
+    tarball = tmp_path / "a.tgz"
+    tarball.write_bytes(b"archive bytes")
+    got = sha256(tarball)
+    assert fetch.verify_sha256(tarball, expected=got.upper(), source="a.tgz") == got
     with pytest.raises(ValueError) as mismatch:
-        download.verify_sha256(archive, expected="0" * 64, source="a.tgz")
+        fetch.verify_sha256(tarball, expected="0" * 64, source="a.tgz")
     message = str(mismatch.value)
     assert "expected sha256 " + "0" * 64 in message and f"got {got}" in message
     assert f"if you trust this file, set download.sha256: {got}" in message
     with pytest.raises(ValueError, match=f"sha256 is empty.*set download.sha256: {got}"):
-        download.verify_sha256(archive, expected="", source="a.tgz")
+        fetch.verify_sha256(tarball, expected="", source="a.tgz")
 
 
 # ---------------------------------------------------------------------------------- extraction
@@ -109,12 +113,12 @@ def test_verify_sha256(tmp_path):
 def test_extracts_tgz_and_zip(tmp_path):
     dataset = make_dataset(tmp_path / "src")
     make_tgz(tmp_path / "pets.tgz", dataset)
-    with zipfile.ZipFile(tmp_path / "pets.zip", "w") as archive:
+    with zipfile.ZipFile(tmp_path / "pets.zip", "w") as zipped:
         for file in sorted(dataset.rglob("*.jpg")):
-            archive.write(file, f"pets/{file.relative_to(dataset).as_posix()}")
+            zipped.write(file, f"pets/{file.relative_to(dataset).as_posix()}")
     for name in ("pets.tgz", "pets.zip"):
         out = tmp_path / f"out-{name}"
-        download.extract_archive(tmp_path / name, out, **LIMITS)
+        archive.extract_archive(tmp_path / name, out, **LIMITS)
         assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")) == [
             "pets/cats/0.jpg", "pets/cats/1.jpg", "pets/cats/2.jpg", "pets/dogs/0.jpg", "pets/dogs/1.jpg", "pets/dogs/2.jpg",
         ]
@@ -134,10 +138,10 @@ def test_extracts_tgz_and_zip(tmp_path):
     ids=["traversal", "absolute", "symlink", "hardlink", "device", "fifo"],
 )
 def test_unsafe_tar_member_refuses_the_whole_archive(tmp_path, member, expected):
-    archive = tar_with(tmp_path / "bad.tar", file_member("pets/cats/0.jpg", jpeg_bytes(1)), member)
+    tarball = tar_with(tmp_path / "bad.tar", file_member("pets/cats/0.jpg", jpeg_bytes(1)), member)
     out = tmp_path / "work" / "out"
     with pytest.raises(ValueError, match="refusing to extract .*bad.tar: member " + expected):
-        download.extract_archive(archive, out, **LIMITS)
+        archive.extract_archive(tarball, out, **LIMITS)
     assert list(out.rglob("*")) == []  # not even the safe member was extracted
     assert not (tmp_path / "escape.txt").exists() and not Path("/tmp/absolute.txt").exists()
 
@@ -154,36 +158,36 @@ def test_unsafe_tar_member_refuses_the_whole_archive(tmp_path, member, expected)
 )
 def test_unsafe_zip_member_refuses_the_whole_archive(tmp_path, name, mode, expected):
     path = tmp_path / "bad.zip"
-    with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("pets/cats/0.jpg", jpeg_bytes(1))
+    with zipfile.ZipFile(path, "w") as zipped:
+        zipped.writestr("pets/cats/0.jpg", jpeg_bytes(1))
         info = zipfile.ZipInfo(name)
         info.external_attr = mode << 16
-        archive.writestr(info, b"/etc/passwd")
+        zipped.writestr(info, b"/etc/passwd")
     out = tmp_path / "out"
     with pytest.raises(ValueError, match="refusing to extract .*member " + expected):
-        download.extract_archive(path, out, **LIMITS)
+        archive.extract_archive(path, out, **LIMITS)
     assert list(out.rglob("*")) == []
 
 
 def test_extraction_bounds(tmp_path):
     members = [file_member(f"pets/cats/{i}.bin", bytes(1000)) for i in range(5)]
-    archive = tar_with(tmp_path / "big.tar", *members)
+    tarball = tar_with(tmp_path / "big.tar", *members)
     with pytest.raises(ValueError, match=r"5 members, more than download.max_files=4"):
-        download.extract_archive(archive, tmp_path / "a", max_files=4, max_total_bytes=10**6)
+        archive.extract_archive(tarball, tmp_path / "a", max_files=4, max_total_bytes=10**6)
     with pytest.raises(ValueError, match=r"unpacks to 5000 bytes, more than download.max_total_bytes=4999"):
-        download.extract_archive(archive, tmp_path / "b", max_files=10, max_total_bytes=4999)
-    download.extract_archive(archive, tmp_path / "c", max_files=5, max_total_bytes=5000)
+        archive.extract_archive(tarball, tmp_path / "b", max_files=10, max_total_bytes=4999)
+    archive.extract_archive(tarball, tmp_path / "c", max_files=5, max_total_bytes=5000)
     assert len(list((tmp_path / "c").rglob("*.bin"))) == 5
 
 
 def test_not_an_archive_and_damaged_archive(tmp_path):
     (tmp_path / "notes.txt").write_text("hello\n" * 100)
     with pytest.raises(ValueError, match=r"not a supported archive; use a \.tgz, \.tar\.gz, \.tar or \.zip"):
-        download.extract_archive(tmp_path / "notes.txt", tmp_path / "a", **LIMITS)
+        archive.extract_archive(tmp_path / "notes.txt", tmp_path / "a", **LIMITS)
     data = make_tgz(tmp_path / "pets.tgz", make_dataset(tmp_path / "src")).read_bytes()
     (tmp_path / "cut.tgz").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match=r"cannot extract .*cut\.tgz"):
-        download.extract_archive(tmp_path / "cut.tgz", tmp_path / "b", **LIMITS)
+        archive.extract_archive(tmp_path / "cut.tgz", tmp_path / "b", **LIMITS)
 
 
 # ---------------------------------------------------------------------------------- dataset root
@@ -194,10 +198,10 @@ def test_locate_dataset_root(tmp_path):
     (wrapped / "LICENSE.txt").write_text("license")
     (tmp_path / "one" / ".DS_Store").write_bytes(b"x")
     (tmp_path / "one" / "__MACOSX").mkdir()
-    assert download.locate_dataset_root(tmp_path / "one") == wrapped
+    assert index.locate_dataset_root(tmp_path / "one") == wrapped
     single = make_dataset(tmp_path / "two" / "data", classes=("only",))
-    assert download.locate_dataset_root(tmp_path / "two") == single  # not into the class folder
-    assert [p.name for p in download.class_folders(wrapped)] == ["cats", "dogs"]
+    assert index.locate_dataset_root(tmp_path / "two") == single  # not into the class folder
+    assert [p.name for p in index.class_folders(wrapped)] == ["cats", "dogs"]
 
 
 # ---------------------------------------------------------------------------------- index
@@ -221,7 +225,7 @@ def make_messy_dataset(root: Path) -> Path:
 
 def test_index_rows_statuses_and_order(tmp_path):
     root = make_messy_dataset(tmp_path / "data")
-    rows = download.index_dataset(root, workers=1, **CHECKS, max_files=100)
+    rows = index.index_dataset(root, workers=1, **CHECKS, max_files=100)
     by_path = {row.path: row for row in rows}
     assert [row.path for row in rows] == sorted(by_path)
     assert "LICENSE.txt" not in by_path
@@ -239,7 +243,7 @@ def test_index_rows_statuses_and_order(tmp_path):
 
 def test_index_is_the_same_with_worker_processes(tmp_path):
     root = make_messy_dataset(tmp_path / "data")
-    assert download.index_dataset(root, workers=2, **CHECKS, max_files=100) == download.index_dataset(
+    assert index.index_dataset(root, workers=2, **CHECKS, max_files=100) == index.index_dataset(
         root, workers=1, **CHECKS, max_files=100
     )
 
@@ -248,29 +252,29 @@ def test_index_errors(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.jpg").write_bytes(jpeg_bytes(1))
     with pytest.raises(ValueError, match=r"no class folders found \(found: a\.jpg\).*one sub-folder per class"):
-        download.index_dataset(tmp_path / "flat", workers=1, **CHECKS, max_files=100)
+        index.index_dataset(tmp_path / "flat", workers=1, **CHECKS, max_files=100)
     make_dataset(tmp_path / "many", per_class=3)
     with pytest.raises(ValueError, match=r"6 files .* more than download.max_files=5"):
-        download.index_dataset(tmp_path / "many", workers=1, **CHECKS, max_files=5)
+        index.index_dataset(tmp_path / "many", workers=1, **CHECKS, max_files=5)
 
 
-def row(path: str, status: str = "ok", sha: str = "") -> download.IndexRow:
-    return download.IndexRow(path, path.split("/")[0], sha or hashlib.sha256(path.encode()).hexdigest(), 40, 40, status, "")
+def row(path: str, status: str = "ok", sha: str = "") -> tables.IndexRow:
+    return tables.IndexRow(path, path.split("/")[0], sha or hashlib.sha256(path.encode()).hexdigest(), 40, 40, status, "")
 
 
 def test_check_classes():
     rows = [row(f"a/{i}.jpg") for i in range(3)] + [row(f"b/{i}.jpg") for i in range(2)]
     rows += [row("b/x.jpg", "corrupt"), row("b/y.txt", "not-an-image"), row("c/z.txt", "not-an-image")]
     with pytest.raises(ValueError) as small:
-        download.check_classes(rows, min_images_per_class=3, classes=["a", "b", "c", "empty"])
+        index.check_classes(rows, min_images_per_class=3, classes=["a", "b", "c", "empty"])
     message = str(small.value)
     assert "class 'b' has 2 usable image(s) (excluded: 1 corrupt, 1 not-an-image)" in message
     assert "class 'c' has 0 usable image(s) (excluded: 1 not-an-image)" in message
     assert "class 'empty' has 0 usable image(s)" in message and "class 'a'" not in message
     assert "download.min_images_per_class=3" in message
-    download.check_classes(rows[:5], min_images_per_class=2, classes=["a", "b"])
+    index.check_classes(rows[:5], min_images_per_class=2, classes=["a", "b"])
     with pytest.raises(ValueError, match=r"fewer than 2 classes with usable images .*a \(3\), c \(0\)"):
-        download.check_classes(rows[:3] + rows[-1:], min_images_per_class=2, classes=["a", "c"])
+        index.check_classes(rows[:3] + rows[-1:], min_images_per_class=2, classes=["a", "c"])
 
 
 def test_summarize_duplicates_conflicts_and_exclusions():
@@ -287,23 +291,19 @@ def test_summarize_duplicates_conflicts_and_exclusions():
     assert metrics["seconds"] == 1.235 and metrics["archive_sha256"] == "abc" and metrics["source"] == "src"
 
 
+def test_describe_is_one_line_with_the_counts():
+    rows = [row("a/1.jpg", sha="s1"), row("a/2.jpg", sha="s1"), row("b/3.jpg"), row("b/4.txt", "not-an-image")]
+    metrics = download.summarize(rows, source="src", archive_sha256=None, seconds=2.04)
+    assert download.describe(metrics) == (
+        "3 images in 2 classes (a 2, b 1); excluded: 1 not-an-image; 1 duplicate group(s), 0 label conflict(s); 2.0 s"
+    )
+
+
 def test_summarize_caps_long_lists():
     rows = [row(f"a/{i}.jpg", sha=f"s{i}") for i in range(150)] + [row(f"b/{i}.jpg", sha=f"s{i}") for i in range(150)]
     metrics = download.summarize(rows, source="s", archive_sha256=None, seconds=0)
     assert metrics["duplicate_groups"] == metrics["label_conflict_groups"] == 150
     assert len(metrics["duplicates"]) == len(metrics["label_conflicts"]) == download.MAX_LISTED
-
-
-def test_write_index(tmp_path):
-    path = tmp_path / "raw" / "index.csv"
-    rows = [row("a/1,odd \"name\".jpg"), download.IndexRow("b/x.txt", "b", "ff", None, None, "not-an-image", "why, then")]
-    download.write_index(rows, path)
-    lines = path.read_text(encoding="utf-8").splitlines()
-    assert lines[0] == "path,label,sha256,width,height,status,detail"
-    assert lines[2] == "b/x.txt,b,ff,,,not-an-image,\"why, then\""
-    import csv
-
-    assert [r["path"] for r in csv.DictReader(path.open(encoding="utf-8"))] == ["a/1,odd \"name\".jpg", "b/x.txt"]
 
 
 # ---------------------------------------------------------------------------------- local folders
@@ -332,16 +332,16 @@ def test_folder_source_copies_and_records_links(tmp_path):
 def test_archive_source_moves_the_dataset_root(tmp_path):
     dataset = make_dataset(tmp_path / "src", per_class=5)
     (dataset / "LICENSE.txt").write_text("license")
-    archive = make_tgz(tmp_path / "pets.tgz", dataset, arcname="outer/pets")
+    tarball = make_tgz(tmp_path / "pets.tgz", dataset, arcname="outer/pets")
     destination = tmp_path / "raw" / "images"
     destination.mkdir(parents=True)
     result = download.prepare_dataset(
-        source="pets.tgz", root=tmp_path, sha256=sha256(archive), destination=destination,
+        source="pets.tgz", root=tmp_path, sha256=sha256(tarball), destination=destination,
         min_images_per_class=5, retries=0, workers=1, **CHECKS, **LIMITS,
     )
     assert sorted(p.name for p in destination.iterdir()) == ["LICENSE.txt", "cats", "dogs"]
     assert result.metrics["images_per_class"] == {"cats": 5, "dogs": 5}
-    assert result.metrics["archive_sha256"] == sha256(archive)
+    assert result.metrics["archive_sha256"] == sha256(tarball)
     assert all(not r.path.startswith("LICENSE") for r in result.rows)
     assert list(tmp_path.joinpath("raw").iterdir()) == [destination]
 
@@ -406,7 +406,7 @@ def payload() -> bytes:
 
 def test_download_url(tmp_path, payload):
     with ArchiveServer(payload) as server:
-        path = download.download_url(server.url, tmp_path / "a.part", retries=0)
+        path = fetch.download_url(server.url, tmp_path / "a.part", retries=0)
     assert path.read_bytes() == payload
     assert server.requests[0].get("Accept-Encoding") == "identity"
 
@@ -414,7 +414,7 @@ def test_download_url(tmp_path, payload):
 def test_download_resumes_a_dropped_transfer_with_range(tmp_path, payload):
     waits = []
     with ArchiveServer(payload, drop_first=True) as server:
-        download.download_url(server.url, tmp_path / "a.part", retries=2, backoff_seconds=0.25, sleep=waits.append)
+        fetch.download_url(server.url, tmp_path / "a.part", retries=2, backoff_seconds=0.25, sleep=waits.append)
     assert (tmp_path / "a.part").read_bytes() == payload
     assert len(server.requests) == 2 and waits == [0.25]
     assert "Range" not in server.requests[0]
@@ -424,7 +424,7 @@ def test_download_resumes_a_dropped_transfer_with_range(tmp_path, payload):
 
 def test_download_starts_over_when_the_server_ignores_range(tmp_path, payload):
     with ArchiveServer(payload, drop_first=True, ranges=False) as server:
-        download.download_url(server.url, tmp_path / "a.part", retries=1, sleep=lambda s: None)
+        fetch.download_url(server.url, tmp_path / "a.part", retries=1, sleep=lambda s: None)
     assert (tmp_path / "a.part").read_bytes() == payload
     assert len(server.requests) == 2
 
@@ -433,14 +433,14 @@ def test_download_backs_off_exponentially_then_gives_up(tmp_path, payload):
     waits = []
     with ArchiveServer(payload, status=503) as server:
         with pytest.raises(ValueError, match=r"could not download .* after 4 attempt\(s\): HTTP 503.*download.retries"):
-            download.download_url(server.url, tmp_path / "a.part", retries=3, backoff_seconds=1.0, sleep=waits.append)
+            fetch.download_url(server.url, tmp_path / "a.part", retries=3, backoff_seconds=1.0, sleep=waits.append)
     assert waits == [1.0, 2.0, 4.0] and len(server.requests) == 4
 
 
 def test_download_does_not_retry_a_missing_file(tmp_path, payload):
     with ArchiveServer(payload, status=404) as server:
         with pytest.raises(ValueError, match=r"HTTP 404.*Check download.source"):
-            download.download_url(server.url, tmp_path / "a.part", retries=3, sleep=lambda s: None)
+            fetch.download_url(server.url, tmp_path / "a.part", retries=3, sleep=lambda s: None)
     assert len(server.requests) == 1
 
 
@@ -449,16 +449,16 @@ def test_download_unreachable_host(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(ValueError, match=r"could not download .* after 2 attempt\(s\)"):
-        download.download_url(f"http://127.0.0.1:{port}/a.tgz", tmp_path / "a.part", retries=1, sleep=lambda s: None)
+        fetch.download_url(f"http://127.0.0.1:{port}/a.tgz", tmp_path / "a.part", retries=1, sleep=lambda s: None)
 
 
 def test_prepare_dataset_from_url_verifies_then_extracts(tmp_path):
-    archive = make_tgz(tmp_path / "pets.tgz", make_dataset(tmp_path / "src", per_class=5))
+    tarball = make_tgz(tmp_path / "pets.tgz", make_dataset(tmp_path / "src", per_class=5))
     destination = tmp_path / "raw" / "images"
     destination.mkdir(parents=True)
     settings = dict(destination=destination, min_images_per_class=5, retries=1, workers=1, backoff_seconds=0, **CHECKS, **LIMITS)
-    with ArchiveServer(archive.read_bytes(), drop_first=True) as server:
-        result = download.prepare_dataset(source=server.url, sha256=sha256(archive), **settings)
+    with ArchiveServer(tarball.read_bytes(), drop_first=True) as server:
+        result = download.prepare_dataset(source=server.url, sha256=sha256(tarball), **settings)
         assert result.metrics["images"] == 10 and result.metrics["source"] == server.url
         with pytest.raises(ValueError, match="checksum mismatch"):
             download.prepare_dataset(source=server.url, sha256="1" * 64, **settings)
@@ -470,4 +470,4 @@ def test_folder_source_bounds(tmp_path):
     destination = tmp_path / "raw" / "images"
     destination.mkdir(parents=True)
     with pytest.raises(ValueError, match=r"refusing to copy .*photos: it has 5 members, more than download.max_files=4"):
-        download.copy_folder(source, destination, max_files=4, max_total_bytes=10**8)
+        fetch.copy_folder(source, destination, max_files=4, max_total_bytes=10**8)

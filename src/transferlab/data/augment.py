@@ -1,4 +1,4 @@
-"""Augmentation as data: seeded recipes, the one function that renders them, and a preview grid.
+"""Augmentation as data: seeded recipes and the one function that renders them.
 
 The augment stage does not write pixels. It writes *recipes*: small canonical JSON strings that
 say how to make one view of one training image. extract_features turns (image, recipe) into
@@ -17,6 +17,8 @@ Pillow's bilinear filter in one step; rotate by ``rotation`` degrees counter-clo
 ``flip``; then shift brightness by ``brightness`` of the full range and scale contrast by
 ``contrast`` around each channel's mean (computed in float64 per level, rounded, clipped to
 uint8 and applied as a per-channel lookup table).
+
+The augment stage's preview grid is drawn by :mod:`transferlab.data.augment_preview`.
 """
 
 from __future__ import annotations
@@ -25,10 +27,11 @@ import dataclasses
 import hashlib
 import json
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont, ImageStat
+from PIL import Image, ImageStat
 
 ORIGINAL = ""  # the recipe of an original image: the plain resize, nothing else
 RECIPE_DECIMALS = 4
@@ -68,7 +71,7 @@ class Recipe:
         return json.dumps(values, sort_keys=True, separators=(",", ":"))
 
     @classmethod
-    def from_string(cls, text: str) -> "Recipe":
+    def from_string(cls, text: str) -> Recipe:
         """Parses a canonical recipe string (not the original's ``""``)."""
         try:
             values = json.loads(text)
@@ -230,68 +233,3 @@ def describe_recipe(recipe: str) -> str:
     if view.contrast != 1.0:
         parts.append(f"contr {view.contrast:.2f}")
     return ", ".join(parts) or "no change"
-
-
-@dataclasses.dataclass(frozen=True)
-class PreviewRow:
-    """One row of the preview grid: a title (image path and label) and its captioned tiles."""
-
-    title: str
-    tiles: Sequence[tuple[str, np.ndarray]]  # (caption, uint8 (size, size, 3)); the original first
-
-
-def preview_grid(
-    rows: Sequence[PreviewRow], *, heading: str = "", font_size: int = 13, min_width: int = 640
-) -> Image.Image:
-    """Lays the rows out as one image: a heading, then per row a title line and its tiles.
-
-    Args:
-        rows: the grid's rows; every tile has the same square size.
-        heading: text above the grid (may hold several lines).
-        font_size: caption text size in pixels.
-        min_width: the image is at least this wide, so the heading stays readable beside few tiles.
-    """
-    if not rows or not all(row.tiles for row in rows):
-        raise ValueError("preview_grid needs at least one row, each with at least one tile")
-    tile = rows[0].tiles[0][1].shape[0]
-    if any(pixels.shape != (tile, tile, 3) for row in rows for _, pixels in row.tiles):
-        raise ValueError(f"preview_grid needs every tile of shape ({tile}, {tile}, 3), like the first one")
-    font = ImageFont.load_default(size=font_size)
-    gap, line = 8, font_size + 6
-    columns = max(len(row.tiles) for row in rows)
-    caption_lines = max(len(_wrap(caption, font, tile)) for row in rows for caption, _ in row.tiles)
-    row_height = line + tile + caption_lines * line + gap
-    width = max(gap + columns * (tile + gap), min_width)
-    heading_lines = [part for text in heading.splitlines() for part in _wrap(text, font, width - 2 * gap)]
-    top = gap + len(heading_lines) * line + (gap if heading_lines else 0)
-    canvas = Image.new("RGB", (width, top + len(rows) * row_height), "white")
-    draw = ImageDraw.Draw(canvas)
-    for index, text in enumerate(heading_lines):
-        draw.text((gap, gap + index * line), text, fill="black", font=font)
-    for row_index, row in enumerate(rows):
-        y = top + row_index * row_height
-        draw.text((gap, y), _fit(row.title, font, width - 2 * gap), fill="black", font=font)
-        for column, (caption, pixels) in enumerate(row.tiles):
-            x = gap + column * (tile + gap)
-            canvas.paste(Image.fromarray(pixels), (x, y + line))
-            for line_index, text in enumerate(_wrap(caption, font, tile)):
-                draw.text((x, y + line + tile + 2 + line_index * line), text, fill=(60, 60, 60), font=font)
-    return canvas
-
-
-def _wrap(text: str, font: ImageFont.FreeTypeFont, width: int) -> list[str]:
-    """Greedy word wrap at spaces so each line fits ``width`` pixels (a long word stays whole)."""
-    lines: list[str] = []
-    for word in text.split(" "):
-        if lines and font.getlength(f"{lines[-1]} {word}") <= width:
-            lines[-1] = f"{lines[-1]} {word}"
-        else:
-            lines.append(word)
-    return lines or [""]
-
-
-def _fit(text: str, font: ImageFont.FreeTypeFont, width: int) -> str:
-    """Shortens ``text`` from the left with an ellipsis until it fits ``width`` pixels."""
-    while font.getlength(text) > width and len(text) > 1:
-        text = "…" + text[2:]
-    return text

@@ -28,10 +28,11 @@ import collections
 import dataclasses
 import hashlib
 import math
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-REQUIRED_COLUMNS = ("path", "label", "sha256", "status")
-SPLIT_COLUMNS = ("path", "label", "sha256")
+from transferlab.data import tables
+
 SPLIT_NAMES = ("train", "val", "test")
 Groups = list[list[dict[str, str]]]  # a class's groups of byte-identical rows, in rank order
 
@@ -107,6 +108,16 @@ def split_index(
     return SplitResult(train=splits["train"], val=splits["val"], test=splits["test"], report=report)
 
 
+def describe(report: Mapping[str, Any]) -> str:
+    """The split stage's one log line: split sizes, classes, and what was dropped."""
+    totals, dropped = report["totals"], report["dropped"]
+    return (
+        f"train {totals['train']}, val {totals['val']}, test {totals['test']} images in {len(report['classes'])} "
+        f"classes; dropped: {dropped['label_conflict']} label conflict(s), {dropped['over_cap']} over cap, "
+        f"{sum(dropped['not_ok'].values())} not ok"
+    )
+
+
 def _split_classes(
     rows: Sequence[dict[str, str]], *, seed: int, val_fraction: float, test_fraction: float, max_images_per_class: int
 ) -> tuple[dict[str, dict[str, Groups]], int]:
@@ -166,14 +177,15 @@ def _check_arguments(val_fraction: float, test_fraction: float, seed: int, max_i
 
 
 def _checked_row(row: Mapping[str, Any]) -> dict[str, str]:
-    missing = [column for column in REQUIRED_COLUMNS if column not in row]
+    missing = [column for column in tables.INDEX_REQUIRED_COLUMNS if column not in row]
     if missing:
         raise ValueError(
-            f"index row {dict(row)!r} lacks column(s) {', '.join(missing)}; required: {', '.join(REQUIRED_COLUMNS)}"
+            f"index row {dict(row)!r} lacks column(s) {', '.join(missing)}; "
+            f"required: {', '.join(tables.INDEX_REQUIRED_COLUMNS)}"
         )
-    clean = {column: str(row[column]).strip() for column in REQUIRED_COLUMNS}
+    clean = {column: str(row[column]).strip() for column in tables.INDEX_REQUIRED_COLUMNS}
     if clean["status"] == "ok":
-        empty = [column for column in SPLIT_COLUMNS if not clean[column]]
+        empty = [column for column in tables.SPLIT_COLUMNS if not clean[column]]
         if empty:
             raise ValueError(
                 f"index row for path {clean['path']!r} has an empty {', '.join(empty)}; re-run the download stage"
@@ -207,7 +219,7 @@ def _label_conflicts(rows: Sequence[dict[str, str]]) -> dict[str, dict[str, Any]
 def _by_label(rows: Sequence[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
     grouped: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
     for row in rows:
-        grouped[row["label"]].append({column: row[column] for column in SPLIT_COLUMNS})
+        grouped[row["label"]].append({column: row[column] for column in tables.SPLIT_COLUMNS})
     return grouped
 
 

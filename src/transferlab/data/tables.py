@@ -1,0 +1,185 @@
+"""The CSV files passed between stages: each table's columns, its reader and its writer, side by side.
+
+One module holds every table contract (docs/DESIGN.md describes them), so a column added or
+renamed changes here once and the stage that writes a table and the stages that read it cannot
+drift apart:
+
+- the index, ``data/raw/index.csv`` (download writes it, split reads it);
+- the splits, ``data/splits/{train,val,test}.csv`` (split writes them; augment reads train,
+  extract_features reads val and test);
+- the recipes, ``data/augmented/train.csv`` (augment writes it, extract_features reads it);
+- the test predictions, ``metrics/evaluate/test_predictions.csv`` (evaluate writes it, export
+  checks its model against it).
+
+Writers are atomic (a file is complete or absent) and write ``\\n`` line ends in UTF-8. Readers
+raise ``ValueError`` naming the stage to run when a file or a column is missing.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from transferlab.core import atomic
+
+SPLIT_COLUMNS = ("path", "label", "sha256")
+RECIPE_COLUMNS = (*SPLIT_COLUMNS, "recipe")
+PREDICTION_COLUMNS = ("path", "sha256", "actual", "predicted", "confidence")
+# What export needs of the predictions: ``actual`` is for people reading the file.
+PREDICTION_REQUIRED_COLUMNS = ("path", "sha256", "predicted", "confidence")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexRow:
+    """One row of ``data/raw/index.csv``; its fields, in order, are the columns (:data:`INDEX_COLUMNS`)."""
+
+    path: str  # POSIX path relative to the images folder
+    label: str  # class folder name
+    sha256: str  # of the file's bytes; empty when the file was not read (a link)
+    width: int | None  # after EXIF orientation; None when not decoded
+    height: int | None
+    status: str  # ok, corrupt, not-an-image, too-small, too-large, link
+    detail: str  # why it is not ok (empty for ok)
+
+    def as_csv(self) -> dict[str, str]:
+        """The row as strings, sizes empty when unknown."""
+        row = dataclasses.asdict(self)
+        row["width"] = "" if self.width is None else str(self.width)
+        row["height"] = "" if self.height is None else str(self.height)
+        return row
+
+
+INDEX_COLUMNS = tuple(field.name for field in dataclasses.fields(IndexRow))
+# The index columns the split stage uses; the others describe excluded files to people.
+INDEX_REQUIRED_COLUMNS = ("path", "label", "sha256", "status")
+
+
+# ------------------------------------------------------------------------------ index
+
+
+def write_index(rows: Iterable[IndexRow], path: str | os.PathLike) -> None:
+    """Writes ``data/raw/index.csv`` atomically (columns :data:`INDEX_COLUMNS`, rows in given order)."""
+    _write(path, INDEX_COLUMNS, (row.as_csv() for row in rows))
+
+
+def read_index(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Reads the download stage's index as dicts of strings.
+
+    Raises:
+        ValueError: the file is missing (run download) or lacks a column of :data:`INDEX_REQUIRED_COLUMNS`.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"index {path} not found; run the download stage first (dvc repro download)")
+    return _read(path, INDEX_REQUIRED_COLUMNS, rerun="re-run the download stage to rebuild it", name="index ")
+
+
+# ------------------------------------------------------------------------------ splits
+
+
+def write_splits(splits: Mapping[str, Sequence[Mapping[str, Any]]], folder: str | os.PathLike) -> None:
+    """Writes ``<name>.csv`` for each split into ``folder`` (columns :data:`SPLIT_COLUMNS`), all or none.
+
+    Args:
+        splits: rows by split name (``train``, ``val``, ``test``), each row with at least the columns.
+        folder: the splits folder; it is replaced as a whole once every file is written.
+    """
+    with atomic.atomic_directory(folder) as temporary:
+        for name, rows in splits.items():
+            _write_rows(temporary / f"{name}.csv", SPLIT_COLUMNS, rows)
+
+
+def read_split(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Reads a split CSV that must hold images (augment reads the training split with it).
+
+    Raises:
+        ValueError: the file is missing (run split), lacks a column, or has no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path.stem} split {path} not found; run the split stage first (dvc repro split)")
+    rows = _read(path, SPLIT_COLUMNS, rerun="re-run the split stage to rebuild it")
+    if not rows:
+        raise ValueError(f"{path} has no images; check the split stage's metrics/split.json")
+    return rows
+
+
+# ------------------------------------------------------------------------------ recipes
+
+
+def write_recipes(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Writes ``data/augmented/train.csv`` atomically (columns :data:`RECIPE_COLUMNS`, rows in given order)."""
+    _write(path, RECIPE_COLUMNS, rows)
+
+
+def read_views(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Reads the rows extract_features embeds: the recipes CSV (train) or a split CSV (val, test).
+
+    Every row gets a ``recipe``: the file's, or ``""`` (the original) where a split CSV has none.
+
+    Raises:
+        ValueError: the file is missing or lacks a column of :data:`SPLIT_COLUMNS` (run split and augment).
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} not found; run the split and augment stages first (dvc repro augment)")
+    rows = _read(path, SPLIT_COLUMNS, rerun="re-run the split and augment stages (dvc repro augment)")
+    for row in rows:
+        row["recipe"] = row.get("recipe") or ""
+    return rows
+
+
+# ------------------------------------------------------------------------------ test predictions
+
+
+def write_predictions(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Writes prediction rows as CSV (columns :data:`PREDICTION_COLUMNS`, confidence to 6 decimals), atomically."""
+    _write(path, PREDICTION_COLUMNS, ({**row, "confidence": f"{row['confidence']:.6f}"} for row in rows))
+
+
+def read_predictions(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Reads evaluate's test_predictions.csv (path, sha256, actual, predicted, confidence).
+
+    Raises:
+        ValueError: the file is missing (run evaluate), lacks a column of
+            :data:`PREDICTION_REQUIRED_COLUMNS`, or has no rows.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found; run the evaluate stage first (dvc repro evaluate)")
+    rows = _read(path, PREDICTION_REQUIRED_COLUMNS, rerun="re-run evaluate")
+    if not rows:
+        raise ValueError(f"{path} has no rows; evaluate needs test images (split.test_fraction > 0)")
+    return rows
+
+
+# ------------------------------------------------------------------------------ shared
+
+
+def _read(path: Path, required: Sequence[str], *, rerun: str, name: str = "") -> list[dict[str, str]]:
+    """Reads a CSV into dicts after checking that its header has the ``required`` columns."""
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.DictReader(handle)
+        columns = reader.fieldnames or []
+        missing = [column for column in required if column not in columns]
+        if missing:
+            raise ValueError(
+                f"{name}{path} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'nothing'}); {rerun}"
+            )
+        return list(reader)
+
+
+def _write(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    with atomic.atomic_path(path) as temporary:
+        _write_rows(temporary, columns, rows)
+
+
+def _write_rows(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+    with path.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
