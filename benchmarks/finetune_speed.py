@@ -90,7 +90,7 @@ def _pixel_batches_class():  # a PyDataset subclass, defined once Keras is impor
     import keras
     import numpy as np
 
-    from transferlab.features import extract_features
+    from transferlab.features import decode
 
     class PixelBatches(keras.utils.PyDataset):
         """Decodes and resizes each batch's photos (and their augmentation recipes) when asked."""
@@ -108,8 +108,8 @@ def _pixel_batches_class():  # a PyDataset subclass, defined once Keras is impor
             rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
             split = self.split
             batch = np.stack([
-                extract_features.render(extract_features.Item(split.sha256[row], split.recipes[row], split.paths[row]),
-                               images_directory=self.images, size=self.size, max_image_pixels=10**9)
+                decode.render(decode.Item(split.sha256[row], split.recipes[row], split.paths[row]),
+                              images_directory=self.images, size=self.size, max_image_pixels=10**9)
                 for row in rows
             ]).astype(np.float32)
             if self.flip:

@@ -2,7 +2,7 @@
 
 Builds every registered backbone with random weights at its default size (no ImageNet
 download), counts parameters and FLOPs with transferlab.backbones.flops, and prints a table plus the
-mismatches against the registry. Paste new values into src/transferlab/backbones.py when Keras
+mismatches against the registry. Paste new values into src/transferlab/backbones/registry.py when Keras
 changes. Run: ``.venv/bin/python benchmarks/registry_numbers.py [NAME ...]`` (about 2 minutes on 2 cores).
 """
 

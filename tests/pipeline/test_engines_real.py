@@ -10,7 +10,7 @@ import pytest
 from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
 from transferlab.backbones import registry
 from transferlab.data import augment, images
-from transferlab.features import engines
+from transferlab.features import engine_choice, engines
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
 SHARED_KERAS_WEIGHTS = {
@@ -45,7 +45,7 @@ def test_tflite_engine_agrees_with_keras_on_real_photos(name, alpha, real_photos
     keras_features = engines.KerasEngine(model).run(pixels)
     tflite_features = engines.TFLiteEngine(engines.convert_to_tflite(model, tmp_path / "model.tflite")).run(pixels)
     assert keras_features.shape == (16, registry.feature_dim(name, alpha))
-    assert engines.cosine_similarity(keras_features, tflite_features).min() >= engines.MINIMUM_COSINE
+    assert engines.cosine_similarity(keras_features, tflite_features).min() >= engine_choice.MINIMUM_COSINE
     # Real weights give informative features: photos are not all alike.
     assert engines.cosine_similarity(keras_features[:1].repeat(16, 0), keras_features).min() < 0.95
     # keras.applications' own preprocessing outside the model gives the same features.
@@ -68,8 +68,8 @@ def test_choose_engine_remembers_its_verdict(real_photos, tmp_path):
         builds.append(1)
         return registry.build("mobilenet", alpha=0.25, weights=str(weights), image_size=128)
 
-    choice = engines.choose_keras_engine(requested="auto", build_model=build, conversion_directory=tmp_path, identity="mobilenet@0.25|x|128", sample_pixels=lambda: pixels)
-    assert choice.name == "tflite" and choice.verdict["cosine"] >= engines.MINIMUM_COSINE and len(builds) == 1
-    again = engines.choose_keras_engine(requested="auto", build_model=build, conversion_directory=tmp_path, identity="mobilenet@0.25|x|128", sample_pixels=lambda: pixels)
+    choice = engine_choice.choose_keras_engine(requested="auto", build_model=build, conversion_directory=tmp_path, identity="mobilenet@0.25|x|128", sample_pixels=lambda: pixels)
+    assert choice.name == "tflite" and choice.verdict["cosine"] >= engine_choice.MINIMUM_COSINE and len(builds) == 1
+    again = engine_choice.choose_keras_engine(requested="auto", build_model=build, conversion_directory=tmp_path, identity="mobilenet@0.25|x|128", sample_pixels=lambda: pixels)
     assert again.name == "tflite" and len(builds) == 1, "a remembered verdict must not rebuild or reconvert"
-    assert engines.choose_keras_engine(requested="keras", build_model=build, conversion_directory=tmp_path, identity="y", sample_pixels=lambda: pixels).name == "keras"
+    assert engine_choice.choose_keras_engine(requested="keras", build_model=build, conversion_directory=tmp_path, identity="y", sample_pixels=lambda: pixels).name == "keras"

@@ -14,7 +14,7 @@ import support
 from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
 from transferlab.backbones import stack
 from transferlab.core import params
-from transferlab.features import extract_features
+from transferlab.features import decode, extract_features, files, tap_jobs
 
 pytestmark = pytest.mark.slow
 SHARED_MOBILENET_V2 = "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"
@@ -99,9 +99,9 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
     feature_sets, report = extract_features.extract_features(
         members=stack.resolve_members(settings, seed=0), rows_by_split=splits, images_directory=folder,
         cache_directory=tmp_path / "cache", engine="auto", batch_size=32, threads=2, seed=0, max_image_pixels=10**8,
-        tap_request=extract_features.TapRequest("auto", features_folder / "taps"),
+        tap_request=tap_jobs.TapRequest("auto", features_folder / "taps"),
     )
-    extract_features.write_feature_files(features_folder, feature_sets)
+    files.write_feature_files(features_folder, feature_sets)
     assert report["taps"]["layer"] == "block_13_expand" and report["taps"]["shape"] == [14, 14, 96]
     assert report["taps"]["engine"] == "tflite" and report["taps"]["bytes_per_image"] == 14 * 14 * 96 * 2
 
@@ -117,7 +117,7 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
     model = finetune.full_model(tmp_path / "head")
     test = loaded["test"]
     pixels = np.stack([
-        extract_features.render(extract_features.Item(sha, recipe, path), images_directory=folder, size=224, max_image_pixels=10**8)
+        decode.render(decode.Item(sha, recipe, path), images_directory=folder, size=224, max_image_pixels=10**8)
         for sha, recipe, path in zip(test.sha256, test.recipes, test.paths)
     ]).astype(np.float32)
     from_pixels = model.predict(pixels, batch_size=32, verbose=0)
@@ -137,7 +137,7 @@ def test_taps_are_the_same_without_the_cache_and_a_corrupt_tap_is_recomputed(tmp
         _, report = extract_features.extract_features(
             members=stack.resolve_members(settings, seed=0), rows_by_split=splits, images_directory=folder,
             cache_directory=cache, engine="keras", batch_size=4, threads=2, seed=0, max_image_pixels=10**8,
-            tap_request=extract_features.TapRequest("block_15_expand", out),
+            tap_request=tap_jobs.TapRequest("block_15_expand", out),
         )
         return report["taps"], {split: np.load(out / f"{split}.npy") for split in splits}
 
@@ -173,5 +173,5 @@ def test_a_stack_or_a_tflite_backbone_cannot_be_fine_tuned():
                                                          "backbone": ["mobilenet_v2", "mobilenet"], "alpha": {"mobilenet": 0.25}})
     members = stack.resolve_members(settings, seed=0)
     with pytest.raises(ValueError, match="one registry backbone"):
-        extract_features.tap_member(members)
-    assert extract_features.tap_member(members[:1]).name == "mobilenet_v2"
+        tap_jobs.tap_member(members)
+    assert tap_jobs.tap_member(members[:1]).name == "mobilenet_v2"

@@ -16,7 +16,7 @@ import support
 from transferlab.backbones import registry, stack
 from transferlab.core import params, paths
 from transferlab.data import augment, images
-from transferlab.features import engines, extract_features
+from transferlab.features import engine_choice, engines, extract_features, tap_jobs
 
 pytestmark = pytest.mark.slow
 SIZE = 32
@@ -85,7 +85,7 @@ def test_a_tflite_file_gives_the_keras_models_features(tiny, dataset, tmp_path):
 
     expected = model(rendered(folder, rows[::2]).astype(np.float32)).numpy()
     assert features["train"].arrays["features"].shape == (len(rows[::2]), 16)
-    assert lowest_cosine(features["train"].arrays["features"], expected) >= engines.MINIMUM_COSINE
+    assert lowest_cosine(features["train"].arrays["features"], expected) >= engine_choice.MINIMUM_COSINE
     member = report["backbones"]["tiny"]
     assert member["kind"] == "tflite" and member["weights"] == registry.sha256_file(path)
     assert member["engine"] == "tflite" and "no rewrite applies" in member["engine_note"]  # a float file runs as given
@@ -101,7 +101,7 @@ def test_a_named_tensor_gives_the_keras_layers_pooled_output(tiny, dataset, tmp_
     inner = keras.Model(model.input, model.get_layer(TAP_LAYER).output)
     expected = inner(rendered(folder, rows[::2]).astype(np.float32)).numpy().mean(axis=(1, 2))
     assert features["train"].arrays["features"].shape == (len(rows[::2]), 8)
-    assert lowest_cosine(features["train"].arrays["features"], expected) >= engines.MINIMUM_COSINE
+    assert lowest_cosine(features["train"].arrays["features"], expected) >= engine_choice.MINIMUM_COSINE
     assert report["backbones"][f"tiny#{tensor}"]["feature_dim"] == 8
 
 
@@ -134,7 +134,7 @@ def test_mirror_averaging_averages_each_image_with_its_mirror_image_and_caches_b
     pixels = rendered(folder, rows[::2]).astype(np.float32)
     expected = (model(pixels).numpy() + model(pixels[:, :, ::-1].copy()).numpy()) / 2
     features = averaged["train"].arrays["features"]
-    assert lowest_cosine(features, expected) >= engines.MINIMUM_COSINE
+    assert lowest_cosine(features, expected) >= engine_choice.MINIMUM_COSINE
     # Pooled features of these noisy test images are nearly mirror-symmetric: compare distances.
     assert 100 * np.abs(features - expected).max() < np.abs(features - model(pixels).numpy()).max()
     assert report["embedded"] == 2 * len(rows) and report["distinct_views"] == 2 * len(rows)
@@ -142,7 +142,7 @@ def test_mirror_averaging_averages_each_image_with_its_mirror_image_and_caches_b
     assert plain_report["embedded"] == 0, "the originals were cached by the averaging run"
     _, again = extract_with(folder, rows, cache, f"tflite:{path}", mirror_average=True)
     assert again["embedded"] == 0 and again["cache_hits"] == 2 * len(rows)
-    assert lowest_cosine(plain["train"].arrays["features"], model(pixels).numpy()) >= engines.MINIMUM_COSINE
+    assert lowest_cosine(plain["train"].arrays["features"], model(pixels).numpy()) >= engine_choice.MINIMUM_COSINE
 
 
 def test_mirror_averaging_refuses_the_finetune_heads_tap_activations(tiny, dataset, tmp_path):
@@ -153,7 +153,7 @@ def test_mirror_averaging_refuses_the_finetune_heads_tap_activations(tiny, datas
         extract_features.extract_features(
             members=members, rows_by_split={"train": rows}, images_directory=folder, cache_directory=tmp_path / "cache",
             engine="auto", batch_size=5, threads=2, seed=0, max_image_pixels=10**8,
-            tap_request=extract_features.TapRequest("auto", tmp_path / "taps"), mirror_average=True,
+            tap_request=tap_jobs.TapRequest("auto", tmp_path / "taps"), mirror_average=True,
         )
 
 

@@ -11,7 +11,7 @@ import pytest
 from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
 from transferlab.backbones import registry
 from transferlab.data import augment, images
-from transferlab.features import engines
+from transferlab.features import engine_choice, engines
 from transferlab.tflite import rewrites
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
@@ -53,8 +53,8 @@ def test_written_in_shapes_let_xnnpack_take_the_whole_edgetpu_graph_and_change_n
     assert len(rewrites.unshaped_tensors(content)) == 74 and rewrites.unshaped_tensors(shaped) == []  # every activation
     assert delegate_partitions(content) == 15, "as given, XNNPACK takes only the ADDs, one partition each"
     assert delegate_partitions(shaped) == 1
-    exact = rewrites._outputs(content, photos, delegate=False)  # LiteRT's reference kernels, batch 4
-    np.testing.assert_array_equal(rewrites._outputs(shaped, photos, delegate=False), exact)
+    exact = engine_choice._outputs(content, photos, delegate=False)  # LiteRT's reference kernels, batch 4
+    np.testing.assert_array_equal(engine_choice._outputs(shaped, photos, delegate=False), exact)
 
 
 def dequantized_filters(content: bytes) -> list[tuple[np.ndarray, int]]:
@@ -90,8 +90,8 @@ def test_the_int8_rewrite_keeps_the_weights_and_the_features(photos):
         assert np.abs(before - after).max() <= np.abs(before).max() / 254  # half a step of the coarser scale
     assert exact / total > 0.99, f"channels that fit in int8 are carried over exactly; only {exact} of {total} were"
     assert delegate_partitions(rewritten) == 1
-    reference = rewrites._outputs(content, photos, delegate=False)
-    cosine = engines.cosine_similarity(rewrites._outputs(rewritten, photos, delegate=True), reference).min()
+    reference = engine_choice._outputs(content, photos, delegate=False)
+    cosine = engines.cosine_similarity(engine_choice._outputs(rewritten, photos, delegate=True), reference).min()
     assert cosine >= 0.999
     assert rewrites.int8_problem(require_mirror(LITE0).read_bytes()) == "already an int8 model"
     with pytest.raises(ValueError, match="already an int8 model"):
@@ -100,14 +100,14 @@ def test_the_int8_rewrite_keeps_the_weights_and_the_features(photos):
 
 def fixed_speeds(monkeypatch, content: bytes, *, as_given: float, rewritten: float) -> None:
     """Speed is measured on a shared machine; the choice is tested with fixed figures."""
-    monkeypatch.setattr(tflite_files, "_images_per_second", lambda model, pixels: as_given if model == content else rewritten)
+    monkeypatch.setattr(engine_choice, "_images_per_second", lambda model, pixels: as_given if model == content else rewritten)
 
 
 def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, monkeypatch):
     content = require_mirror(V1).read_bytes()
     sha256 = registry.sha256_file(V1)
     fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
-    choose = lambda requested: rewrites.choose_tflite_engine(
+    choose = lambda requested: engine_choice.choose_tflite_engine(
         requested=requested, path=V1, tensor="", sha256=sha256, conversion_directory=tmp_path, sample_pixels=lambda: photos
     )
     choice = choose("auto")
@@ -116,12 +116,12 @@ def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, mo
     assert verdict["paths"]["int8"]["qualifies"] and verdict["paths"]["int8"]["lowest_cosine"] >= verdict["noise_floor"]
     assert verdict["not_applicable"] == {"static-shapes": "every tensor already has a shape"}
 
-    monkeypatch.setattr(tflite_files, "measure", lambda *arguments: pytest.fail("a remembered verdict is not measured again"))
+    monkeypatch.setattr(engine_choice, "measure", lambda *arguments: pytest.fail("a remembered verdict is not measured again"))
     assert choose("auto").name == "tflite-int8"
     assert choose("tflite").name == "tflite", "engine: tflite runs the file as given"
     features = choice.build().run(photos)
     assert features.shape == (4, 1024) and features.dtype == np.float32
-    assert engines.cosine_similarity(features, rewrites._outputs(content, photos, delegate=False)).min() >= 0.999
+    assert engines.cosine_similarity(features, engine_choice._outputs(content, photos, delegate=False)).min() >= 0.999
     assert rewrites.rewrite_of_engine(choice.name) == "int8" and rewrites.rewrite_of_engine("tflite") == ""
 
 
@@ -136,8 +136,8 @@ def test_a_faster_rewrite_that_disagrees_is_not_used(photos, monkeypatch):
         flatbuffer_utils.randomize_weights(model, random_seed=0)
         return bytes(flatbuffer_utils.convert_object_to_bytearray(model))
 
-    monkeypatch.setattr(tflite_files, "int8_content", broken_int8)
+    monkeypatch.setattr(rewrites, "int8_content", broken_int8)
     fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
-    verdict = rewrites.measure(content, photos)
+    verdict = engine_choice.measure(content, photos)
     assert verdict["rewrite"] == "" and not verdict["paths"]["int8"]["qualifies"]
     assert "(rejected)" in verdict["reason"]

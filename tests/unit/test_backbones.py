@@ -15,6 +15,7 @@ import pytest
 from conftest import WEIGHTS, require_mirror
 from transferlab.backbones import registry
 from transferlab.cli import backbones as backbones_command
+from transferlab.tflite import describe
 
 TFLITE_FILES = {
     "mobilenet_v1_1.0_224_uint8_features.tflite": (1024, "uint8", "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319"),
@@ -212,7 +213,7 @@ def test_bad_specs(spec, message):
 def test_describe_shared_tflite_extractors(file_name):
     path = require_mirror(WEIGHTS / file_name)
     width, dtype, sha256 = TFLITE_FILES[file_name]
-    info = registry.describe_tflite(path)
+    info = describe.describe_tflite(path)
     assert info.sha256 == sha256
     assert (info.image_size, info.input_shape, info.input_dtype) == (224, (1, 224, 224, 3), dtype)
     assert info.input_quantization[0] > 0
@@ -224,17 +225,17 @@ def test_describe_shared_tflite_extractors(file_name):
 @pytest.mark.real_data
 def test_tflite_ops_count_matches_keras_mobilenet():
     # Same architecture, counted from TFLite tensor shapes and from Keras layers.
-    info = registry.describe_tflite(require_mirror(V1_TFLITE))
+    info = describe.describe_tflite(require_mirror(V1_TFLITE))
     assert info.gflops == pytest.approx(registry.get("mobilenet").gflops, rel=0.01)
 
 
 @pytest.mark.real_data
 def test_describe_named_tensor():
     path = require_mirror(V1_TFLITE)
-    output = registry.describe_tflite(path)
+    output = describe.describe_tflite(path)
     assert output.output_name == V1_POOL and output.tensor == ""
     inner_name = next(name for name in _tensor_names(path) if name.startswith("MobilenetV1/MobilenetV1/Conv2d_11_pointwise/Relu6"))
-    inner = registry.describe_tflite(path, inner_name)
+    inner = describe.describe_tflite(path, inner_name)
     assert (inner.tensor, inner.output_name, inner.output_shape, inner.feature_dim) == (inner_name, inner_name, (1, 14, 14, 512), 512)
     assert inner.sha256 == output.sha256 and inner.parameters == output.parameters
 
@@ -243,29 +244,29 @@ def test_describe_named_tensor():
 def test_bad_tensor_name_lists_candidates():
     path = require_mirror(V1_TFLITE)
     with pytest.raises(ValueError) as error:
-        registry.describe_tflite(path, "Conv2d_13_pointwise/Relu6")
+        describe.describe_tflite(path, "Conv2d_13_pointwise/Relu6")
     message = str(error.value)
     assert str(path) in message and "no tensor named 'Conv2d_13_pointwise/Relu6'" in message
     assert "Close matches" in message and "MobilenetV1/MobilenetV1/Conv2d_13_pointwise/Relu6;" in message
     with pytest.raises(ValueError) as error:
-        registry.describe_tflite(path, "zzz")
+        describe.describe_tflite(path, "zzz")
     assert "the last computed tensors" in str(error.value) and V1_POOL in str(error.value)
 
 
 def test_missing_tflite_file(tmp_path):
     with pytest.raises(ValueError, match=f"TFLite file not found: {re.escape(str(tmp_path / 'absent.tflite'))}"):
-        registry.describe_tflite(tmp_path / "absent.tflite")
+        describe.describe_tflite(tmp_path / "absent.tflite")
 
 
 def test_not_a_tflite_file(tmp_path):
     text = tmp_path / "notes.tflite"
     text.write_text("just some text, not a flatbuffer\n")
     with pytest.raises(ValueError, match=f"{re.escape(str(text))} is not a TFLite model"):
-        registry.describe_tflite(text)
+        describe.describe_tflite(text)
     broken = tmp_path / "broken.tflite"
     broken.write_bytes(b"\x1c\x00\x00\x00TFL3" + b"\xff" * 64)  # right identifier, garbage body
     with pytest.raises(ValueError, match=re.escape(str(broken))):
-        registry.describe_tflite(broken)
+        describe.describe_tflite(broken)
 
 
 @pytest.mark.real_data
@@ -278,7 +279,7 @@ def test_input_that_is_not_one_rgb_image(tmp_path):
     gray = tmp_path / "gray.tflite"
     flatbuffer_utils.write_model(model, str(gray))
     with pytest.raises(ValueError, match=re.escape(f"{gray}: the model must take one RGB image batch")) as error:
-        registry.describe_tflite(gray)
+        describe.describe_tflite(gray)
     assert "(1, 224, 224, 1)" in str(error.value)
 
 

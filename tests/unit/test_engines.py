@@ -1,4 +1,4 @@
-"""Engines: pooling, cosine, and the fallback to Keras when conversion fails or disagrees."""
+"""Engines (pooling, cosine) and engine choice (the fallback to Keras when conversion fails or disagrees)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import logging
 import numpy as np
 import pytest
 
-from transferlab.features import engines
+from transferlab.features import engine_choice, engines
 
 
 def test_pool_and_flatten_average_pools_spatial_outputs():
@@ -46,10 +46,10 @@ def test_auto_falls_back_to_keras_with_a_warning(failure, tmp_path, monkeypatch,
     monkeypatch.setattr(engines, "KerasEngine", lambda model: FakeEngine(1.0) if model == "same" else FakeEngine(-1.0))
     sample = lambda: np.random.default_rng(0).uniform(0, 255, (4, 2, 2, 3))
     with caplog.at_level(logging.WARNING):
-        choice = engines.choose_keras_engine(requested="auto", build_model=lambda: "different", conversion_directory=tmp_path, identity="x", sample_pixels=sample)
+        choice = engine_choice.choose_keras_engine(requested="auto", build_model=lambda: "different", conversion_directory=tmp_path, identity="x", sample_pixels=sample)
     assert choice.name == "keras" and not choice.verdict["agrees"]
     assert "falling back to Keras" in caplog.text
     with pytest.raises(ValueError, match="engine: keras"):
-        engines.choose_keras_engine(requested="tflite", build_model=lambda: "different", conversion_directory=tmp_path, identity="x", sample_pixels=sample)
-    agreeing = engines.choose_keras_engine(requested="auto", build_model=lambda: "same", conversion_directory=tmp_path, identity="z", sample_pixels=sample)
+        engine_choice.choose_keras_engine(requested="tflite", build_model=lambda: "different", conversion_directory=tmp_path, identity="x", sample_pixels=sample)
+    agreeing = engine_choice.choose_keras_engine(requested="auto", build_model=lambda: "same", conversion_directory=tmp_path, identity="z", sample_pixels=sample)
     assert agreeing.name == "tflite" if failure == "disagreement" else agreeing.name == "keras"

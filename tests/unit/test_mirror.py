@@ -8,7 +8,7 @@ from PIL import Image
 
 from transferlab.data import augment
 from transferlab.features import mirror
-from transferlab.features.extract_features import Item
+from transferlab.features.decode import Item
 
 SHA = "a" * 64
 

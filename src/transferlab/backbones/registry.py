@@ -6,9 +6,10 @@ width, width multipliers) and its cost (parameters, GFLOPs), so preprocessing ne
 params.yaml: it travels with the backbone, *inside* the model :func:`build` returns.
 
 Besides registry names, a backbone *spec* may be ``tflite:PATH`` or ``tflite:PATH#TENSOR``: any
-TFLite image model, described by :func:`describe_tflite` (input, output width, parameters,
-operations). Relative paths count from the main repository root (see :mod:`transferlab.core.paths`),
-so they mean the same in ``dvc exp run --queue`` copies of the repository.
+TFLite image model, described by :func:`transferlab.tflite.describe.describe_tflite` (input,
+output width, parameters, operations). Relative paths count from the main repository root (see
+:mod:`transferlab.core.paths`), so they mean the same in ``dvc exp run --queue`` copies of the
+repository.
 
 Numbers in the registry (``parameters``, ``gflops``) come from ``benchmarks/registry_numbers.py``
 (Keras 3.15.1); the contract test in ``tests/unit/test_backbone_contract.py`` re-checks them.
@@ -18,7 +19,7 @@ multiply-accumulates of the convolution and dense layers for one image at the de
 :mod:`transferlab.backbones.flops`; MobileNetV2 0.60, ResNet50 7.7, VGG16 30.7).
 
 Importing this module never imports TensorFlow (``transferlab backbones`` must stay fast):
-:func:`build` imports Keras when it runs, :func:`describe_tflite` imports LiteRT.
+:func:`build` imports Keras when it runs.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
-import math
 import numbers
 import os
 from pathlib import Path
@@ -119,44 +119,323 @@ def _keras_file(stem: str) -> str:
     return f"{stem}_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
 
-def _entry(name, family, constructor, module, mode, size, min_size, width, parameters, gflops, weights_file, **extra):
-    return Backbone(name, family, constructor, module, mode, size, min_size, width, parameters, gflops, weights_file, **extra)
+def _family(family: str, **defaults: Any) -> dict[str, Any]:
+    """The fields a family's rows share; a row overrides any of them (timm's ``_cfg(...)``).
+
+    Most families take ImageNet's 224 pixels and accept down to Keras' 32; ``preprocess_module``
+    and ``preprocess_mode`` come from the family (VGG's rows name their own module).
+    """
+    return {"family": family, "default_size": 224, "min_size": 32, **defaults}
 
 
-# fmt: off
-# name, family, constructor, preprocess module, mode, default size, min size, feature width,
-# parameters (no top, alpha 1.0), GFLOPs per image at the default size, official no-top file.
-_REGISTRY = (
-    _entry("vgg16", "vgg", "VGG16", "vgg16", "caffe", 224, 32, 512, 14_714_688, 30.693, _keras_file("vgg16"), finetune_from="block5_conv1"),
-    _entry("vgg19", "vgg", "VGG19", "vgg19", "caffe", 224, 32, 512, 20_024_384, 39.017, _keras_file("vgg19"), finetune_from="block5_conv1"),
-    _entry("resnet50", "resnet", "ResNet50", "resnet", "caffe", 224, 32, 2048, 23_587_712, 7.712, _keras_file("resnet50"), finetune_from="conv5_block1_1_conv"),
-    _entry("resnet101", "resnet", "ResNet101", "resnet", "caffe", 224, 32, 2048, 42_658_176, 15.136, _keras_file("resnet101"), finetune_from="conv5_block1_1_conv"),
-    _entry("resnet152", "resnet", "ResNet152", "resnet", "caffe", 224, 32, 2048, 58_370_944, 22.561, _keras_file("resnet152"), finetune_from="conv5_block1_1_conv"),
-    _entry("resnet50_v2", "resnet_v2", "ResNet50V2", "resnet_v2", "tf", 224, 32, 2048, 23_564_800, 6.96, _keras_file("resnet50v2"), finetune_from="conv5_block1_preact_bn"),
-    _entry("resnet101_v2", "resnet_v2", "ResNet101V2", "resnet_v2", "tf", 224, 32, 2048, 42_626_560, 14.385, _keras_file("resnet101v2"), finetune_from="conv5_block1_preact_bn"),
-    _entry("resnet152_v2", "resnet_v2", "ResNet152V2", "resnet_v2", "tf", 224, 32, 2048, 58_331_648, 21.809, _keras_file("resnet152v2"), finetune_from="conv5_block1_preact_bn"),
-    _entry("mobilenet", "mobilenet", "MobileNet", "mobilenet", "tf", 224, 32, 1024, 3_228_864, 1.135, "mobilenet_1_0_224_tf_no_top.h5", alphas=MOBILENET_ALPHAS, finetune_from="conv_dw_12"),
-    _entry("mobilenet_v2", "mobilenet_v2", "MobileNetV2", "mobilenet_v2", "tf", 224, 32, 1280, 2_257_984, 0.599, "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5", alphas=MOBILENET_V2_ALPHAS, finetune_from="block_13_expand"),
-    _entry("mobilenet_v3_small", "mobilenet_v3", "MobileNetV3Small", "mobilenet_v3", "in-model", 224, 32, 576, 939_120, 0.11, "weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5", alphas=MOBILENET_V3_ALPHAS, finetune_from="expanded_conv_9_expand"),
-    _entry("mobilenet_v3_large", "mobilenet_v3", "MobileNetV3Large", "mobilenet_v3", "in-model", 224, 32, 960, 2_996_352, 0.428, "weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5", alphas=MOBILENET_V3_ALPHAS, finetune_from="expanded_conv_12_expand"),
-    _entry("inception_v3", "inception_v3", "InceptionV3", "inception_v3", "tf", 299, 75, 2048, 21_802_784, 11.422, "inception_v3_weights_tf_dim_ordering_tf_kernels_notop.h5", finetune_from="mixed8"),
-    _entry("inception_resnet_v2", "inception_resnet_v2", "InceptionResNetV2", "inception_resnet_v2", "tf", 299, 75, 1536, 54_336_736, 26.309, "inception_resnet_v2_weights_tf_dim_ordering_tf_kernels_notop.h5", finetune_from="mixed_7a"),
-    _entry("xception", "xception", "Xception", "xception", "tf", 299, 71, 2048, 20_861_480, 16.711, "xception_weights_tf_dim_ordering_tf_kernels_notop.h5", finetune_from="block13_sepconv1_act"),
-    _entry("efficientnet_b0", "efficientnet", "EfficientNetB0", "efficientnet", "in-model", 224, 32, 1280, 4_049_571, 0.769, "efficientnetb0_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_b1", "efficientnet", "EfficientNetB1", "efficientnet", "in-model", 240, 32, 1280, 6_575_239, 1.371, "efficientnetb1_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_b2", "efficientnet", "EfficientNetB2", "efficientnet", "in-model", 260, 32, 1408, 7_768_569, 1.984, "efficientnetb2_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_b3", "efficientnet", "EfficientNetB3", "efficientnet", "in-model", 300, 32, 1536, 10_783_535, 3.651, "efficientnetb3_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_b4", "efficientnet", "EfficientNetB4", "efficientnet", "in-model", 380, 32, 1792, 17_673_823, 8.784, "efficientnetb4_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_b5", "efficientnet", "EfficientNetB5", "efficientnet", "in-model", 456, 32, 2048, 28_513_527, 20.529, "efficientnetb5_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_b6", "efficientnet", "EfficientNetB6", "efficientnet", "in-model", 528, 32, 2304, 40_960_143, 38.131, "efficientnetb6_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_b7", "efficientnet", "EfficientNetB7", "efficientnet", "in-model", 600, 32, 2560, 64_097_687, 75.487, "efficientnetb7_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_v2_b0", "efficientnet_v2", "EfficientNetV2B0", "efficientnet_v2", "in-model", 224, 32, 1280, 5_919_312, 1.434, "efficientnetv2-b0_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_v2_b1", "efficientnet_v2", "EfficientNetV2B1", "efficientnet_v2", "in-model", 240, 32, 1280, 6_931_124, 2.391, "efficientnetv2-b1_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_v2_b2", "efficientnet_v2", "EfficientNetV2B2", "efficientnet_v2", "in-model", 260, 32, 1408, 8_769_374, 3.392, "efficientnetv2-b2_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_v2_b3", "efficientnet_v2", "EfficientNetV2B3", "efficientnet_v2", "in-model", 300, 32, 1536, 12_930_622, 6.02, "efficientnetv2-b3_notop.h5", finetune_from="block6a_expand_conv"),
-    _entry("efficientnet_v2_s", "efficientnet_v2", "EfficientNetV2S", "efficientnet_v2", "in-model", 384, 32, 1280, 20_331_360, 16.729, "efficientnetv2-s_notop.h5", finetune_from="block6a_expand_conv"),
+def _row(name: str, family: dict[str, Any], **fields: Any) -> Backbone:
+    """One registry entry: its family's defaults, then the row's own keyword fields."""
+    return Backbone(name=name, **{**family, **fields})
+
+
+_VGG = _family("vgg", preprocess_mode="caffe", feature_dim=512, finetune_from="block5_conv1")
+_RESNET = _family(
+    "resnet", preprocess_module="resnet", preprocess_mode="caffe", feature_dim=2048, finetune_from="conv5_block1_1_conv"
 )
-# fmt: on
+_RESNET_V2 = _family(
+    "resnet_v2",
+    preprocess_module="resnet_v2",
+    preprocess_mode="tf",
+    feature_dim=2048,
+    finetune_from="conv5_block1_preact_bn",
+)
+_MOBILENET = _family("mobilenet", preprocess_module="mobilenet", preprocess_mode="tf", alphas=MOBILENET_ALPHAS)
+_MOBILENET_V2 = _family(
+    "mobilenet_v2", preprocess_module="mobilenet_v2", preprocess_mode="tf", alphas=MOBILENET_V2_ALPHAS
+)
+_MOBILENET_V3 = _family(
+    "mobilenet_v3", preprocess_module="mobilenet_v3", preprocess_mode="in-model", alphas=MOBILENET_V3_ALPHAS
+)
+_INCEPTION_V3 = _family(
+    "inception_v3", preprocess_module="inception_v3", preprocess_mode="tf", default_size=299, min_size=75
+)
+_INCEPTION_RESNET_V2 = _family(
+    "inception_resnet_v2", preprocess_module="inception_resnet_v2", preprocess_mode="tf", default_size=299, min_size=75
+)
+_XCEPTION = _family("xception", preprocess_module="xception", preprocess_mode="tf", default_size=299, min_size=71)
+_EFFICIENTNET = _family(
+    "efficientnet", preprocess_module="efficientnet", preprocess_mode="in-model", finetune_from="block6a_expand_conv"
+)
+_EFFICIENTNET_V2 = _family(
+    "efficientnet_v2",
+    preprocess_module="efficientnet_v2",
+    preprocess_mode="in-model",
+    finetune_from="block6a_expand_conv",
+)
+
+# parameters: count_params() without the top at alpha 1.0; gflops: per image at the default size;
+# weights_file: Keras' official no-top file at alpha 1.0 and the default size.
+_REGISTRY = (
+    _row(
+        "vgg16",
+        _VGG,
+        constructor="VGG16",
+        preprocess_module="vgg16",
+        parameters=14_714_688,
+        gflops=30.693,
+        weights_file=_keras_file("vgg16"),
+    ),
+    _row(
+        "vgg19",
+        _VGG,
+        constructor="VGG19",
+        preprocess_module="vgg19",
+        parameters=20_024_384,
+        gflops=39.017,
+        weights_file=_keras_file("vgg19"),
+    ),
+    _row(
+        "resnet50",
+        _RESNET,
+        constructor="ResNet50",
+        parameters=23_587_712,
+        gflops=7.712,
+        weights_file=_keras_file("resnet50"),
+    ),
+    _row(
+        "resnet101",
+        _RESNET,
+        constructor="ResNet101",
+        parameters=42_658_176,
+        gflops=15.136,
+        weights_file=_keras_file("resnet101"),
+    ),
+    _row(
+        "resnet152",
+        _RESNET,
+        constructor="ResNet152",
+        parameters=58_370_944,
+        gflops=22.561,
+        weights_file=_keras_file("resnet152"),
+    ),
+    _row(
+        "resnet50_v2",
+        _RESNET_V2,
+        constructor="ResNet50V2",
+        parameters=23_564_800,
+        gflops=6.96,
+        weights_file=_keras_file("resnet50v2"),
+    ),
+    _row(
+        "resnet101_v2",
+        _RESNET_V2,
+        constructor="ResNet101V2",
+        parameters=42_626_560,
+        gflops=14.385,
+        weights_file=_keras_file("resnet101v2"),
+    ),
+    _row(
+        "resnet152_v2",
+        _RESNET_V2,
+        constructor="ResNet152V2",
+        parameters=58_331_648,
+        gflops=21.809,
+        weights_file=_keras_file("resnet152v2"),
+    ),
+    _row(
+        "mobilenet",
+        _MOBILENET,
+        constructor="MobileNet",
+        feature_dim=1024,
+        parameters=3_228_864,
+        gflops=1.135,
+        weights_file="mobilenet_1_0_224_tf_no_top.h5",
+        finetune_from="conv_dw_12",
+    ),
+    _row(
+        "mobilenet_v2",
+        _MOBILENET_V2,
+        constructor="MobileNetV2",
+        feature_dim=1280,
+        parameters=2_257_984,
+        gflops=0.599,
+        weights_file="mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5",
+        finetune_from="block_13_expand",
+    ),
+    _row(
+        "mobilenet_v3_small",
+        _MOBILENET_V3,
+        constructor="MobileNetV3Small",
+        feature_dim=576,
+        parameters=939_120,
+        gflops=0.11,
+        weights_file="weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+        finetune_from="expanded_conv_9_expand",
+    ),
+    _row(
+        "mobilenet_v3_large",
+        _MOBILENET_V3,
+        constructor="MobileNetV3Large",
+        feature_dim=960,
+        parameters=2_996_352,
+        gflops=0.428,
+        weights_file="weights_mobilenet_v3_large_224_1.0_float_no_top_v2.h5",
+        finetune_from="expanded_conv_12_expand",
+    ),
+    _row(
+        "inception_v3",
+        _INCEPTION_V3,
+        constructor="InceptionV3",
+        feature_dim=2048,
+        parameters=21_802_784,
+        gflops=11.422,
+        weights_file=_keras_file("inception_v3"),
+        finetune_from="mixed8",
+    ),
+    _row(
+        "inception_resnet_v2",
+        _INCEPTION_RESNET_V2,
+        constructor="InceptionResNetV2",
+        feature_dim=1536,
+        parameters=54_336_736,
+        gflops=26.309,
+        weights_file=_keras_file("inception_resnet_v2"),
+        finetune_from="mixed_7a",
+    ),
+    _row(
+        "xception",
+        _XCEPTION,
+        constructor="Xception",
+        feature_dim=2048,
+        parameters=20_861_480,
+        gflops=16.711,
+        weights_file=_keras_file("xception"),
+        finetune_from="block13_sepconv1_act",
+    ),
+    _row(
+        "efficientnet_b0",
+        _EFFICIENTNET,
+        constructor="EfficientNetB0",
+        feature_dim=1280,
+        parameters=4_049_571,
+        gflops=0.769,
+        weights_file="efficientnetb0_notop.h5",
+    ),
+    _row(
+        "efficientnet_b1",
+        _EFFICIENTNET,
+        constructor="EfficientNetB1",
+        default_size=240,
+        feature_dim=1280,
+        parameters=6_575_239,
+        gflops=1.371,
+        weights_file="efficientnetb1_notop.h5",
+    ),
+    _row(
+        "efficientnet_b2",
+        _EFFICIENTNET,
+        constructor="EfficientNetB2",
+        default_size=260,
+        feature_dim=1408,
+        parameters=7_768_569,
+        gflops=1.984,
+        weights_file="efficientnetb2_notop.h5",
+    ),
+    _row(
+        "efficientnet_b3",
+        _EFFICIENTNET,
+        constructor="EfficientNetB3",
+        default_size=300,
+        feature_dim=1536,
+        parameters=10_783_535,
+        gflops=3.651,
+        weights_file="efficientnetb3_notop.h5",
+    ),
+    _row(
+        "efficientnet_b4",
+        _EFFICIENTNET,
+        constructor="EfficientNetB4",
+        default_size=380,
+        feature_dim=1792,
+        parameters=17_673_823,
+        gflops=8.784,
+        weights_file="efficientnetb4_notop.h5",
+    ),
+    _row(
+        "efficientnet_b5",
+        _EFFICIENTNET,
+        constructor="EfficientNetB5",
+        default_size=456,
+        feature_dim=2048,
+        parameters=28_513_527,
+        gflops=20.529,
+        weights_file="efficientnetb5_notop.h5",
+    ),
+    _row(
+        "efficientnet_b6",
+        _EFFICIENTNET,
+        constructor="EfficientNetB6",
+        default_size=528,
+        feature_dim=2304,
+        parameters=40_960_143,
+        gflops=38.131,
+        weights_file="efficientnetb6_notop.h5",
+    ),
+    _row(
+        "efficientnet_b7",
+        _EFFICIENTNET,
+        constructor="EfficientNetB7",
+        default_size=600,
+        feature_dim=2560,
+        parameters=64_097_687,
+        gflops=75.487,
+        weights_file="efficientnetb7_notop.h5",
+    ),
+    _row(
+        "efficientnet_v2_b0",
+        _EFFICIENTNET_V2,
+        constructor="EfficientNetV2B0",
+        feature_dim=1280,
+        parameters=5_919_312,
+        gflops=1.434,
+        weights_file="efficientnetv2-b0_notop.h5",
+    ),
+    _row(
+        "efficientnet_v2_b1",
+        _EFFICIENTNET_V2,
+        constructor="EfficientNetV2B1",
+        default_size=240,
+        feature_dim=1280,
+        parameters=6_931_124,
+        gflops=2.391,
+        weights_file="efficientnetv2-b1_notop.h5",
+    ),
+    _row(
+        "efficientnet_v2_b2",
+        _EFFICIENTNET_V2,
+        constructor="EfficientNetV2B2",
+        default_size=260,
+        feature_dim=1408,
+        parameters=8_769_374,
+        gflops=3.392,
+        weights_file="efficientnetv2-b2_notop.h5",
+    ),
+    _row(
+        "efficientnet_v2_b3",
+        _EFFICIENTNET_V2,
+        constructor="EfficientNetV2B3",
+        default_size=300,
+        feature_dim=1536,
+        parameters=12_930_622,
+        gflops=6.02,
+        weights_file="efficientnetv2-b3_notop.h5",
+    ),
+    _row(
+        "efficientnet_v2_s",
+        _EFFICIENTNET_V2,
+        constructor="EfficientNetV2S",
+        default_size=384,
+        feature_dim=1280,
+        parameters=20_331_360,
+        gflops=16.729,
+        weights_file="efficientnetv2-s_notop.h5",
+    ),
+)
 
 REGISTRY: dict[str, Backbone] = {entry.name: entry for entry in _REGISTRY}
 
@@ -357,7 +636,9 @@ def build(
         keras.utils.set_random_seed(int(seed))
     pixels = keras.Input(shape=(size, size, 3), dtype="float32", name="pixels")
     preprocessed = getattr(keras.applications, entry.preprocess_module).preprocess_input(pixels)
-    arguments = dict(include_top=False, weights=None if weights == "none" else weights, input_tensor=preprocessed, pooling="avg")
+    arguments = dict(
+        include_top=False, weights=None if weights == "none" else weights, input_tensor=preprocessed, pooling="avg"
+    )
     if alpha is not None:
         arguments["alpha"] = alpha
     try:
@@ -413,7 +694,7 @@ class Spec:
 
 
 def parse_spec(spec: str, root: str | os.PathLike | None = None) -> Spec:
-    """Parses a backbone spec; does not open any file (see :func:`describe_tflite`).
+    """Parses a backbone spec; does not open any file (see :func:`transferlab.tflite.describe.describe_tflite`).
 
     Args:
         spec: a registry name (``mobilenet_v2``), ``tflite:PATH`` or ``tflite:PATH#TENSOR``.
@@ -430,200 +711,20 @@ def parse_spec(spec: str, root: str | os.PathLike | None = None) -> Spec:
     if not text.lower().startswith(TFLITE_PREFIX):
         prefix, colon, _ = text.partition(":")
         if colon:
-            raise ValueError(f"Unsupported backbone spec kind '{prefix}:' in '{text}'; use a registry name or tflite:PATH[#TENSOR]")
+            raise ValueError(
+                f"Unsupported backbone spec kind '{prefix}:' in '{text}'; use a registry name or tflite:PATH[#TENSOR]"
+            )
         return Spec(text=text, kind="keras", name=get(text).name)
     location = text[len(TFLITE_PREFIX) :]
     tensor = ""
     if "#" in location:
         location, _, tensor = location.rpartition("#")
         if not tensor.strip():
-            raise ValueError(f"backbone spec '{text}' ends with '#' but names no tensor; write tflite:PATH#TENSOR or drop the '#'")
+            raise ValueError(
+                f"backbone spec '{text}' ends with '#' but names no tensor; write tflite:PATH#TENSOR or drop the '#'"
+            )
     if not location.strip():
         raise ValueError(f"backbone spec '{text}' has no file path; write tflite:PATH or tflite:PATH#TENSOR")
     path = paths.resolve_param_path(location.strip(), root)
     name = path.stem + (f"#{tensor}" if tensor else "")
     return Spec(text=text, kind="tflite", name=name, path=path, tensor=tensor)
-
-
-# ---------------------------------------------------------------- TFLite files
-
-_WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}  # input 2 is the bias
-
-
-@dataclasses.dataclass(frozen=True)
-class TFLiteInfo:
-    """What a TFLite image model takes and gives (see :func:`describe_tflite`).
-
-    Attributes:
-        path: the file, resolved.
-        sha256: hex sha256 of its bytes (its weights identity).
-        image_size: input side in pixels (inputs are square).
-        input_name, input_shape, input_dtype: the image input (``(1, H, W, 3)``, e.g. ``uint8``).
-        input_quantization: ``(scale, zero_point)``; ``(0.0, 0)`` when not quantized.
-        tensor: the tapped tensor name, or empty for the graph output.
-        output_name, output_shape, output_dtype, output_quantization: the tensor read.
-        feature_dim: width after average pooling all but the batch and channel axes.
-        parameters: scalars in the constant weight tensors (filters, biases, constants).
-        gflops: 2 x multiply-accumulates of conv, depthwise and fully-connected ops per image.
-    """
-
-    path: str
-    sha256: str
-    image_size: int
-    input_name: str
-    input_shape: tuple[int, ...]
-    input_dtype: str
-    input_quantization: tuple[float, int]
-    tensor: str
-    output_name: str
-    output_shape: tuple[int, ...]
-    output_dtype: str
-    output_quantization: tuple[float, int]
-    feature_dim: int
-    parameters: int
-    gflops: float
-
-
-def describe_tflite(path: str | os.PathLike, tensor: str | None = None) -> TFLiteInfo:
-    """Describes a TFLite image model used as a backbone (``tflite:PATH[#TENSOR]``).
-
-    Args:
-        path: the ``.tflite`` file.
-        tensor: read this tensor (by its full name) instead of the graph output.
-
-    Raises:
-        ValueError, naming the file: missing file, not a TFLite model, input not one RGB image
-        ``(batch, H, W, 3)``, several outputs and no tensor chosen, or no tensor of that name
-        (the message lists candidate names).
-    """
-    path = Path(path)
-    interpreter = _open_interpreter(path)
-    image = _image_input(path, interpreter)
-    try:
-        interpreter.allocate_tensors()  # inner tensor shapes are only final after allocation
-    except RuntimeError as error:
-        raise ValueError(f"{path}: LiteRT cannot prepare this model: {error}") from error
-    details = {int(detail["index"]): detail for detail in interpreter.get_tensor_details()}
-    output = _chosen_output(path, interpreter, details, tensor)
-    operations = interpreter._get_ops_details()  # no public API lists the graph's ops
-    shape = tuple(int(dim) for dim in output["shape"])
-    if len(shape) < 2:
-        raise ValueError(f"{path}: tensor '{output['name']}' has shape {shape}, not (batch, ..., channels) features")
-    return TFLiteInfo(
-        path=str(path.resolve()),
-        sha256=sha256_file(path),
-        image_size=int(image["shape"][1]),
-        input_name=image["name"],
-        input_shape=tuple(int(dim) for dim in image["shape"]),
-        input_dtype=image["dtype"].__name__,
-        input_quantization=_quantization(image),
-        tensor=tensor or "",
-        output_name=output["name"],
-        output_shape=shape,
-        output_dtype=output["dtype"].__name__,
-        output_quantization=_quantization(output),
-        feature_dim=shape[-1],
-        parameters=_tflite_parameters(operations, details, interpreter),
-        gflops=round(2 * _tflite_multiply_accumulates(operations, details) / 1e9, 3),
-    )
-
-
-def _open_interpreter(path: Path) -> Any:
-    if not path.is_file():
-        raise ValueError(f"TFLite file not found: {path}; check the path in the tflite: spec (relative paths count from the main repository root)")
-    with open(path, "rb") as handle:
-        header = handle.read(8)
-    if header[4:8] != b"TFL3":
-        raise ValueError(f"{path} is not a TFLite model (no TFL3 flatbuffer identifier); give a .tflite file")
-    from ai_edge_litert.interpreter import Interpreter, OpResolverType
-
-    resolver = OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES  # describing needs shapes, not XNNPACK's speed
-    try:
-        return Interpreter(model_path=str(path), experimental_op_resolver_type=resolver)
-    except (RuntimeError, ValueError) as error:
-        raise ValueError(f"{path}: LiteRT cannot load this model: {error}") from error
-
-
-def _image_input(path: Path, interpreter: Any) -> dict:
-    inputs = interpreter.get_input_details()
-    shapes = ", ".join(f"{detail['name']} {tuple(int(d) for d in detail['shape'])}" for detail in inputs)
-    if len(inputs) != 1 or len(inputs[0]["shape"]) != 4 or int(inputs[0]["shape"][3]) != 3:
-        raise ValueError(f"{path}: the model must take one RGB image batch (batch, height, width, 3); its inputs are: {shapes}")
-    _, height, width, _ = (int(dim) for dim in inputs[0]["shape"])
-    if height != width:
-        raise ValueError(f"{path}: the input must be square; it is {height}x{width}")
-    return inputs[0]
-
-
-def _chosen_output(path: Path, interpreter: Any, details: dict[int, dict], tensor: str | None) -> dict:
-    if tensor:
-        for detail in details.values():
-            if detail["name"] == tensor:
-                return detail
-        heading, candidates = _candidate_tensors(interpreter, details, tensor)
-        raise ValueError(f"{path}: no tensor named '{tensor}'; give a full name. {heading}:\n  " + "\n  ".join(candidates))
-    outputs = interpreter.get_output_details()
-    if len(outputs) != 1:
-        listed = "\n  ".join(detail["name"] for detail in outputs)
-        raise ValueError(f"{path}: the model has {len(outputs)} outputs; choose one with tflite:PATH#TENSOR:\n  {listed}")
-    return details[int(outputs[0]["index"])]
-
-
-def _candidate_tensors(interpreter: Any, details: dict[int, dict], wanted: str) -> tuple[str, list[str]]:
-    produced = _produced_tensors(interpreter)
-    names = [details[index]["name"] for index in sorted(produced) if index in details]
-    wanted_lower = wanted.lower()
-    containing = [name for name in names if wanted_lower in name.lower() or any(part.lower() == wanted_lower for part in name.split(";"))]
-    close = difflib.get_close_matches(wanted, names, n=10, cutoff=0.5)
-    candidates = list(dict.fromkeys(containing + close))
-    shapes = {detail["name"]: tuple(int(dim) for dim in detail["shape"]) for detail in details.values()}
-    heading = "Close matches" if candidates else "No close match; the last computed tensors"
-    chosen = candidates[:20] if candidates else names[-20:]
-    return heading, [f"{name} {shapes[name]}" for name in chosen]
-
-
-def _produced_tensors(interpreter: Any) -> set[int]:
-    produced = {int(detail["index"]) for detail in interpreter.get_input_details()}
-    for operation in interpreter._get_ops_details():
-        produced.update(int(index) for index in operation["outputs"] if index >= 0)
-    return produced
-
-
-def _quantization(detail: dict) -> tuple[float, int]:
-    scale, zero_point = detail["quantization"]
-    return float(scale), int(zero_point)
-
-
-def _tflite_parameters(operations: list[dict], details: dict[int, dict], interpreter: Any) -> int:
-    produced = _produced_tensors(interpreter)
-    counted: set[int] = set()
-    total = 0
-    for operation in operations:
-        for position, index in enumerate(int(i) for i in operation["inputs"]):
-            if index < 0 or index in produced or index in counted:
-                continue
-            detail = details[index]
-            is_bias = operation["op_name"] in _WEIGHT_OPS and position == 2
-            if detail["dtype"].__name__ in ("int32", "int64") and not is_bias:
-                continue  # shapes, axes and sizes, not weights
-            counted.add(index)
-            total += math.prod(int(dim) for dim in detail["shape"])
-    return total
-
-
-def _tflite_multiply_accumulates(operations: list[dict], details: dict[int, dict]) -> int:
-    total = 0
-    for operation in operations:
-        name = operation["op_name"]
-        if name not in _WEIGHT_OPS:
-            continue
-        output = [int(dim) for dim in details[int(operation["outputs"][0])]["shape"]]
-        kernel = [int(dim) for dim in details[int(operation["inputs"][1])]["shape"]]
-        batch = max(output[0], 1)
-        if name == "CONV_2D":  # filter (out, kh, kw, in)
-            total += math.prod(output) // batch * math.prod(kernel[1:])
-        elif name == "DEPTHWISE_CONV_2D":  # filter (1, kh, kw, out)
-            total += math.prod(output) // batch * kernel[1] * kernel[2]
-        else:  # FULLY_CONNECTED, weights (units, in)
-            total += math.prod(output) // batch * kernel[1]
-    return total

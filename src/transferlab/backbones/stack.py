@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from transferlab.backbones import registry
+from transferlab.tflite.describe import describe_tflite
 
 PER_MEMBER_SETTINGS = ("alpha", "weights", "image_size")
 
@@ -93,7 +94,7 @@ def _setting(params: Any, setting: str, name: str) -> Any:
 def _resolve_one(spec: str, params: Any, *, seed: int, root: Path | None) -> Member:
     parsed = registry.parse_spec(spec, root=root)
     if parsed.kind == "tflite":
-        info = registry.describe_tflite(parsed.path, parsed.tensor or None)
+        info = describe_tflite(parsed.path, parsed.tensor or None)
         return Member(
             spec=spec,
             name=parsed.name,

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 from transferlab.backbones import registry
+from transferlab.tflite.describe import TFLiteInfo, describe_tflite
 
 COLUMNS = ("name", "family", "size", "width", "parameters", "GFLOPs", "alphas", "official weights file (no top)")
 FOOTNOTE = (
@@ -33,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     """Prints the registry table, or the description of ``--file``; returns the exit code."""
     if args.file:
         spec = registry.parse_spec(registry.TFLITE_PREFIX + args.file, root=Path.cwd())
-        info = registry.describe_tflite(spec.path, spec.tensor or None)
+        info = describe_tflite(spec.path, spec.tensor or None)
         print(json.dumps(dataclasses.asdict(info), indent=2) if args.json else describe(info))
         return 0
     entries = [registry.get(name) for name in registry.names()]
@@ -68,7 +69,7 @@ def _row(entry: registry.Backbone) -> tuple[str, ...]:
     )
 
 
-def describe(info: registry.TFLiteInfo) -> str:
+def describe(info: TFLiteInfo) -> str:
     """A TFLite backbone's description, one ``key: value`` per line."""
     scale, zero_point = info.input_quantization
     quantized = f", quantized scale {scale:.6g} zero point {zero_point}" if scale else ""

@@ -284,7 +284,7 @@ def _write_stack(
     folder: Path, *, members: Sequence[Member], seed: int, block_engines: Sequence[str]
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     from transferlab.features import engines
-    from transferlab.tflite import rewrites
+    from transferlab.tflite import describe, rewrites
 
     recorded = list(block_engines) or ["tflite"] * len(members)
     (folder / predict.BACKBONES_FOLDER).mkdir()
@@ -297,7 +297,7 @@ def _write_stack(
         else:
             model = registry.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
             engines.convert_to_tflite(model, folder / relative)
-        info = registry.describe_tflite(folder / relative, member.tensor or None)
+        info = describe.describe_tflite(folder / relative, member.tensor or None)
         entries.append({
             "file": relative, "sha256": info.sha256, "tensor": member.tensor, "input_dtype": info.input_dtype,
             "input_quantization": list(info.input_quantization), "output": info.output_name,

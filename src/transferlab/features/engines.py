@@ -5,31 +5,23 @@ lives inside the model (the registry puts ``preprocess_input`` in front of each 
 and a TFLite file carries its own input quantization). Every engine returns float32 embeddings
 (N, D): quantized outputs are dequantized, spatial outputs average-pooled.
 
-Measured on the 2-core machine (ARCHITECTURE.md, "Performance"): LiteRT runs the frozen Keras
-backbones 1.5x to 6.6x faster than ``model.predict``, so ``auto`` converts a Keras backbone to a
-float32 TFLite model once, checks it against Keras on real photos (cosine >= 0.9999) and uses it
-where it agrees; where conversion fails or disagrees it falls back to Keras with a warning.
+Which engine runs a backbone (Keras, its TFLite conversion, or a rewrite of a TFLite file) is
+chosen by measurement in :mod:`transferlab.features.engine_choice`, the layer above this one.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
-import json
-import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from transferlab.core import atomic
 
-LOGGER = logging.getLogger(__name__)
-MINIMUM_COSINE = 0.9999  # the agreement an engine must reach with Keras to be used
-ENGINE_THREADS = max(1, os.cpu_count() or 1)
+ENGINE_THREADS = max(1, os.cpu_count() or 1)  # LiteRT threads: every core (engine choice measures with these too)
 
 
 def cosine_similarity(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -73,16 +65,6 @@ class KerasEngine:
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """Embeds raw pixels (N, S, S, 3) into float32 (N, D)."""
         return pool_and_flatten(self._call(np.asarray(pixels, dtype=np.float32)).numpy())
-
-
-@dataclass(frozen=True)
-class TFLiteSignature:
-    """What a TFLite file expects and gives, read from the file itself."""
-
-    image_size: int
-    input_dtype: type
-    input_scale: float
-    input_zero_point: int
 
 
 class TFLiteEngine:
@@ -156,67 +138,3 @@ def convert_to_tflite(model: Any, destination: Path) -> Path:
     with atomic.atomic_path(destination) as temporary:
         temporary.write_bytes(content)
     return destination
-
-
-def verify_against_keras(engine: Any, keras_engine: KerasEngine, pixels: np.ndarray) -> float:
-    """Returns the lowest cosine between ``engine`` and Keras on ``pixels`` (real photos)."""
-    return float(cosine_similarity(engine.run(pixels), keras_engine.run(pixels)).min())
-
-
-@dataclass
-class ConvertedEngine:
-    """The outcome of choosing an engine for a Keras backbone: its name and how it is built."""
-
-    name: str
-    build: Callable[[], Any]
-    verdict: dict
-
-
-def choose_keras_engine(
-    *,
-    requested: str,
-    build_model: Callable[[], Any],
-    conversion_directory: Path,
-    identity: str,
-    sample_pixels: Callable[[], np.ndarray],
-) -> ConvertedEngine:
-    """Picks ``keras`` or ``tflite`` for a Keras backbone; the verdict is remembered on disk.
-
-    Args:
-        requested: the ``extract_features.engine`` param: auto, keras or tflite.
-        build_model: builds the Keras model (called only when needed).
-        conversion_directory: where converted models and verdicts are kept (in the cache dir).
-        identity: a key naming backbone + weights + input size; the converted file's name.
-        sample_pixels: gives a batch of real photos to check the converted model against Keras.
-    """
-    if requested == "keras":
-        return ConvertedEngine("keras", lambda: KerasEngine(build_model()), {"engine": "keras", "reason": "requested"})
-    key = hashlib.sha256(identity.encode()).hexdigest()
-    tflite_path = conversion_directory / f"{key}.tflite"
-    verdict_path = conversion_directory / f"{key}.json"
-    verdict = json.loads(verdict_path.read_text()) if verdict_path.exists() else None
-    if verdict is None or (verdict["agrees"] and not tflite_path.exists()):
-        verdict = _convert_and_verify(build_model, tflite_path, sample_pixels)
-        verdict["identity"] = identity
-        atomic.write_json(verdict_path, verdict)
-    if verdict["agrees"]:
-        return ConvertedEngine("tflite", lambda: TFLiteEngine(tflite_path), verdict)
-    if requested == "tflite":
-        raise ValueError(
-            f"the TFLite conversion of {identity} does not agree with Keras ({verdict['reason']}); "
-            "set extract_features.engine: keras (or auto, which falls back by itself)"
-        )
-    LOGGER.warning("TFLite engine not used for %s (%s); falling back to Keras", identity, verdict["reason"])
-    return ConvertedEngine("keras", lambda: KerasEngine(build_model()), verdict)
-
-
-def _convert_and_verify(build_model: Callable[[], Any], tflite_path: Path, sample_pixels: Callable[[], np.ndarray]) -> dict:
-    model = build_model()
-    try:
-        convert_to_tflite(model, tflite_path)
-    except Exception as error:  # the converter raises many types; any failure means "use Keras"
-        return {"agrees": False, "reason": f"conversion failed: {type(error).__name__}: {error}"[:500], "cosine": None}
-    cosine = verify_against_keras(TFLiteEngine(tflite_path), KerasEngine(model), sample_pixels())
-    agrees = cosine >= MINIMUM_COSINE
-    reason = f"lowest cosine {cosine:.6f} on real photos (needs >= {MINIMUM_COSINE})"
-    return {"agrees": agrees, "reason": reason, "cosine": cosine}

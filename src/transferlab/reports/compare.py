@@ -225,11 +225,12 @@ def exp_show(dvc: str, cwd: Path | None = None) -> list[dict]:
 def backbone_parameters(extract_report: dict) -> int | None:
     """Total parameters of a stack's backbones (registry counts; TFLite files are read)."""
     from transferlab.backbones import registry
+    from transferlab.tflite import describe
 
     total = 0
     for name, member in (extract_report.get("backbones") or {}).items():
         if member.get("kind") == "tflite":
-            total += registry.describe_tflite(registry.parse_spec(member["spec"]).path).parameters
+            total += describe.describe_tflite(registry.parse_spec(member["spec"]).path).parameters
         else:
             total += registry.parameter_count(name, member.get("alpha"))
     return total or None

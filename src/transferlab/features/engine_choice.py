@@ -1,0 +1,316 @@
+"""Choosing how to run a backbone, by measurement on real photos; the verdict is remembered on disk.
+
+Keras backbones (:func:`choose_keras_engine`): LiteRT runs the frozen Keras backbones 1.5x to
+6.6x faster than ``model.predict`` on the 2-core machine (ARCHITECTURE.md, "Performance"), so
+``auto`` converts a backbone to a float32 TFLite model once, checks it against Keras on real
+photos (cosine >= :data:`MINIMUM_COSINE`) and uses it where it agrees; where conversion fails or
+disagrees it falls back to Keras with a warning.
+
+TFLite files (:func:`choose_tflite_engine`): a rewrite of the file (see
+:mod:`transferlab.tflite.rewrites`) cannot be held to that cosine, since XNNPACK rounds 8-bit
+requantization differently from LiteRT's reference kernels. What can be asked is that a rewrite
+moves the features less than one grey level of input noise does (the *noise floor*: the lowest
+cosine between the reference kernels' features of the photos and of the photos with each pixel
+moved by -1, 0 or +1, seeded). :func:`measure` measures every applicable rewrite, keeps those
+that pass, uses the fastest, and the verdict is remembered per file (by sha256) in the embedding
+cache's conversion folder. Each rewrite has its own engine name, part of the embedding cache key,
+so embeddings of different paths never mix.
+
+This module sits above :mod:`transferlab.features.engines` (running an engine) and
+:mod:`transferlab.tflite.rewrites` (rewriting bytes), which import nothing from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from transferlab.backbones.stack import Member
+from transferlab.core import atomic
+from transferlab.features import engines
+from transferlab.tflite import rewrites
+
+LOGGER = logging.getLogger(__name__)
+MINIMUM_COSINE = 0.9999  # the agreement a converted Keras backbone must reach with Keras to be used
+VERIFICATION_IMAGES = 16  # real photos that a converted engine must reproduce Keras on
+VERDICT_VERSION = 1
+SPEED_SECONDS = 1.0  # per candidate; the differences it looks for are 2x, not 10%
+SPEED_BATCH = 8
+NOISE_SEED = 0
+
+
+@dataclass
+class ConvertedEngine:
+    """The outcome of choosing an engine for a backbone: its name and how it is built."""
+
+    name: str
+    build: Callable[[], Any]
+    verdict: dict
+
+
+def verification_pixels(
+    items: Sequence[Any], render_one: Callable[[Any, int], np.ndarray], size: int
+) -> Callable[[], np.ndarray]:
+    """Gives the real photos an engine is checked on: the first views, rendered at ``size`` when called.
+
+    Args:
+        items: the views to embed (:class:`transferlab.features.decode.Item`).
+        render_one: (item, size) -> uint8 pixels.
+        size: the engine's input side.
+    """
+    return lambda: np.stack([render_one(item, size) for item in items[:VERIFICATION_IMAGES]])
+
+
+# ---------------------------------------------------------------- Keras backbones
+
+
+def conversion_identity(member: Member, tap: str = "") -> str:
+    """Names a member's converted model (and its saved Keras backbone) in the conversion folder.
+
+    Args:
+        member: a stack member.
+        tap: the layer whose input a tap model computes, or empty for the member's embedding.
+    """
+    return f"{member.identity}|{member.weights_identity}|{member.image_size}" + (f"|tap:{tap}" if tap else "")
+
+
+def verify_against_keras(engine: Any, keras_engine: engines.KerasEngine, pixels: np.ndarray) -> float:
+    """Returns the lowest cosine between ``engine`` and Keras on ``pixels`` (real photos)."""
+    return float(engines.cosine_similarity(engine.run(pixels), keras_engine.run(pixels)).min())
+
+
+def choose_keras_engine(
+    *,
+    requested: str,
+    build_model: Callable[[], Any],
+    conversion_directory: Path,
+    identity: str,
+    sample_pixels: Callable[[], np.ndarray],
+) -> ConvertedEngine:
+    """Picks ``keras`` or ``tflite`` for a Keras backbone; the verdict is remembered on disk.
+
+    Args:
+        requested: the ``extract_features.engine`` param: auto, keras or tflite.
+        build_model: builds the Keras model (called only when needed).
+        conversion_directory: where converted models and verdicts are kept (in the cache dir).
+        identity: a key naming backbone + weights + input size; the converted file's name.
+        sample_pixels: gives a batch of real photos to check the converted model against Keras.
+
+    Raises:
+        ValueError: ``tflite`` was requested but the conversion does not agree with Keras.
+    """
+    if requested == "keras":
+        return ConvertedEngine(
+            "keras", lambda: engines.KerasEngine(build_model()), {"engine": "keras", "reason": "requested"}
+        )
+    key = hashlib.sha256(identity.encode()).hexdigest()
+    tflite_path = conversion_directory / f"{key}.tflite"
+    verdict_path = conversion_directory / f"{key}.json"
+    verdict = json.loads(verdict_path.read_text()) if verdict_path.exists() else None
+    if verdict is None or (verdict["agrees"] and not tflite_path.exists()):
+        verdict = _convert_and_verify(build_model, tflite_path, sample_pixels)
+        verdict["identity"] = identity
+        atomic.write_json(verdict_path, verdict)
+    if verdict["agrees"]:
+        return ConvertedEngine("tflite", lambda: engines.TFLiteEngine(tflite_path), verdict)
+    if requested == "tflite":
+        raise ValueError(
+            f"the TFLite conversion of {identity} does not agree with Keras ({verdict['reason']}); "
+            "set extract_features.engine: keras (or auto, which falls back by itself)"
+        )
+    LOGGER.warning("TFLite engine not used for %s (%s); falling back to Keras", identity, verdict["reason"])
+    return ConvertedEngine("keras", lambda: engines.KerasEngine(build_model()), verdict)
+
+
+def _convert_and_verify(
+    build_model: Callable[[], Any], tflite_path: Path, sample_pixels: Callable[[], np.ndarray]
+) -> dict:
+    model = build_model()
+    try:
+        engines.convert_to_tflite(model, tflite_path)
+    except Exception as error:  # the converter raises many types; any failure means "use Keras"
+        return {"agrees": False, "reason": f"conversion failed: {type(error).__name__}: {error}"[:500], "cosine": None}
+    cosine = verify_against_keras(engines.TFLiteEngine(tflite_path), engines.KerasEngine(model), sample_pixels())
+    agrees = cosine >= MINIMUM_COSINE
+    reason = f"lowest cosine {cosine:.6f} on real photos (needs >= {MINIMUM_COSINE})"
+    return {"agrees": agrees, "reason": reason, "cosine": cosine}
+
+
+# ---------------------------------------------------------------- TFLite files
+
+
+def choose_tflite_engine(
+    *,
+    requested: str,
+    path: Path,
+    tensor: str,
+    sha256: str,
+    conversion_directory: Path,
+    sample_pixels: Callable[[], np.ndarray],
+) -> ConvertedEngine:
+    """Picks how to run a ``tflite:`` backbone: the file as given, or its fastest agreeing rewrite.
+
+    Args:
+        requested: ``extract_features.engine``. ``auto`` chooses by measurement (below);
+            ``tflite`` runs the file exactly as given; ``keras`` does not apply (as given, noted).
+        path: the TFLite file.
+        tensor: the tapped tensor (``tflite:PATH#TENSOR``), or empty for the output.
+        sha256: the file's sha256; the verdict is remembered as ``<sha256>-tflite.json``.
+        conversion_directory: where verdicts are kept (the embedding cache's ``converted/``).
+        sample_pixels: real photos at the file's input size (uint8, (N, S, S, 3)).
+    """
+    if requested != "auto":
+        note = (
+            "engine: keras does not apply to a TFLite file; it runs as given"
+            if requested == "keras"
+            else "requested: the file as given"
+        )
+        return _engine(path, tensor, rewrites.AS_GIVEN, {"reason": note})
+    verdict_path = conversion_directory / f"{sha256}-tflite.json"
+    verdict = _read_verdict(verdict_path)
+    if verdict is None:
+        verdict = measure(Path(path).read_bytes(), sample_pixels())
+        verdict["sha256"] = sha256
+        atomic.write_json(verdict_path, verdict)
+    return _engine(path, tensor, verdict["rewrite"], verdict)
+
+
+def _engine(path: Path, tensor: str, rewrite: str, verdict: dict) -> ConvertedEngine:
+    def build() -> engines.TFLiteEngine:
+        return engines.TFLiteEngine(path, tensor=tensor, rewrite=rewrite)
+
+    return ConvertedEngine(rewrites.engine_name(rewrite), build, verdict)
+
+
+def _read_verdict(path: Path) -> dict | None:
+    try:
+        verdict = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return verdict if isinstance(verdict, dict) and verdict.get("version") == VERDICT_VERSION else None
+
+
+def measure(content: bytes, pixels: np.ndarray) -> dict:
+    """Measures the file and each applicable rewrite on real photos; returns the verdict.
+
+    A rewrite qualifies when it is bit-identical to the file on LiteRT's reference kernels, or
+    when its features on XNNPACK are at least as close to the reference kernels' as the noise
+    floor (see the module docstring); the fastest of the file and the qualifying rewrites wins.
+
+    Returns:
+        ``rewrite`` (the choice, ``""`` for the file as given), ``reason``, and per path:
+        ``images_per_second``, ``lowest_cosine`` (to the reference kernels), ``exact``,
+        ``qualifies``; ``noise_floor``; ``not_applicable`` (rewrite: why).
+    """
+    problems = rewrites.candidates(content)
+    applicable = [rewrite for rewrite, problem in problems.items() if not problem]
+    verdict: dict[str, Any] = {
+        "version": VERDICT_VERSION,
+        "rewrite": rewrites.AS_GIVEN,
+        "not_applicable": {k: v for k, v in problems.items() if v},
+    }
+    if not applicable:
+        verdict["reason"] = (
+            "TFLite file runs as given (no rewrite applies: "
+            + "; ".join(f"{k}: {v}" for k, v in problems.items())
+            + ")"
+        )
+        return verdict
+    reference = _outputs(content, pixels, delegate=False)
+    noisy = np.clip(pixels.astype(np.int16) + np.random.default_rng(NOISE_SEED).integers(-1, 2, pixels.shape), 0, 255)
+    floor = _lowest_cosine(_outputs(content, noisy.astype(np.uint8), delegate=False), reference)
+    paths = {rewrites.AS_GIVEN: _path_report(content, pixels, reference, floor, exact=True)}
+    for rewrite in applicable:
+        try:
+            rewritten = rewrites.rewritten_content(content, rewrite)
+            exact = bool(np.array_equal(_outputs(rewritten, pixels, delegate=False), reference))
+            paths[rewrite] = _path_report(rewritten, pixels, reference, floor, exact=exact)
+        except (RuntimeError, ValueError) as error:  # LiteRT refuses the rewritten file: keep the others
+            verdict["not_applicable"][rewrite] = f"failed: {error}"[:300]
+    chosen = max(
+        (name for name, report in paths.items() if report["qualifies"]),
+        key=lambda name: paths[name]["images_per_second"],
+    )
+    verdict.update(
+        rewrite=chosen,
+        noise_floor=round(floor, 6),
+        paths={name or "as_given": report for name, report in paths.items()},
+    )
+    verdict["reason"] = _reason(chosen, paths, floor)
+    return verdict
+
+
+def _path_report(content: bytes, pixels: np.ndarray, reference: np.ndarray, floor: float, *, exact: bool) -> dict:
+    cosine = _lowest_cosine(_outputs(content, pixels, delegate=True), reference)
+    return {
+        "images_per_second": round(_images_per_second(content, pixels), 1),
+        "lowest_cosine": round(cosine, 6),
+        "exact": exact,
+        "qualifies": exact or cosine >= floor,
+    }
+
+
+def _reason(chosen: str, paths: dict, floor: float) -> str:
+    described = ", ".join(
+        f"{name or 'as given'} {report['images_per_second']} img/s cos {report['lowest_cosine']}"
+        + ("" if report["qualifies"] else " (rejected)")
+        for name, report in paths.items()
+    )
+    return f"chose {chosen or 'the file as given'} ({described}; noise floor {floor:.6f})"
+
+
+def _interpreter(content: bytes, batch: int, *, delegate: bool) -> Any:
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    resolver = OpResolverType.AUTO if delegate else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    interpreter = Interpreter(
+        model_content=content, num_threads=engines.ENGINE_THREADS, experimental_op_resolver_type=resolver
+    )
+    if batch:
+        detail = interpreter.get_input_details()[0]
+        interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+    interpreter.allocate_tensors()
+    return interpreter
+
+
+def _outputs(content: bytes, pixels: np.ndarray, *, delegate: bool) -> np.ndarray:
+    interpreter = _interpreter(content, len(pixels), delegate=delegate)
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], _as_input(pixels, detail["dtype"]))
+    interpreter.invoke()
+    output = interpreter.get_output_details()[0]
+    values = interpreter.get_tensor(output["index"]).reshape(len(pixels), -1).astype(np.float64)
+    scale, zero_point = output["quantization"]
+    return (values - zero_point) * scale if scale else values
+
+
+def _as_input(pixels: np.ndarray, dtype: Any) -> np.ndarray:
+    if dtype == np.int8:  # an int8 image input is the uint8 one shifted by 128 (as engines.TFLiteEngine feeds it)
+        return (np.asarray(pixels, dtype=np.int16) - 128).astype(np.int8)
+    return np.asarray(pixels).astype(dtype)
+
+
+def _lowest_cosine(first: np.ndarray, second: np.ndarray) -> float:
+    return float(engines.cosine_similarity(first, second).min())
+
+
+def _images_per_second(content: bytes, pixels: np.ndarray) -> float:
+    batch = pixels[:SPEED_BATCH]
+    interpreter = _interpreter(content, len(batch), delegate=True)
+    detail = interpreter.get_input_details()[0]
+    interpreter.set_tensor(detail["index"], _as_input(batch, detail["dtype"]))
+    interpreter.invoke()  # the first call packs XNNPACK's weights
+    rates, started = [], time.perf_counter()
+    while time.perf_counter() - started < SPEED_SECONDS or len(rates) < 2:
+        begin = time.perf_counter()
+        interpreter.invoke()
+        rates.append(len(batch) / (time.perf_counter() - begin))
+    return float(np.median(rates))
