@@ -36,10 +36,10 @@ VARIANTS = ("taps", "pixels")
 
 def run_taps(arguments) -> dict:
     """The finetune head on cached taps, ``--epochs`` epochs, no early stopping."""
-    from transferlab.heads import train_head
+    from transferlab.features import files
     from transferlab.heads import base, finetune
 
-    splits = train_head.load_splits(arguments.features, ("train", "val"))
+    splits = files.load_splits(arguments.features, ("train", "val"))
     started = time.perf_counter()
     outcome = finetune.train(
         train=splits["train"], val=splits["val"], seed=0, class_weight="none", from_layer=arguments.from_layer,
@@ -56,13 +56,13 @@ def run_pixels(arguments) -> dict:
     import numpy as np
 
     from transferlab.backbones import taps
-    from transferlab.heads import train_head
-    from transferlab.heads import dense, finetune
+    from transferlab.features import files
+    from transferlab.heads import finetune, keras_common
 
-    splits = train_head.load_splits(arguments.features, ("train", "val"))
+    splits = files.load_splits(arguments.features, ("train", "val"))
     tapped = finetune.check_taps(splits["train"])
     layer = taps.resolve_from_layer(tapped.block, arguments.from_layer)
-    dense._seed_everything(0)
+    keras_common.seed_everything(0)
     backbone = keras.models.load_model(tapped.backbone_file, compile=False)
     bottom = taps.bottom_model(backbone, layer)
     bottom.trainable = False

@@ -67,7 +67,8 @@ def exported(tmp_path_factory):
             patch.setenv(key, value)
         project = support.make_project(base)
         ensure_export_stage(project.root)
-        project.set_params(export={"tflite": True, "check_images": 0})
+        # The image size limit is a param: the manifest must record this value, not a default.
+        project.set_params(export={"tflite": True, "check_images": 0}, download={"max_image_pixels": 40_000_000})
         project.dvc("repro", "export")
         keras_run = snapshot(project.root, "keras", base)
         tiny_tflite(project.root / "tiny.tflite")
@@ -101,6 +102,7 @@ def test_model_keras_loads_safely_and_reproduces_evaluate(exported):
     manifest = json.loads((folder / "manifest.json").read_text())
     class_names = (folder / "labels.txt").read_text().splitlines()
     assert manifest["layout"] == "classifier" and manifest["class_names"] == class_names == ["daisy", "roses", "tulips"]
+    assert manifest["max_image_pixels"] == 40_000_000  # params download.max_image_pixels
     model = keras.saving.load_model(folder / "model.keras", safe_mode=True)  # no transferlab code needed
     assert model.input_shape == (None, None, None, 3) and model.output_shape == (None, 3)
     for row in rows:
@@ -154,6 +156,21 @@ def test_predict_classifies_a_folder_and_reports_a_corrupt_and_a_non_image_file(
         assert "not an image" in results[str(folder / "notes.txt")]["error"]
         assert f"{folder / 'broken.jpg'}: corrupt" in err and f"{folder / 'notes.txt'}: not an image" in err
         assert "2 of 6 file(s) could not be classified" in err
+
+
+def test_predict_opens_images_with_the_limit_the_manifest_records(exported, tmp_path, capsys):
+    run, rows = exported["keras"], read_rows(exported["keras"] / "test_predictions.csv")
+    photo = exported["images"] / rows[0]["path"]
+    with Image.open(photo) as image:
+        pixels = image.width * image.height
+    export = shutil.copytree(run / "export", tmp_path / "export")
+    manifest = json.loads((export / "manifest.json").read_text())
+    (export / "manifest.json").write_text(json.dumps({**manifest, "max_image_pixels": pixels - 1}))
+    assert cli.main(["predict", str(photo), "--model", str(export), "--json"]) == 1
+    assert "too large" in json.loads(capsys.readouterr().out)[0]["error"]
+    del manifest["max_image_pixels"]  # an export from before the manifest recorded it: the params default
+    (export / "manifest.json").write_text(json.dumps(manifest))
+    assert cli.main(["predict", str(photo), "--model", str(export), "--json"]) == 0
 
 
 def test_predict_command_line_prints_one_line_per_image(exported, tmp_path):

@@ -105,7 +105,7 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
     assert report["taps"]["layer"] == "block_13_expand" and report["taps"]["shape"] == [14, 14, 96]
     assert report["taps"]["engine"] == "tflite" and report["taps"]["bytes_per_image"] == 14 * 14 * 96 * 2
 
-    loaded = train_head.load_splits(features_folder)
+    loaded = files.load_splits(features_folder)
     options = params.TrainHeadParams(head="finetune").head_options()
     result = train_head.train_head(head="finetune", train=loaded["train"], val=loaded["val"], seed=0, class_weight="none",
                               options=options)

@@ -49,8 +49,10 @@ def workspace(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def write_params(root: Path, train_head: dict, evaluate: dict | None = None) -> None:
+def write_params(root: Path, train_head: dict, evaluate: dict | None = None, download: dict | None = None) -> None:
     content = {"base": {"seed": 7}, "train_head": train_head, "evaluate": evaluate or {"gallery_images": 8}}
+    if download is not None:
+        content["download"] = download
     (root / "params.yaml").write_text(yaml.safe_dump(content), encoding="utf-8")
 
 
@@ -147,6 +149,13 @@ def test_bad_params_stop_the_stage_naming_the_key(workspace, train_head_params, 
     assert completed.returncode == 1
     assert message in completed.stderr and "Traceback" not in completed.stderr
     assert not (workspace / "models").exists() and not (workspace / "metrics").exists()
+
+
+def test_both_stages_read_the_image_size_limit_from_params(workspace):
+    write_params(workspace, {"head": "logistic"}, download={"max_image_pixels": 0})
+    for completed in (train_head(workspace), evaluate(workspace)):
+        assert completed.returncode == 1
+        assert "download.max_image_pixels" in completed.stderr and "Traceback" not in completed.stderr
 
 
 def test_evaluate_without_a_head_says_to_run_train_head(workspace):

@@ -1,4 +1,4 @@
-"""evaluate's library: metrics against hand-computed values, provenance, plots data, features files."""
+"""evaluate's library: metrics against hand-computed values, provenance, plots data, the mistakes gallery."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from transferlab.heads import train_head
-from transferlab.reports import evaluate
+from transferlab.data import tables
+from transferlab.features import files
 from transferlab.heads import base
+from transferlab.reports import evaluate, gallery
 
 CLASSES = ("daisy", "rose", "tulip")
 LABELS = np.array([0, 0, 1, 1, 2, 2])
@@ -23,13 +24,13 @@ PROBABILITIES = np.array([
     [0.10, 0.30, 0.60],  # tulip -> tulip
     [0.45, 0.20, 0.35],  # tulip -> daisy (tulip second: a top-2 hit)
 ])
-BLOCKS = (base.Block("mobilenet_v2", "mobilenet_v2_weights.h5", 2, 0, "mobilenet_v2"),
-          base.Block("tflite:lite0.tflite", "random-init-seed3", 1, 2, "lite0"))
+BLOCKS = (files.Block("mobilenet_v2", "mobilenet_v2_weights.h5", 2, 0, "mobilenet_v2"),
+          files.Block("tflite:lite0.tflite", "random-init-seed3", 1, 2, "lite0"))
 
 
-def features(labels=LABELS, *, engine=None, blocks=BLOCKS, name="test") -> base.Features:
+def features(labels=LABELS, *, engine=None, blocks=BLOCKS, name="test") -> files.Features:
     rows = len(labels)
-    return base.Features(
+    return files.Features(
         features=np.arange(rows * 3, dtype=np.float32).reshape(rows, 3), labels=np.asarray(labels), class_names=CLASSES,
         blocks=blocks, paths=tuple(f"{CLASSES[c]}/{i}.jpg" for i, c in enumerate(labels)),
         sha256=tuple(f"{i:064x}" for i in range(rows)), recipes=("",) * rows, engine=engine, source=f"{name}.npz",
@@ -94,6 +95,10 @@ def test_evaluate_report_schema_and_plot_data():
     assert [(m.path, m.predicted, m.confidence, m.actual_probability) for m in result.mistakes] == [
         ("daisy/1.jpg", "rose", 0.5, 0.2), ("tulip/5.jpg", "daisy", 0.45, 0.35)]
     assert len(evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=1).mistakes) == 1
+    assert evaluate.describe(report) == (
+        "mobilenet_v2+lite0 + logistic head on 6 test images: accuracy 0.6667, balanced accuracy 0.6667, "
+        "macro-F1 0.6556, top-2 0.8333"
+    )
 
 
 def test_provenance_names_backbones_weights_engine_and_flags_random_init():
@@ -122,17 +127,17 @@ def test_evaluate_refuses_an_empty_test_split_and_foreign_features():
     empty = features(labels=np.array([], dtype=int))
     with pytest.raises(ValueError, match="split.test_fraction"):
         evaluate.evaluate(head=fixed_head(), val=features(), test=empty, gallery_images=4)
-    foreign = features(blocks=(BLOCKS[0], base.Block("resnet50", "imagenet", 1, 2)))
+    foreign = features(blocks=(BLOCKS[0], files.Block("resnet50", "imagenet", 1, 2)))
     with pytest.raises(ValueError, match="re-run train_head"):
         evaluate.evaluate(head=fixed_head(), val=features(), test=foreign, gallery_images=4)
 
 
 def test_predictions_csv(tmp_path):
     result = evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
-    evaluate.write_predictions(result.predictions, tmp_path / "predictions.csv")
+    tables.write_predictions(result.predictions, tmp_path / "predictions.csv")
     with (tmp_path / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == list(evaluate.PREDICTION_COLUMNS)
+    assert list(rows[0]) == list(tables.PREDICTION_COLUMNS)
     assert rows[5] == {"path": "tulip/5.jpg", "sha256": f"{5:064x}", "actual": "tulip", "predicted": "daisy",
                        "confidence": "0.450000"}
 
@@ -143,15 +148,30 @@ def test_gallery_png_with_images_a_missing_file_and_no_mistakes(tmp_path):
     Image.new("RGB", (120, 80), (200, 30, 30)).save(images / "daisy" / "1.jpg")
     result = evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
     # daisy/1.jpg exists; tulip/5.jpg does not and gets a tile saying so.
-    evaluate.render_gallery(result.mistakes, images_directory=images, path=tmp_path / "gallery.png", test_images=6)
+    gallery.render_gallery(result.mistakes, images_directory=images, path=tmp_path / "gallery.png", test_images=6,
+                           max_image_pixels=10**6)
     with Image.open(tmp_path / "gallery.png") as png:
         assert png.format == "PNG" and png.width >= 400 and png.height >= 300
         pixels = np.asarray(png.convert("RGB"))
     assert np.any(np.all(np.abs(pixels.astype(int) - [200, 30, 30]) < 12, axis=-1)), "the thumbnail is not drawn"
-    evaluate.render_gallery([], images_directory=images, path=tmp_path / "none.png", test_images=6)
+    gallery.render_gallery([], images_directory=images, path=tmp_path / "none.png", test_images=6,
+                           max_image_pixels=10**6)
     with Image.open(tmp_path / "none.png") as png:
         assert png.format == "PNG"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.png", "images", "none.png"]  # no temporary files left
+
+
+def test_gallery_opens_images_with_the_given_limit(tmp_path):
+    images = tmp_path / "images"
+    (images / "daisy").mkdir(parents=True)
+    Image.new("RGB", (120, 80), (200, 30, 30)).save(images / "daisy" / "1.jpg")
+    result = evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
+    # 120x80 pixels exceed a limit of 9600 - 1: the tile says the image cannot be opened instead of failing.
+    gallery.render_gallery(result.mistakes, images_directory=images, path=tmp_path / "gallery.png", test_images=6,
+                           max_image_pixels=120 * 80 - 1)
+    with Image.open(tmp_path / "gallery.png") as png:
+        pixels = np.asarray(png.convert("RGB"))
+    assert not np.any(np.all(np.abs(pixels.astype(int) - [200, 30, 30]) < 12, axis=-1)), "a too-large image was drawn"
 
 
 def test_read_extract_report(tmp_path):
@@ -160,62 +180,3 @@ def test_read_extract_report(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ValueError, match="bad.json is not valid JSON"):
         evaluate.read_extract_report(tmp_path / "bad.json")
-
-
-# --- features files ------------------------------------------------------------------------------
-
-
-def write_features(path, **changes):
-    rows, widths = 6, np.array([2, 1])
-    arrays = {
-        "features": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3), "labels": LABELS.astype(np.int32),
-        "class_names": np.array(CLASSES), "paths": np.array([f"p{i}.jpg" for i in range(rows)]),
-        "sha256": np.array([f"{i:064x}" for i in range(rows)]), "recipes": np.array([""] * rows),
-        "block_specs": np.array(["mobilenet_v2", "tflite:x.tflite"]), "block_names": np.array(["mobilenet_v2", "x"]),
-        "block_weights": np.array(["w.h5", "random-init-seed0"]), "block_engines": np.array(["keras", "tflite"]),
-        "block_widths": widths, "block_offsets": np.array([0, 2]),
-    }
-    arrays.update(changes)
-    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
-    return path
-
-
-def test_load_features_reads_the_contract(tmp_path):
-    loaded = train_head.load_features(write_features(tmp_path / "test.npz"))
-    assert loaded.features.shape == (6, 3) and loaded.class_names == CLASSES and loaded.engine == ["keras", "tflite"]
-    assert [(b.spec, b.name, b.width, b.offset, b.random_init) for b in loaded.blocks] == [
-        ("mobilenet_v2", "mobilenet_v2", 2, 0, False), ("tflite:x.tflite", "x", 1, 2, True)]
-    assert loaded.paths[0] == "p0.jpg" and loaded.source.endswith("test.npz")
-
-
-@pytest.mark.parametrize(
-    ("changes", "message"),
-    [
-        ({"labels": None}, "lacks key.*labels"),
-        ({"block_offsets": np.array([0, 1])}, "do not tile"),
-        ({"labels": np.array([0, 0, 1, 1, 2, 3], dtype=np.int32)}, r"labels must lie in 0\.\.2"),
-        ({"features": np.full((6, 3), np.nan, dtype=np.float32)}, "6 feature row"),
-        ({"features": np.zeros((6, 4), dtype=np.float32)}, r"float \(N, 3\)"),
-        ({"paths": np.array(["a"])}, "'paths' has 1 entries"),
-        ({"class_names": np.array(["a", "a", "b"])}, "unique"),
-        ({"recipes": np.array([None] * 6, dtype=object)}, "not a readable features file"),
-    ],
-)
-def test_load_features_errors_name_the_file_and_problem(tmp_path, changes, message):
-    path = write_features(tmp_path / "broken.npz", **changes)
-    with pytest.raises(ValueError, match=message) as error:
-        train_head.load_features(path)
-    assert "broken.npz" in str(error.value)
-
-
-def test_missing_features_file_says_which_stage_to_run(tmp_path):
-    with pytest.raises(ValueError, match="run the extract_features stage"):
-        train_head.load_features(tmp_path / "train.npz")
-
-
-def test_splits_from_different_extractions_are_refused(tmp_path):
-    write_features(tmp_path / "val.npz")
-    write_features(tmp_path / "test.npz", block_weights=np.array(["other.h5", "random-init-seed0"]))
-    with pytest.raises(ValueError, match="different extractions"):
-        train_head.load_splits(tmp_path, ("val", "test"))
-    assert len(train_head.load_splits(tmp_path, ("val",))["val"]) == 6

@@ -12,10 +12,12 @@ from PIL import Image
 
 from transferlab import cli
 from transferlab.core import params
-from transferlab.export import build, predict
+from transferlab.data import tables
+from transferlab.export import build, check, predict
 from transferlab.cli import imagenet
 from transferlab.heads import base, logistic
 from transferlab.backbones.stack import Member
+from transferlab.features import files
 
 CLASSES = ("daisy", "roses", "tulips")
 
@@ -24,7 +26,7 @@ def logistic_head(widths=(4, 3), seed=0) -> logistic.LogisticHead:
     rng = np.random.default_rng(seed)
     width = sum(widths)
     blocks = tuple(
-        base.Block(spec=f"spec{i}", weights=f"w{i}", width=w, offset=sum(widths[:i]), name=f"b{i}") for i, w in enumerate(widths)
+        files.Block(spec=f"spec{i}", weights=f"w{i}", width=w, offset=sum(widths[:i]), name=f"b{i}") for i, w in enumerate(widths)
     )
     description = base.HeadDescription(head="logistic", class_names=CLASSES, blocks=blocks)
     standardizer = base.BlockStandardizer.from_arrays(widths, rng.normal(size=width), rng.uniform(1e-12, 3.0, size=width))
@@ -38,8 +40,8 @@ def members_for(head: logistic.LogisticHead) -> list[Member]:
     ]
 
 
-def features_for(head: logistic.LogisticHead) -> base.Features:
-    return base.Features(features=np.zeros((1, head.description.feature_dim), np.float32), labels=np.zeros(1, np.int32),
+def features_for(head: logistic.LogisticHead) -> files.Features:
+    return files.Features(features=np.zeros((1, head.description.feature_dim), np.float32), labels=np.zeros(1, np.int32),
                          class_names=CLASSES, blocks=head.description.blocks)
 
 
@@ -86,14 +88,14 @@ def write_predictions(path: Path, rows: list[dict]) -> Path:
 def test_test_predictions_are_read_and_sampled_reproducibly(tmp_path):
     rows = [{"path": f"daisy/{i}.jpg", "sha256": f"{i:064x}", "actual": "daisy", "predicted": "daisy", "confidence": "0.9"}
             for i in range(50)]
-    read = build.read_test_predictions(write_predictions(tmp_path / "p.csv", rows))
+    read = tables.read_predictions(write_predictions(tmp_path / "p.csv", rows))
     assert read == rows
-    sample = build.select_rows(read, count=10, seed=3)
-    assert len(sample) == 10 and sample == build.select_rows(read, count=10, seed=3)
-    assert sample != build.select_rows(read, count=10, seed=4)
+    sample = check.select_rows(read, count=10, seed=3)
+    assert len(sample) == 10 and sample == check.select_rows(read, count=10, seed=3)
+    assert sample != check.select_rows(read, count=10, seed=4)
     assert [row["path"] for row in sample] == [row["path"] for row in read if row in sample]  # file order kept
-    assert build.select_rows(read, count=0, seed=3) == read
-    assert build.select_rows(read, count=500, seed=3) == read
+    assert check.select_rows(read, count=0, seed=3) == read
+    assert check.select_rows(read, count=500, seed=3) == read
 
 
 @pytest.mark.parametrize("content, message", [
@@ -106,11 +108,11 @@ def test_bad_test_predictions_say_what_to_do(tmp_path, content, message):
     if content is not None:
         path.write_text(content)
     with pytest.raises(ValueError, match=message):
-        build.read_test_predictions(path)
+        tables.read_predictions(path)
 
 
 def test_agreement_below_the_minimum_stops_with_the_disagreeing_images():
-    tally = build._Tally()
+    tally = check._Tally()
     rows = [{"path": f"{i}.jpg", "predicted": "daisy", "confidence": "0.8"} for i in range(100)]
     probabilities = np.tile([0.8, 0.1, 0.1], (100, 1))
     probabilities[7] = [0.2, 0.7, 0.1]
@@ -118,12 +120,12 @@ def test_agreement_below_the_minimum_stops_with_the_disagreeing_images():
     report = {"keras": tally.summary()}
     assert report["keras"]["top1_agreement"] == 0.99
     assert report["keras"]["max_confidence_difference"] == pytest.approx(0.6)
-    build._require_agreement(report, {"keras": tally}, 0.99)  # exactly the minimum passes
+    check._require_agreement(report, {"keras": tally}, 0.99)  # exactly the minimum passes
     probabilities[8] = [0.1, 0.1, 0.8]
-    tally = build._Tally()
+    tally = check._Tally()
     tally.add(rows, probabilities, CLASSES)
     with pytest.raises(ValueError, match=r"keras: top-1 agreement 98\.00% \(2 of 100 differ, e\.g\. 7\.jpg \(daisy -> roses\)"):
-        build._require_agreement({"keras": tally.summary()}, {"keras": tally}, 0.99)
+        check._require_agreement({"keras": tally.summary()}, {"keras": tally}, 0.99)
 
 
 def test_export_params_defaults_and_validation():
@@ -232,6 +234,7 @@ class FixedModel:
     """Stands in for a loaded export: probabilities from each image's mean red value."""
 
     class_names = CLASSES
+    max_image_pixels = 10**6
 
     def __init__(self):
         self.batches = []
@@ -254,6 +257,44 @@ def test_classify_files_goes_on_after_failures_and_keeps_the_order(tmp_path):
     assert results[2].top == (("roses", pytest.approx(1 - 60 / 255)), ("daisy", pytest.approx(60 / 255)))
     assert model.batches == [2] and done == [3, 1]  # no call for a batch without images
     assert results[1].to_json() == {"path": results[1].path, "error": results[1].error}
+
+
+def test_classify_files_opens_images_with_the_limit_the_model_was_trained_with(tmp_path):
+    folder = photo_folder(tmp_path / "photos")
+    files, _ = predict.collect_files([folder / "b.jpg"])  # 40x30 = 1200 pixels
+    model = FixedModel()
+    model.max_image_pixels = 1199  # as ExportedModel reads it from manifest.json
+    assert predict.classify_files(model, files)[0].error.startswith("too large")
+    assert predict.classify_files(model, files, max_image_pixels=1200)[0].error == ""
+    model.max_image_pixels = 1200
+    assert predict.classify_files(model, files)[0].error == ""
+
+
+def test_the_manifest_records_the_image_size_limit_and_old_ones_get_the_params_default(tmp_path):
+    assert predict.max_image_pixels_of(write_manifest(tmp_path / "new", max_image_pixels=1000)) == 1000
+    old = write_manifest(tmp_path / "old")
+    assert predict.max_image_pixels_of(old) == params.parse_section("download", None).max_image_pixels
+    with pytest.raises(ValueError, match="max_image_pixels must be a positive integer.*dvc repro export"):
+        predict.max_image_pixels_of({**old, "max_image_pixels": "many"})
+
+
+def test_the_export_report_and_its_log_line():
+    head = logistic_head()
+    member = {"name": "b0", "spec": "spec0", "kind": "keras", "image_size": 32, "alpha": None, "weights": "w0",
+              "random_init": False, "width": 4, "offset": 0}
+    manifest = {"backbone": "b0", "layout": "classifier", "members": [member],
+                "files": {"model.keras": {"bytes": 10}, "labels.txt": {"bytes": 2}}}
+    agreement = {"formats": {"tflite": {"top1_agreement": 1.0, "latency_ms": 3.25},
+                             "keras": {"top1_agreement": 0.995, "latency_ms": 20.0}}, "checked_images": 200, "resize": {}}
+    report = build.export_report(manifest, head, agreement)
+    assert list(report) == ["formats", "checked_images", "resize", "files", "provenance"]
+    assert report["files"] == {"model.keras": 10, "labels.txt": 2, "total": 12}
+    assert report["provenance"]["head"] == "logistic" and report["provenance"]["random_init"] is False
+    assert "offset" not in report["provenance"]["members"][0]
+    assert check.describe(agreement) == (
+        "top-1 agreement with evaluate on 200 test images: tflite 100.00% (3.2 ms per image), "
+        "keras 99.50% (20.0 ms per image)"
+    )
 
 
 def test_top_classes_are_most_probable_first():
@@ -335,7 +376,7 @@ def test_image_model_is_resize_then_backbone_then_head_and_loads_safely(head_kin
     photos = [rng.integers(0, 256, (32, 32, 3), dtype=np.uint8) for _ in range(4)]
     features = np.asarray(backbone(np.stack(photos).astype(np.float32), training=False), dtype=np.float64)
     standardizer = base.BlockStandardizer(widths=(1280,)).fit(features)
-    block = base.Block(spec="mobilenet_v2", weights="random-init-seed5", width=1280, offset=0, name="mobilenet_v2")
+    block = files.Block(spec="mobilenet_v2", weights="random-init-seed5", width=1280, offset=0, name="mobilenet_v2")
     description = base.HeadDescription(head=head_kind, class_names=CLASSES, blocks=(block,))
     if head_kind == "dense":
         model = dense.build_model(standardizer=standardizer, classes=3, units=8, dropout=0.5, seed=0)
@@ -358,7 +399,7 @@ def pixel_head(kind: str, folder: Path):
     from transferlab.backbones import registry, taps
     from transferlab.heads import finetune, scratch
 
-    block = base.Block(spec="mobilenet_v2", weights="random-init-seed5", width=1280, offset=0, name="mobilenet_v2")
+    block = files.Block(spec="mobilenet_v2", weights="random-init-seed5", width=1280, offset=0, name="mobilenet_v2")
     if kind == "scratch":
         settings = {"image_size": 24}
         model = scratch.build_model(classes=3, image_size=24, augment=True, dropout=0.2, seed=0)
@@ -384,9 +425,11 @@ def test_pixel_heads_export_as_one_model_in_both_formats(kind, tmp_path):
                     weights_identity="random-init-seed5", image_size=32, alpha=0.35, weights="none", random_init=True)
     folder = tmp_path / "export"
     folder.mkdir()
-    manifest = build.write_export(folder, members=[member], head=head, head_folder=tmp_path / "head", seed=5, tflite=True)
+    manifest = build.write_export(folder, members=[member], head=head, head_folder=tmp_path / "head", seed=5, tflite=True,
+                                  max_image_pixels=12345)
     size = 24 if kind == "scratch" else 32
     assert manifest["layout"] == "classifier" and manifest["inputs"][0]["image_size"] == size
+    assert predict.load(folder).max_image_pixels == 12345  # what `transferlab predict` opens images with
     rng = np.random.default_rng(1)
     photos = [Image.fromarray(rng.integers(0, 256, (30 + 7 * i, 41, 3), dtype=np.uint8)) for i in range(3)]
     pixels = predict.resize_all(photos, [size])[size]

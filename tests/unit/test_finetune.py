@@ -9,6 +9,7 @@ import pytest
 
 from transferlab.backbones import taps
 from transferlab.heads import base
+from transferlab.features import files
 
 pytestmark = pytest.mark.slow  # builds and trains Keras models (about 30 s in all)
 
@@ -64,13 +65,13 @@ def coloured_images(per_class: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(pixels, 0, 255).astype(np.float32), labels
 
 
-def split_with_taps(backbone, backbone_file, *, per_class: int, seed: int, layer: str = CUT) -> base.Features:
+def split_with_taps(backbone, backbone_file, *, per_class: int, seed: int, layer: str = CUT) -> files.Features:
     pixels, labels = coloured_images(per_class, seed)
     activations = taps.bottom_model(backbone, layer).predict(pixels, verbose=0).astype(np.float16)
     width = int(backbone.output_shape[-1])
-    block = base.Block(spec="tiny", weights="tiny-weights", width=width, offset=0, name="tiny")
-    tapped = base.Taps(activations=activations, layer=layer, block="tiny", backbone_file=backbone_file)
-    return base.Features(features=np.zeros((len(labels), width), np.float32), labels=labels, class_names=CLASSES,
+    block = files.Block(spec="tiny", weights="tiny-weights", width=width, offset=0, name="tiny")
+    tapped = files.Taps(activations=activations, layer=layer, block="tiny", backbone_file=backbone_file)
+    return files.Features(features=np.zeros((len(labels), width), np.float32), labels=labels, class_names=CLASSES,
                          blocks=(block,), taps=tapped, source=f"<{seed}>")
 
 
@@ -200,12 +201,12 @@ def test_saved_head_and_full_model_reproduce_the_predictions(trained, backbone):
 
 def test_a_split_without_taps_or_with_other_taps_is_refused(trained):
     val = trained["splits"]["val"]
-    bare = base.Features(features=val.features, labels=val.labels, class_names=val.class_names, blocks=val.blocks,
+    bare = files.Features(features=val.features, labels=val.labels, class_names=val.class_names, blocks=val.blocks,
                          source="data/features/val.npz")
     with pytest.raises(ValueError, match="train_head.head is finetune"):
         base.predict_split(trained["head"], bare)
-    other = base.Features(features=val.features, labels=val.labels, class_names=val.class_names, blocks=val.blocks,
-                          taps=base.Taps(val.taps.activations, "last_conv", "tiny", val.taps.backbone_file))
+    other = files.Features(features=val.features, labels=val.labels, class_names=val.class_names, blocks=val.blocks,
+                          taps=files.Taps(val.taps.activations, "last_conv", "tiny", val.taps.backbone_file))
     with pytest.raises(ValueError, match="re-run extract_features"):
         base.predict_split(trained["head"], other)
 

@@ -17,6 +17,7 @@ from transferlab import heads
 from transferlab.core import params
 from transferlab.heads import train_head
 from transferlab.heads import base, logistic
+from transferlab.features import files
 
 C_GRID = [0.001, 0.01, 0.1, 1.0, 10.0]
 LOGISTIC_OPTIONS = {"c_grid": C_GRID, "max_iter": 1000, "select_by": "accuracy"}
@@ -31,7 +32,7 @@ def make_split(
     noise: float = 1.0,
     block_scales: tuple[float, ...] | None = None,
     name: str = "split",
-) -> base.Features:
+) -> files.Features:
     """Gaussian blobs around ``centers`` (one row per class), ``counts[c]`` rows of class c."""
     labels = np.repeat(np.arange(len(counts)), counts)
     features = centers[labels] + noise * rng.normal(size=(len(labels), centers.shape[1]))
@@ -39,10 +40,10 @@ def make_split(
         features = features * np.repeat(block_scales, widths)
     offsets = np.concatenate([[0], np.cumsum(widths)[:-1]])
     blocks = tuple(
-        base.Block(spec=f"backbone_{i}", weights="random-init-seed0" if i else "weights.h5", width=int(w), offset=int(o))
+        files.Block(spec=f"backbone_{i}", weights="random-init-seed0" if i else "weights.h5", width=int(w), offset=int(o))
         for i, (w, o) in enumerate(zip(widths, offsets))
     )
-    return base.Features(
+    return files.Features(
         features=features.astype(np.float32), labels=labels, class_names=tuple(f"class_{c}" for c in range(len(counts))),
         blocks=blocks, paths=tuple(f"class_{c}/{name}_{i}.jpg" for i, c in enumerate(labels)),
         sha256=tuple(f"{i:064x}" for i in range(len(labels))), recipes=("",) * len(labels), source=f"{name}.npz",
@@ -182,6 +183,12 @@ def test_train_head_reports_metrics_and_round_trips_through_the_saved_folder(tmp
                               options=LOGISTIC_OPTIONS)
     assert set(result.metrics) >= {"head", "seconds", "c", "train", "val", "classes", "feature_dim"}
     assert set(result.metrics["val"]) == {"examples", "accuracy", "loss"}
+    line = train_head.describe(result.metrics)
+    figures = result.metrics
+    assert line == (f"logistic head: train accuracy {figures['train']['accuracy']:.4f}, val accuracy "
+                    f"{figures['val']['accuracy']:.4f}, {figures['seconds']:.1f} s")
+    no_val = {**result.metrics, "val": {"examples": 0}}
+    assert "val accuracy n/a (no validation rows)" in train_head.describe(no_val)
     train_head.save_head(result.head, tmp_path / "head")
     assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["head.json", "logistic.npz", "standardizer.npz"]
     loaded = heads.load_head(tmp_path / "head")
@@ -225,7 +232,7 @@ def test_load_head_errors_say_what_to_do(tmp_path):
 def test_head_refuses_features_from_other_backbones():
     train_split, val_split, test_split = blob_splits(13)
     head = train_logistic(train_split, val_split).head
-    other = dataclasses.replace(test_split, blocks=(test_split.blocks[0], base.Block("resnet50", "x", 10, 6)))
+    other = dataclasses.replace(test_split, blocks=(test_split.blocks[0], files.Block("resnet50", "x", 10, 6)))
     with pytest.raises(ValueError, match="re-run train_head"):
         head.description.check_features(other)
 
@@ -266,11 +273,11 @@ def test_logistic_path_never_imports_tensorflow(tmp_path):
         from transferlab import heads
         from transferlab.core import params
         from transferlab.heads import train_head
+        from transferlab.features import files
         from transferlab.reports import evaluate
-        from transferlab.heads import base
         rng = np.random.default_rng(0)
         x, y = rng.normal(size=(30, 4)).astype(np.float32), np.arange(30) % 3
-        split = base.Features(features=x, labels=y, class_names=("a", "b", "c"), blocks=(base.Block("m", "w", 4, 0),))
+        split = files.Features(features=x, labels=y, class_names=("a", "b", "c"), blocks=(files.Block("m", "w", 4, 0),))
         result = train_head.train_head(head="logistic", train=split, val=split, seed=0, class_weight="none",
                                   options={"c_grid": [0.1, 1.0], "max_iter": 100, "select_by": "accuracy"})
         train_head.save_head(result.head, sys.argv[1])

@@ -15,21 +15,24 @@ from transferlab.data import augment
 from transferlab.heads import train_head
 from transferlab.reports import evaluate
 from transferlab.heads import base, scratch
+from transferlab.features import files
 
 CLASSES = tuple(support.CLASS_COLOURS)
 OPTIONS = {"image_size": 32, "augment": False, "dropout": 0.0, "epochs": 3, "batch_size": 8, "learning_rate": 0.003,
            "patience": 3, "decode_threads": 2}
 CURVE_KEYS = {"train/loss", "train/accuracy", "val/loss", "val/accuracy"}
+MAX_IMAGE_PIXELS = params.DownloadParams().max_image_pixels  # the stages pass params' download.max_image_pixels
 
 
-def features_of(rows: list[dict], *, images_directory, name: str) -> base.Features:
+def features_of(rows: list[dict], *, images_directory, name: str) -> files.Features:
     """A split of the given rows with placeholder feature columns (the scratch head ignores them)."""
     count = len(rows)
-    return base.Features(
+    return files.Features(
         features=np.zeros((count, 4), dtype=np.float32), labels=np.array([CLASSES.index(r["label"]) for r in rows]),
-        class_names=CLASSES, blocks=(base.Block("mobilenet_v2", "random-init-seed0", 4, 0, "mobilenet_v2"),),
+        class_names=CLASSES, blocks=(files.Block("mobilenet_v2", "random-init-seed0", 4, 0, "mobilenet_v2"),),
         paths=tuple(r["path"] for r in rows), sha256=tuple(r["sha256"] for r in rows),
         recipes=tuple(r["recipe"] for r in rows), source=f"{name}.npz", images_directory=images_directory,
+        max_image_pixels=MAX_IMAGE_PIXELS,
     )
 
 
@@ -136,13 +139,20 @@ def test_input_errors_say_what_to_do(splits, tmp_path):
                  for name, split in splits.items()}
     with pytest.raises(ValueError, match="run the download stage"):
         train_scratch(elsewhere)
+    without_limit = {name: dataclasses.replace(split, max_image_pixels=None) for name, split in splits.items()}
+    with pytest.raises(ValueError, match=r"max_image_pixels \(params download.max_image_pixels\)"):
+        train_scratch(without_limit)
+    # The limit the splits carry (params download.max_image_pixels) is the one images are opened with.
+    tiny_limit = {name: dataclasses.replace(split, max_image_pixels=100) for name, split in splits.items()}
+    with pytest.raises(ValueError, match=r"too large .*raise download\.max_image_pixels"):
+        train_scratch(tiny_limit)
     empty_val = {**splits, "val": scratch.subset(splits["val"], np.zeros(len(splits["val"]), dtype=bool))}
     with pytest.raises(ValueError, match="validation split is empty"):
         train_scratch(empty_val)
     (tmp_path / "photos").mkdir()
     with pytest.raises(ValueError, match=r"daisy/daisy_000\.jpg not found"):
         scratch.decode_views(images_directory=tmp_path / "photos", paths=["daisy/daisy_000.jpg"], recipes=[""], size=8,
-                             threads=1)
+                             threads=1, max_image_pixels=MAX_IMAGE_PIXELS)
 
 
 def test_decoded_views_are_render_view_of_open_rgb(splits):
@@ -150,8 +160,8 @@ def test_decoded_views_are_render_view_of_open_rgb(splits):
 
     split = splits["train"]
     pixels = scratch.decode_views(images_directory=split.images_directory, paths=split.paths[-3:],
-                                  recipes=split.recipes[-3:], size=24, threads=2)
+                                  recipes=split.recipes[-3:], size=24, threads=2, max_image_pixels=MAX_IMAGE_PIXELS)
     assert pixels.dtype == np.uint8 and pixels.shape == (3, 24, 24, 3)
     for row, path, recipe in zip(pixels, split.paths[-3:], split.recipes[-3:]):
-        image = images.open_rgb(split.images_directory / path, max_image_pixels=scratch.MAX_IMAGE_PIXELS)
+        image = images.open_rgb(split.images_directory / path, max_image_pixels=MAX_IMAGE_PIXELS)
         np.testing.assert_array_equal(row, augment.render_view(image, recipe, 24))

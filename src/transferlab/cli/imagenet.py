@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from transferlab.backbones import registry
+from transferlab.core import params
 from transferlab.export import predict
 
 DEFAULT_BACKBONE = "mobilenet_v2"
@@ -46,12 +47,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="a local imagenet_class_index.json (default: Keras' own, downloaded once)")
     parser.add_argument("--top", type=int, default=5, metavar="K", help="classes per photo (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
+    parser.add_argument("--max-image-pixels", type=int, default=params.DownloadParams().max_image_pixels, metavar="N",
+                        help="larger images are refused as decompression bombs (default: params' "
+                        "download.max_image_pixels default, %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Classifies every photo into the ImageNet classes; returns 0, or 1 when any file failed."""
     if not 1 <= args.top <= IMAGENET_CLASSES:
         raise ValueError(f"--top must be between 1 and {IMAGENET_CLASSES}, got {args.top}")
+    if args.max_image_pixels < 1:
+        raise ValueError(f"--max-image-pixels must be at least 1, got {args.max_image_pixels}")
     entry = registry.get(args.backbone)
     alpha = registry.check_alpha(entry, args.alpha)
     class_index = read_class_index(args.class_index) if args.class_index is not None else None
@@ -60,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
     results: list[dict[str, Any]] = [result.to_json() for result in missing]
     model = build_classifier(entry, alpha=alpha, weights=weights)
     for start in range(0, len(files), BATCH):
-        results.extend(classify(model, entry, files[start : start + BATCH], top=args.top, class_index=class_index))
+        chunk = files[start : start + BATCH]
+        results.extend(classify(model, entry, chunk, top=args.top, class_index=class_index,
+                                max_image_pixels=args.max_image_pixels))
     return report(results, as_json=args.json)
 
 
@@ -152,13 +160,19 @@ def centre_square(picture: Image.Image, size: int) -> np.ndarray:
 
 
 def classify(
-    model: Any, entry: registry.Backbone, files: Sequence[Path], *, top: int, class_index: dict[str, tuple[str, str]] | None
+    model: Any,
+    entry: registry.Backbone,
+    files: Sequence[Path],
+    *,
+    top: int,
+    class_index: dict[str, tuple[str, str]] | None,
+    max_image_pixels: int,
 ) -> list[dict[str, Any]]:
     """Runs the classifier on the files: per file ``{"path", "predictions": [{"class", "wnid", "confidence"}]}``,
     or ``{"path", "error"}`` for a file that is not a readable image."""
     import keras
 
-    opened = [predict.open_image(path, max_image_pixels=predict.DEFAULT_MAX_IMAGE_PIXELS) for path in files]
+    opened = [predict.open_image(path, max_image_pixels=max_image_pixels) for path in files]
     good = [centre_square(picture, entry.default_size) for picture, _ in opened if picture is not None]
     decoded: list = []
     if good:

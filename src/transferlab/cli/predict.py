@@ -1,6 +1,7 @@
 """``transferlab predict``: classify image files or folders with the exported model (models/export).
 
-Each file is decoded and resized exactly as the pipeline does it. A file that is not a readable
+Each file is decoded and resized exactly as the pipeline does it, with the image size limit the
+model was trained with (``download.max_image_pixels``, recorded in the manifest). A file that is not a readable
 image gets one line on stderr and the others go on; the exit code is 1 when any file failed.
 """
 
@@ -38,7 +39,8 @@ def run(args: argparse.Namespace) -> int:
     files, missing = predict.collect_files(args.paths)
     model = predict.load(args.model, format=args.format)
     with tqdm(total=len(files), unit="image", file=sys.stderr, disable=len(files) < PROGRESS_FROM) as bar:
-        results = predict.classify_files(model, files, top=args.top, batch_size=args.batch_size, progress=bar.update)
+        results = predict.classify_files(model, files, top=args.top, batch_size=args.batch_size,
+                                         max_image_pixels=model.max_image_pixels, progress=bar.update)
     results = missing + results
     failed = [result for result in results if result.error]
     for result in failed:

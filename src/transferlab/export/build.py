@@ -1,4 +1,6 @@
-"""export: the trained classifier as files that run without the pipeline, checked against evaluate.
+"""export: the trained classifier as files that run without the pipeline, and the export report.
+
+:mod:`transferlab.export.check` then checks the written folder against evaluate's predictions.
 
 What is written (the folder's layouts and formats are described in :mod:`transferlab.export.predict`,
 which runs them):
@@ -22,21 +24,13 @@ which runs them):
   converted), the head, and the manifest with each file's sha256, input size and dtype, resize
   rule and block offsets.
 - Always: ``labels.txt`` (one class per line, index order), ``head/`` (a copy of models/head),
-  ``manifest.json``.
-
-The check: every format written is loaded back from the folder through
-:func:`transferlab.export.predict.load` and run on the raw test images (decoded from the files, not
-from features); its top-1 class must equal evaluate's prediction on at least
-:data:`MINIMUM_AGREEMENT` of them, else the stage fails and writes nothing. Measured on all 3670
-flower_photos (MobileNetV2 with the shared weights, logistic head, 735 test images): model.tflite
-735/735 with confidences within 2e-6 (it is fed the pipeline's own resize), model.keras 734/735
-(the one that flipped had confidence 0.49; the in-graph resize moves confidences by up to 0.12).
+  ``manifest.json``, which also records ``max_image_pixels`` (params ``download.max_image_pixels``),
+  so that ``transferlab predict`` opens images with the limit the model was trained with.
 """
 
 from __future__ import annotations
 
-import csv
-import os
+import logging
 import shutil
 from pathlib import Path
 from typing import Any, Sequence
@@ -47,15 +41,14 @@ from transferlab.backbones import registry
 from transferlab.core import atomic
 from transferlab.data import images
 from transferlab.export import predict
+from transferlab.features import files
 from transferlab.heads import base
 from transferlab.backbones.stack import Member
 
-MINIMUM_AGREEMENT = 0.99
-LATENCY_RUNS = 20
-CHECK_BATCH = 32
 FEATURE_HEADS = ("logistic", "dense")  # classify the backbones' pooled embeddings
 PIXEL_HEADS = ("finetune", "scratch")  # are (with their own backbone part) one Keras model of the pixels
 EXPORTABLE_HEADS = FEATURE_HEADS + PIXEL_HEADS
+PROVENANCE_MEMBER_KEYS = ("name", "spec", "kind", "image_size", "alpha", "weights", "random_init", "width")
 RESIZE_RULE = {
     "rule": "pillow-bilinear",
     "detail": (
@@ -65,12 +58,13 @@ RESIZE_RULE = {
         "antialias=True), rounded to uint8"
     ),
 }
+logger = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------- inputs
 
 
-def check_consistency(*, members: Sequence[Member], head: base.TrainedHead, test: base.Features) -> None:
+def check_consistency(*, members: Sequence[Member], head: base.TrainedHead, test: files.Features) -> None:
     """Raises ``ValueError`` unless params, head and features describe the same backbones.
 
     Args:
@@ -93,30 +87,6 @@ def check_consistency(*, members: Sequence[Member], head: base.TrainedHead, test
 
 def _listing(pairs: Sequence[tuple[str, str]]) -> str:
     return " + ".join(f"{spec} (weights {weights})" for spec, weights in pairs)
-
-
-def read_test_predictions(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Reads evaluate's test_predictions.csv (path, sha256, actual, predicted, confidence)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"{path} not found; run the evaluate stage first (dvc repro evaluate)")
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"path", "sha256", "predicted", "confidence"} - set(reader.fieldnames or ())
-        if missing:
-            raise ValueError(f"{path} lacks column(s) {', '.join(sorted(missing))}; re-run evaluate")
-        rows = list(reader)
-    if not rows:
-        raise ValueError(f"{path} has no rows; evaluate needs test images (split.test_fraction > 0)")
-    return rows
-
-
-def select_rows(rows: Sequence[dict[str, str]], *, count: int, seed: int) -> list[dict[str, str]]:
-    """``count`` rows drawn without replacement (seeded), in file order; 0 or more than there are = all."""
-    if count <= 0 or count >= len(rows):
-        return list(rows)
-    chosen = np.random.default_rng(seed).choice(len(rows), size=count, replace=False)
-    return [rows[index] for index in sorted(chosen.tolist())]
 
 
 # ---------------------------------------------------------------- building the models
@@ -218,7 +188,8 @@ def write_export(
     head_folder: Path,
     seed: int,
     tflite: bool,
-    block_engines: Sequence[str] = (),
+    max_image_pixels: int,
+    block_engines: Sequence[str | None] = (),
 ) -> dict[str, Any]:
     """Writes the export into ``folder`` (an empty directory) and returns its manifest.
 
@@ -230,10 +201,14 @@ def write_export(
         seed: ``base.seed``.
         tflite: also write ``model.tflite`` (all-Keras stacks; a stack with a TFLite member is
             always exported as TFLite files).
+        max_image_pixels: the decompression-bomb limit the model was trained with (params
+            ``download.max_image_pixels``), recorded in the manifest for ``transferlab predict``.
         block_engines: the engine each block's features came from (``block_engines`` of the
             features files): a TFLite member is written as the rewrite that engine ran, so the
             export computes exactly what the head was trained on.
     """
+    if any(member.random_init for member in members):
+        logger.warning("random-init backbone weights: this export classifies nothing real")
     if head.description.head in PIXEL_HEADS or all(member.kind == "keras" for member in members):
         layout = _write_classifier(folder, members=members, head=head, head_folder=head_folder, seed=seed, tflite=tflite)
         member_files = [{} for _ in members]
@@ -246,13 +221,14 @@ def write_export(
         "format": predict.EXPORT_FORMAT,
         "version": predict.EXPORT_VERSION,
         **layout,
-        "backbone": base.stack_name(head.description.blocks),
+        "backbone": files.stack_name(head.description.blocks),
         "class_names": class_names,
         "labels": predict.LABELS_FILE,
         "resize": RESIZE_RULE,
+        "max_image_pixels": int(max_image_pixels),
         "members": [
-            {**_member_entry(member, block), **files}
-            for member, block, files in zip(members, head.description.blocks, member_files)
+            {**_member_entry(member, block), **written}
+            for member, block, written in zip(members, head.description.blocks, member_files)
         ],
         "head": {"type": head.description.head, "folder": predict.HEAD_FOLDER, "settings": head.description.settings},
         "files": _file_table(folder),
@@ -310,7 +286,7 @@ def _safe_name(name: str) -> str:
     return "".join(character if character.isalnum() or character in "._-" else "_" for character in name)
 
 
-def _member_entry(member: Member, block: base.Block) -> dict[str, Any]:
+def _member_entry(member: Member, block: files.Block) -> dict[str, Any]:
     return {
         "name": member.name, "spec": member.spec, "kind": member.kind, "image_size": member.image_size,
         "alpha": member.alpha, "weights": member.weights_identity, "random_init": member.random_init,
@@ -326,146 +302,9 @@ def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
     }
 
 
-# ---------------------------------------------------------------- the check against evaluate
-
-
-def check_against_evaluate(
-    folder: Path,
-    *,
-    rows: Sequence[dict[str, str]],
-    images_directory: Path,
-    max_image_pixels: int = predict.DEFAULT_MAX_IMAGE_PIXELS,
-    minimum_agreement: float = MINIMUM_AGREEMENT,
-) -> dict[str, Any]:
-    """Runs every format in ``folder`` on the rows' raw images; compares with evaluate's predictions.
-
-    Args:
-        folder: a written export.
-        rows: test_predictions.csv rows to check (:func:`select_rows`).
-        images_directory: data/raw/images (the rows' paths are relative to it).
-        max_image_pixels: decompression-bomb limit.
-        minimum_agreement: the share of top-1 predictions that must agree.
-
-    Returns:
-        Per format: agreement, disagreements, largest difference in the confidence of
-        evaluate's predicted class, single-image latency; and, for model.keras, how far its
-        in-graph resize is from Pillow's on these images.
-
-    Raises:
-        ValueError: an image differs from the one evaluate saw, or agreement is below the minimum.
-    """
-    manifest = predict.read_manifest(folder)
-    models = {name: predict.load(folder, format=name) for name in predict.available_formats(manifest)}
-    tallies = {name: _Tally() for name in models}
-    resize = _ResizeTally(models.get("keras"))
-    first = None
-    for start in range(0, len(rows), CHECK_BATCH):
-        chunk = rows[start : start + CHECK_BATCH]
-        pictures = [_open_checked(images_directory, row, max_image_pixels) for row in chunk]
-        first = pictures[0] if first is None else first
-        for name, model in models.items():
-            tallies[name].add(chunk, model.predict(pictures), model.class_names)
-        resize.add(pictures)
-    report = {name: {**tally.summary(), "latency_ms": predict.median_latency_ms(models[name], first, runs=LATENCY_RUNS)}
-              for name, tally in tallies.items()}
-    _require_agreement(report, tallies, minimum_agreement)
-    return {"formats": report, "checked_images": len(rows), "resize": {"rule": RESIZE_RULE["rule"], **resize.summary()}}
-
-
-def _open_checked(images_directory: Path, row: dict[str, str], max_image_pixels: int) -> Any:
-    path = images_directory / row["path"]
-    if not path.is_file() or images.sha256_file(path) != row["sha256"]:
-        raise ValueError(f"{path} is missing or is not the image evaluate saw (sha256 differs); run `dvc repro`")
-    return images.open_rgb(path, max_image_pixels=max_image_pixels)
-
-
-class _Tally:
-    """Agreement of one format with evaluate's predictions, accumulated batch by batch."""
-
-    def __init__(self) -> None:
-        self.agreeing = 0
-        self.total = 0
-        self.largest_difference = 0.0
-        self.disagreements: list[dict[str, Any]] = []
-
-    def add(self, rows: Sequence[dict[str, str]], probabilities: np.ndarray, class_names: Sequence[str]) -> None:
-        index = {name: i for i, name in enumerate(class_names)}
-        for row, row_probabilities in zip(rows, probabilities):
-            predicted = class_names[int(np.argmax(row_probabilities))]
-            difference = abs(float(row_probabilities[index[row["predicted"]]]) - float(row["confidence"]))
-            self.largest_difference = max(self.largest_difference, difference)
-            self.total += 1
-            if predicted == row["predicted"]:
-                self.agreeing += 1
-            else:
-                self.disagreements.append({"path": row["path"], "evaluate": row["predicted"], "export": predicted,
-                                           "evaluate_confidence": float(row["confidence"])})
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "top1_agreement": round(self.agreeing / self.total, 6),
-            "disagreements": len(self.disagreements),
-            "disagreeing_images": self.disagreements[:10],
-            "max_confidence_difference": round(self.largest_difference, 6),
-        }
-
-
-class _ResizeTally:
-    """How far model.keras's in-graph resize is from the pipeline's Pillow resize (grey levels)."""
-
-    def __init__(self, exported: predict.ExportedModel | None):
-        self.resizers = _resize_models(exported) if exported is not None else {}
-        self.largest = 0.0
-        self.exact = 0
-        self.values = 0
-
-    def add(self, pictures: Sequence[Any]) -> None:
-        for size, resizer in self.resizers.items():
-            for picture in pictures:
-                ours = np.clip(np.round(resizer(np.asarray(picture)[None])), 0, 255)[0]
-                theirs = predict.resize_all([picture], [size])[size][0].astype(np.float64)
-                difference = np.abs(ours - theirs)
-                self.largest = max(self.largest, float(difference.max()))
-                self.exact += int(np.count_nonzero(difference == 0))
-                self.values += difference.size
-
-    def summary(self) -> dict[str, Any]:
-        if not self.values:
-            return {}
-        return {"keras_max_abs_difference": self.largest, "keras_exact_share": round(self.exact / self.values, 6)}
-
-
-def _resize_models(exported: predict.ExportedModel) -> dict[int, Any]:
-    import keras
-    import tensorflow as tf
-
-    model = exported.runner.model
-    resizers = {}
-    for item in exported.manifest["inputs"]:
-        size = int(item["image_size"])
-        cut = keras.Model(model.inputs, model.get_layer(f"resize_{size}").output)
-        call = tf.function(lambda pixels, cut=cut: cut(pixels), input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)])
-        resizers[size] = lambda pixels, call=call: call(pixels).numpy().astype(np.float64)
-    return resizers
-
-
-def _require_agreement(report: dict[str, Any], tallies: dict[str, _Tally], minimum: float) -> None:
-    failing = {name: figures for name, figures in report.items() if figures["top1_agreement"] < minimum}
-    if not failing:
-        return
-    lines = []
-    for name, figures in failing.items():
-        examples = ", ".join(f"{item['path']} ({item['evaluate']} -> {item['export']})" for item in figures["disagreeing_images"][:5])
-        lines.append(
-            f"{name}: top-1 agreement {figures['top1_agreement']:.2%} ({figures['disagreements']} of "
-            f"{tallies[name].total} differ, e.g. {examples})"
-        )
-    raise ValueError(
-        f"the exported model does not reproduce evaluate's test predictions (needs >= {minimum:.0%}):\n  "
-        + "\n  ".join(lines)
-        + "\nThe export is not written. Check that data/raw/images, models/head and the extract_features params are "
-        "those evaluate used (`dvc repro` brings them in line)"
-    )
+def export_report(manifest: dict[str, Any], head: base.TrainedHead, check_report: dict[str, Any]) -> dict[str, Any]:
+    """metrics/export.json: the check's figures (:mod:`transferlab.export.check`), file sizes and provenance."""
+    return {**check_report, "files": file_sizes(manifest), "provenance": provenance(manifest, head)}
 
 
 def provenance(manifest: dict[str, Any], head: base.TrainedHead) -> dict[str, Any]:
@@ -473,8 +312,7 @@ def provenance(manifest: dict[str, Any], head: base.TrainedHead) -> dict[str, An
     return {
         "backbone": manifest["backbone"],
         "layout": manifest["layout"],
-        "members": [{key: member[key] for key in ("name", "spec", "kind", "image_size", "alpha", "weights", "random_init", "width")}
-                    for member in manifest["members"]],
+        "members": [{key: member[key] for key in PROVENANCE_MEMBER_KEYS} for member in manifest["members"]],
         "head": head.description.head,
         "head_settings": head.description.settings,
         "random_init": any(member["random_init"] for member in manifest["members"]),

@@ -18,7 +18,8 @@ Formats: ``keras`` (``model.keras``) and ``tflite`` (``model.tflite``, or the st
 backbones). ``auto`` prefers ``tflite``: it resizes exactly as the pipeline does (Pillow), runs
 on LiteRT, and needs no TensorFlow import (8-10 s of start-up on this machine).
 
-Every image is decoded as training decodes it (:func:`transferlab.data.images.open_rgb`) and, outside
+Every image is decoded as training decodes it (:func:`transferlab.data.images.open_rgb`, with the
+decompression-bomb limit the manifest records: :func:`max_image_pixels_of`) and, outside
 ``model.keras``, resized as training resizes it (:func:`transferlab.data.augment.render_view` with
 the original recipe: Pillow bilinear on the whole image, no crop).
 """
@@ -35,6 +36,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from transferlab.core import params
 from transferlab.data import augment, images
 
 EXPORT_FORMAT = "transferlab-export"
@@ -48,7 +50,6 @@ BACKBONES_FOLDER = "backbones"
 LAYOUTS = ("classifier", "stack")
 FORMATS = ("auto", "keras", "tflite")
 DEFAULT_MODEL_FOLDER = Path("models") / "export"
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default bomb limit, as download.max_image_pixels
 RUN_EXPORT = "run `dvc repro export` to write it (or give --model DIR)"
 
 
@@ -85,6 +86,24 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
     if manifest["layout"] not in LAYOUTS:
         raise ValueError(f"{path}: unknown layout {manifest['layout']!r} (expected one of {', '.join(LAYOUTS)})")
     return manifest
+
+
+def max_image_pixels_of(manifest: dict[str, Any]) -> int:
+    """The decompression-bomb limit the model was trained with (params ``download.max_image_pixels``).
+
+    An export written before manifests recorded it gets the params default.
+
+    Raises:
+        ValueError: the manifest records something other than a positive integer.
+    """
+    if "max_image_pixels" not in manifest:
+        return params.DownloadParams().max_image_pixels
+    recorded = manifest["max_image_pixels"]
+    if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1:
+        raise ValueError(
+            f"manifest max_image_pixels must be a positive integer, got {recorded!r}; re-run `dvc repro export`"
+        )
+    return recorded
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
@@ -144,6 +163,11 @@ class ExportedModel:
         if probabilities.shape != (len(pictures), len(self.class_names)):
             raise ValueError(f"{self.folder}: the model gave shape {probabilities.shape}; re-run `dvc repro export`")
         return probabilities
+
+    @property
+    def max_image_pixels(self) -> int:
+        """The decompression-bomb limit the model was trained with (see :func:`max_image_pixels_of`)."""
+        return max_image_pixels_of(self.manifest)
 
 
 def load(folder: str | os.PathLike = DEFAULT_MODEL_FOLDER, *, format: str = "auto", verify: bool = True) -> ExportedModel:
@@ -332,7 +356,7 @@ def classify_files(
     *,
     top: int = 1,
     batch_size: int = 32,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_image_pixels: int | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> list[Result]:
     """Classifies image files in batches; a file that cannot be decoded gets an error result.
@@ -342,13 +366,15 @@ def classify_files(
         files: image files, in the order the results come back.
         top: how many classes each result lists.
         batch_size: images decoded and run together.
-        max_image_pixels: larger images are refused as decompression bombs.
+        max_image_pixels: larger images are refused as decompression bombs; ``None``: the limit the
+            model was trained with (:attr:`ExportedModel.max_image_pixels`).
         progress: called with the number of files done after each batch.
     """
+    limit = model.max_image_pixels if max_image_pixels is None else max_image_pixels
     results: list[Result] = []
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        opened = [open_image(path, max_image_pixels=max_image_pixels) for path in chunk]
+        opened = [open_image(path, max_image_pixels=limit) for path in chunk]
         good = [picture for picture, _ in opened if picture is not None]
         probabilities = iter(model.predict(good) if good else ())
         for path, (picture, error) in zip(chunk, opened):

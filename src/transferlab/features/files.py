@@ -90,6 +90,8 @@ class Features:
     # The folder that ``paths`` are relative to (data/raw/images), when the stage was given it:
     # heads that read pixels instead of features (``scratch``) open the rows' images there.
     images_directory: Path | None = None
+    # The decompression-bomb limit for opening those images (params download.max_image_pixels).
+    max_image_pixels: int | None = None
     # Tap activations of the rows, when extract_features wrote them (the ``finetune`` head).
     taps: Taps | None = None
 
@@ -99,6 +101,13 @@ class Features:
     @property
     def widths(self) -> tuple[int, ...]:
         return tuple(block.width for block in self.blocks)
+
+    @property
+    def block_engines(self) -> tuple[str | None, ...]:
+        """The engine each block's features came from (None where the file does not record it)."""
+        if isinstance(self.engine, list):
+            return tuple(self.engine)
+        return (self.engine,) * len(self.blocks)
 
 
 @dataclass
@@ -120,7 +129,9 @@ def write_feature_files(directory: Path, feature_sets: Mapping[str, FeatureSet])
     for split, feature_set in feature_sets.items():
         missing = [key for key in REQUIRED_KEYS if key not in feature_set.arrays]
         if missing:
-            raise ValueError(f"the {split} features lack key(s) {', '.join(missing)}; this is a bug in extract_features")
+            raise ValueError(
+                f"the {split} features lack key(s) {', '.join(missing)}; this is a bug in extract_features"
+            )
     directory.mkdir(parents=True, exist_ok=True)
     for split, feature_set in feature_sets.items():
         np.savez(directory / f"{split}.npz", **feature_set.arrays)
@@ -129,20 +140,29 @@ def write_feature_files(directory: Path, feature_sets: Mapping[str, FeatureSet])
 # ---------------------------------------------------------------- reading
 
 
-def load_features(path: str | os.PathLike, *, images_directory: str | os.PathLike | None = None) -> Features:
+def load_features(
+    path: str | os.PathLike,
+    *,
+    images_directory: str | os.PathLike | None = None,
+    max_image_pixels: int | None = None,
+) -> Features:
     """Reads and checks one features file written by extract_features (see docs/DESIGN.md).
 
     Args:
         path: the ``.npz`` file.
         images_directory: the folder its ``paths`` are relative to (data/raw/images), recorded
             in the result for heads that read pixels; ``None`` when only features are needed.
+        max_image_pixels: the decompression-bomb limit for opening those images (params
+            ``download.max_image_pixels``), recorded beside ``images_directory``.
 
     Raises:
         ValueError: naming the file, when it is missing, unreadable or breaks the contract.
     """
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"features file {path} not found; run the extract_features stage first (dvc repro extract_features)")
+        raise ValueError(
+            f"features file {path} not found; run the extract_features stage first (dvc repro extract_features)"
+        )
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -157,12 +177,15 @@ def load_features(path: str | os.PathLike, *, images_directory: str | os.PathLik
     per_row = {key: tuple(str(item) for item in arrays[key].reshape(-1)) for key in ("paths", "sha256", "recipes")}
     for key, values in per_row.items():
         if len(values) != rows:
-            raise ValueError(f"{path}: '{key}' has {len(values)} entries for {rows} feature rows; re-run extract_features")
+            raise ValueError(
+                f"{path}: '{key}' has {len(values)} entries for {rows} feature rows; re-run extract_features"
+            )
     return Features(
         features=features, labels=labels, class_names=class_names, blocks=blocks,
         paths=per_row["paths"], sha256=per_row["sha256"], recipes=per_row["recipes"],
         engine=_engine(arrays), source=str(path),
         images_directory=None if images_directory is None else Path(images_directory),
+        max_image_pixels=max_image_pixels,
         taps=load_taps(path, rows),
     )
 
@@ -204,10 +227,14 @@ def _blocks(arrays: Mapping[str, np.ndarray], path: Path) -> tuple[Block, ...]:
     specs, weights = arrays["block_specs"].reshape(-1), arrays["block_weights"].reshape(-1)
     widths, offsets = arrays["block_widths"].reshape(-1), arrays["block_offsets"].reshape(-1)
     if not (len(specs) == len(weights) == len(widths) == len(offsets) >= 1):
-        raise ValueError(f"{path}: block_specs, block_weights, block_widths and block_offsets must have one entry per block")
+        raise ValueError(
+            f"{path}: block_specs, block_weights, block_widths and block_offsets must have one entry per block"
+        )
     expected_offsets = np.concatenate([[0], np.cumsum(widths)[:-1]])
     if np.any(widths < 1) or not np.array_equal(offsets, expected_offsets):
-        raise ValueError(f"{path}: block widths {widths.tolist()} and offsets {offsets.tolist()} do not tile the columns")
+        raise ValueError(
+            f"{path}: block widths {widths.tolist()} and offsets {offsets.tolist()} do not tile the columns"
+        )
     names = arrays["block_names"].reshape(-1) if "block_names" in arrays else [""] * len(specs)
     if len(names) != len(specs):
         raise ValueError(f"{path}: block_names must have one entry per block")
@@ -249,13 +276,22 @@ def _engine(arrays: Mapping[str, np.ndarray]) -> Any:
 
 
 def load_splits(
-    folder: str | os.PathLike, names: Sequence[str] = SPLITS, *, images_directory: str | os.PathLike | None = None
+    folder: str | os.PathLike,
+    names: Sequence[str] = SPLITS,
+    *,
+    images_directory: str | os.PathLike | None = None,
+    max_image_pixels: int | None = None,
 ) -> dict[str, Features]:
     """Reads ``<folder>/<name>.npz`` for each split name; all must share classes and blocks.
 
-    ``images_directory`` is passed on to :func:`load_features`.
+    ``images_directory`` and ``max_image_pixels`` are passed on to :func:`load_features`.
     """
-    splits = {name: load_features(Path(folder) / f"{name}.npz", images_directory=images_directory) for name in names}
+    splits = {
+        name: load_features(
+            Path(folder) / f"{name}.npz", images_directory=images_directory, max_image_pixels=max_image_pixels
+        )
+        for name in names
+    }
     first = splits[names[0]]
     for split in splits.values():
         if split.class_names != first.class_names or split.blocks != first.blocks:

@@ -1,4 +1,4 @@
-"""What every head shares: the features it reads, the per-block standardizer, head.json.
+"""What every head shares: the trained-head protocol, the per-block standardizer, head.json.
 
 A head never sees raw features unscaled: each block (one backbone of a stack) is standardized
 column by column with statistics from the training split, then scaled so that every block has
@@ -11,89 +11,21 @@ from __future__ import annotations
 
 import json
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import numpy as np
 from sklearn import base as sklearn_base
 
+from transferlab.features import files
+
 HEAD_FORMAT = 1
 DESCRIPTION_FILE = "head.json"
 STANDARDIZER_FILE = "standardizer.npz"
-RANDOM_INIT_PREFIX = "random-init"
 
 # Called by trainers once per step (an epoch, or one C of a grid) with metric name -> value.
 StepLogger = Callable[[Mapping[str, float]], None]
-
-
-@dataclass(frozen=True)
-class Block:
-    """One backbone's columns within a features matrix."""
-
-    spec: str
-    weights: str
-    width: int
-    offset: int
-    name: str = ""  # the registry name (block_names), when the features file records it
-
-    @property
-    def random_init(self) -> bool:
-        """True when the backbone ran with random weights (tests only; never a real result)."""
-        return self.weights.startswith(RANDOM_INIT_PREFIX)
-
-    def describe(self) -> dict[str, Any]:
-        """The block as a JSON-ready mapping, with its random-init flag spelled out."""
-        return {**asdict(self), "random_init": self.random_init}
-
-
-@dataclass(frozen=True, eq=False)
-class Taps:
-    """A split's cached tap activations, read by the ``finetune`` head (data/features/taps/).
-
-    extract_features writes them when ``train_head.head`` is ``finetune``: the input of one
-    layer of the stack's Keras member, one map per features row, in the same order.
-
-    Attributes:
-        activations: (N, H, W, C) float16, usually a read-only memory map of ``taps/<split>.npy``.
-        layer: the layer they feed (the first layer the head trains).
-        block: the member they come from (its block name).
-        backbone_file: the frozen backbone (raw pixels to embedding) that computed them.
-        description: ``taps/taps.json`` (member, weights, image size, engine, shape).
-    """
-
-    activations: np.ndarray
-    layer: str
-    block: str
-    backbone_file: Path
-    description: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True, eq=False)  # arrays inside: compare the fields you mean, not the whole
-class Features:
-    """One split of the extract_features stage's output (see docs/DESIGN.md)."""
-
-    features: np.ndarray
-    labels: np.ndarray
-    class_names: tuple[str, ...]
-    blocks: tuple[Block, ...]
-    paths: tuple[str, ...] = ()
-    sha256: tuple[str, ...] = ()
-    recipes: tuple[str, ...] = ()
-    engine: Any = None
-    source: str = "<memory>"
-    # The folder that ``paths`` are relative to (data/raw/images), when the stage was given it:
-    # heads that read pixels instead of features (``scratch``) open the rows' images there.
-    images_directory: Path | None = None
-    # Tap activations of the rows, when extract_features wrote them (the ``finetune`` head).
-    taps: Taps | None = None
-
-    def __len__(self) -> int:
-        return int(self.features.shape[0])
-
-    @property
-    def widths(self) -> tuple[int, ...]:
-        return tuple(block.width for block in self.blocks)
 
 
 @dataclass(frozen=True)
@@ -102,7 +34,7 @@ class HeadDescription:
 
     head: str
     class_names: tuple[str, ...]
-    blocks: tuple[Block, ...]
+    blocks: tuple[files.Block, ...]
     settings: dict[str, Any] = field(default_factory=dict)
     files: dict[str, str] = field(default_factory=dict)
 
@@ -116,7 +48,7 @@ class HeadDescription:
             "head": self.head,
             "class_names": list(self.class_names),
             "feature_dim": self.feature_dim,
-            "backbone": stack_name(self.blocks),
+            "backbone": files.stack_name(self.blocks),
             "blocks": [block.describe() for block in self.blocks],
             "input": "raw features as written by extract_features; the head standardizes per block itself",
             "settings": self.settings,
@@ -129,8 +61,8 @@ class HeadDescription:
             if payload["format"] != HEAD_FORMAT:
                 raise ValueError(f"{source}: head format {payload['format']!r} is not {HEAD_FORMAT}; re-run train_head")
             blocks = tuple(
-                Block(spec=str(b["spec"]), weights=str(b["weights"]), width=int(b["width"]), offset=int(b["offset"]),
-                      name=str(b.get("name", "")))
+                files.Block(spec=str(b["spec"]), weights=str(b["weights"]), width=int(b["width"]),
+                            offset=int(b["offset"]), name=str(b.get("name", "")))
                 for b in payload["blocks"]
             )
             return cls(
@@ -146,7 +78,7 @@ class HeadDescription:
     def write(self, folder: Path) -> None:
         (folder / DESCRIPTION_FILE).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
-    def check_features(self, features: Features) -> None:
+    def check_features(self, features: files.Features) -> None:
         """Raises ``ValueError`` unless ``features`` come from the backbones and classes this head knows."""
         if features.class_names != self.class_names:
             raise ValueError(
@@ -160,12 +92,7 @@ class HeadDescription:
             )
 
 
-def stack_name(blocks: Sequence[Block]) -> str:
-    """The stack's name, members joined by ``+`` (``mobilenet_v2``, ``a+b``)."""
-    return "+".join(block.name or block.spec for block in blocks)
-
-
-def _blocks_text(blocks: Sequence[Block]) -> str:
+def _blocks_text(blocks: Sequence[files.Block]) -> str:
     return ", ".join(f"{b.spec} ({b.weights}, {b.width} columns)" for b in blocks) or "none"
 
 
@@ -181,7 +108,7 @@ class TrainedHead(Protocol):
         """Writes the head's files into ``folder`` (an empty, temporary directory)."""
 
 
-def predict_split(head: TrainedHead, split: Features) -> np.ndarray:
+def predict_split(head: TrainedHead, split: files.Features) -> np.ndarray:
     """Class probabilities (N, C) for every row of ``split``, whatever the head reads.
 
     A head that classifies pixels (``scratch``) has a ``predict_split`` of its own that opens
@@ -282,10 +209,13 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return exponentials / exponentials.sum(axis=1, keepdims=True)
 
 
-def description_for(head: str, features: Features, settings: Mapping[str, Any], files: Mapping[str, str]) -> HeadDescription:
-    """The description of a head of kind ``head`` trained on ``features``."""
+def description_for(
+    head: str, features: files.Features, settings: Mapping[str, Any], file_names: Mapping[str, str]
+) -> HeadDescription:
+    """The description of a head of kind ``head`` trained on ``features``, saved as ``file_names`` (role -> file)."""
     return HeadDescription(
-        head=head, class_names=features.class_names, blocks=features.blocks, settings=dict(settings), files=dict(files)
+        head=head, class_names=features.class_names, blocks=features.blocks, settings=dict(settings),
+        files=dict(file_names),
     )
 
 
@@ -312,7 +242,7 @@ def accuracy_and_loss(probabilities: np.ndarray, labels: np.ndarray) -> dict[str
     }
 
 
-def check_trainable(train: Features, val: Features) -> None:
+def check_trainable(train: files.Features, val: files.Features) -> None:
     """Raises ``ValueError`` unless every class has training rows and val matches train."""
     if len(train) == 0:
         raise ValueError(f"{train.source} has no rows; the head needs training images")

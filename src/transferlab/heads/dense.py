@@ -12,14 +12,14 @@ TensorFlow is imported inside the functions, never at module import.
 from __future__ import annotations
 
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from transferlab.heads import base
+from transferlab.features import files
+from transferlab.heads import base, keras_common
 
 NAME = "dense"
 MODEL_FILE = "head.keras"
@@ -55,8 +55,8 @@ class DenseHead:
 
 def train(
     *,
-    train: base.Features,
-    val: base.Features,
+    train: files.Features,
+    val: files.Features,
     seed: int,
     class_weight: str,
     units: int,
@@ -92,7 +92,7 @@ def train(
     if len(val) == 0:
         raise ValueError("the dense head stops early on validation loss, but the validation split is empty; "
                          "set split.val_fraction > 0 or use train_head.head=logistic")
-    seed_everything(seed)
+    keras_common.seed_everything(seed)
     standardizer = base.BlockStandardizer(widths=train.widths).fit(train.features)
     model = build_model(standardizer=standardizer, classes=len(train.class_names), units=units, dropout=dropout, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
@@ -102,8 +102,8 @@ def train(
         train.features.astype(np.float32), train.labels.astype(np.int32),
         validation_data=(val.features.astype(np.float32), val.labels.astype(np.int32)),
         epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-        class_weight=keras_class_weight(class_weight, train),
-        callbacks=[stopper, epoch_logger(epochs, log_step)],
+        class_weight=keras_common.keras_class_weight(class_weight, train),
+        callbacks=[stopper, keras_common.epoch_logger(epochs, log_step)],
     )
     settings = {"units": units, "dropout": dropout, "learning_rate": learning_rate, "epochs": epochs,
                 "batch_size": batch_size, "patience": patience, "class_weight": class_weight, "seed": seed}
@@ -129,58 +129,6 @@ def build_model(*, standardizer: base.BlockStandardizer, classes: int, units: in
     hidden = keras.layers.Dropout(dropout, seed=seed, name="dropout")(hidden)
     outputs = keras.layers.Dense(classes, activation="softmax", name="probabilities")(hidden)
     return keras.Model(inputs, outputs, name="dense_head")
-
-
-# The three helpers below are shared by every Keras-trained head (dense, scratch, finetune).
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds Keras and makes TensorFlow's ops deterministic: same seed, same metrics."""
-    import keras
-    import tensorflow as tf
-
-    # Keras draws initial weights, dropout masks and shuffles from these seeds; deterministic ops
-    # make the floating-point reductions run in the same order every time.
-    keras.utils.set_random_seed(seed)
-    tf.config.experimental.enable_op_determinism()
-
-
-def keras_class_weight(class_weight: str, train: base.Features) -> dict[int, float] | None:
-    """``train_head.class_weight`` as Keras' class_weight mapping (None for ``none``)."""
-    if class_weight not in ("none", "balanced"):
-        raise ValueError(f"Unsupported class_weight '{class_weight}'; choose one of: none, balanced")
-    if class_weight == "none":
-        return None
-    from sklearn.utils import class_weight as sklearn_class_weight
-
-    classes = np.arange(len(train.class_names))
-    weights = sklearn_class_weight.compute_class_weight("balanced", classes=classes, y=train.labels)
-    return {int(index): float(weight) for index, weight in zip(classes, weights)}
-
-
-def epoch_logger(epochs: int, log_step: base.StepLogger | None) -> Any:
-    """A Keras callback: one progress line per epoch, and the curves to ``log_step``."""
-    import keras
-
-    class EpochLogger(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
-            self.started = time.perf_counter()
-
-        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-            logs = logs or {}
-            values = {
-                "train/loss": float(logs["loss"]), "train/accuracy": float(logs["accuracy"]),
-                "val/loss": float(logs["val_loss"]), "val/accuracy": float(logs["val_accuracy"]),
-            }
-            logger.info(
-                "epoch %d/%d: loss %.4f accuracy %.4f | val_loss %.4f val_accuracy %.4f (%.1f s)",
-                epoch + 1, epochs, values["train/loss"], values["train/accuracy"], values["val/loss"],
-                values["val/accuracy"], time.perf_counter() - self.started,
-            )
-            if log_step is not None:
-                log_step(values)
-
-    return EpochLogger()
 
 
 def load(folder: Path, description: base.HeadDescription) -> DenseHead:

@@ -39,8 +39,8 @@ import keras
 import numpy as np
 
 from transferlab.backbones import taps
-from transferlab.features import engines
-from transferlab.heads import base, dense
+from transferlab.features import engines, files
+from transferlab.heads import base, keras_common
 
 NAME = "finetune"
 MODEL_FILE = "head.keras"
@@ -82,7 +82,7 @@ class FinetuneHead:
         probabilities = np.concatenate(parts).astype(np.float64)
         return probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 rows sum to 1 +- 1e-7
 
-    def predict_split(self, split: base.Features) -> np.ndarray:
+    def predict_split(self, split: files.Features) -> np.ndarray:
         """Class probabilities (N, C) for the rows of ``split``, from their tap activations."""
         check_taps(split, layer=self.layer, block=str(self.description.settings["block"]))
         return self.predict_proba(split.taps.activations)
@@ -94,7 +94,7 @@ class FinetuneHead:
         self.description.write(folder)
 
 
-def check_taps(split: base.Features, *, layer: str | None = None, block: str | None = None) -> base.Taps:
+def check_taps(split: files.Features, *, layer: str | None = None, block: str | None = None) -> files.Taps:
     """The split's tap activations; ``ValueError`` saying what to re-run when absent or cut elsewhere."""
     if split.taps is None:
         raise ValueError(
@@ -112,8 +112,8 @@ def check_taps(split: base.Features, *, layer: str | None = None, block: str | N
 
 def train(
     *,
-    train: base.Features,
-    val: base.Features,
+    train: files.Features,
+    val: files.Features,
     seed: int,
     class_weight: str,
     from_layer: str,
@@ -146,7 +146,7 @@ def train(
         epoch, the layer, trainable parameters).
     """
     tapped, layer = _checked_inputs(train, val, from_layer)
-    dense.seed_everything(seed)
+    keras_common.seed_everything(seed)
     backbone = keras.models.load_model(tapped.backbone_file, compile=False)
     model = build_model(backbone=backbone, layer=layer, classes=len(train.class_names), dropout=dropout, seed=seed)
     model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
@@ -155,9 +155,9 @@ def train(
     history = model.fit(
         TapBatches(tapped.activations, train.labels, batch_size=batch_size, seed=seed, shuffle=True, flip=flip),
         validation_data=TapBatches(val.taps.activations, val.labels, batch_size=PREDICT_BATCH_SIZE, seed=seed),
-        epochs=epochs, verbose=0, class_weight=dense.keras_class_weight(class_weight, train),
+        epochs=epochs, verbose=0, class_weight=keras_common.keras_class_weight(class_weight, train),
         callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
-                   dense.epoch_logger(epochs, log_step), timer],
+                   keras_common.epoch_logger(epochs, log_step), timer],
     )
     settings = {"from_layer": layer, "block": tapped.block, "tap_shape": list(tapped.activations.shape[1:]),
                 "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "dropout": dropout,
@@ -167,7 +167,7 @@ def train(
     return base.TrainOutcome(head=head, report=_report(history.history, timer.seconds, model, layer))
 
 
-def _checked_inputs(train: base.Features, val: base.Features, from_layer: str) -> tuple[base.Taps, str]:
+def _checked_inputs(train: files.Features, val: files.Features, from_layer: str) -> tuple[files.Taps, str]:
     """The training taps and the resolved layer; ``ValueError`` when the splits cannot be fine-tuned."""
     base.check_trainable(train, val)
     if len(val) == 0:
@@ -175,7 +175,7 @@ def _checked_inputs(train: base.Features, val: base.Features, from_layer: str) -
                          "set split.val_fraction > 0")
     if len(train.blocks) != 1:
         raise ValueError(f"{train.source}: the finetune head fine-tunes one backbone, but the features come from the stack "
-                         f"{base.stack_name(train.blocks)}; set extract_features.backbone to one registry backbone")
+                         f"{files.stack_name(train.blocks)}; set extract_features.backbone to one registry backbone")
     tapped = check_taps(train)
     layer = taps.resolve_from_layer(tapped.block, from_layer)
     check_taps(train, layer=layer, block=tapped.block)

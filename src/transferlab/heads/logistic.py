@@ -21,6 +21,7 @@ import numpy as np
 import threadpoolctl
 from sklearn import exceptions, linear_model, pipeline
 
+from transferlab.features import files
 from transferlab.heads import base
 
 NAME = "logistic"
@@ -59,8 +60,8 @@ class _Candidate:
 
 def train(
     *,
-    train: base.Features,
-    val: base.Features,
+    train: files.Features,
+    val: files.Features,
     seed: int,
     class_weight: str,
     c_grid: Sequence[float],
@@ -127,8 +128,8 @@ def _checked_grid(c_grid: Sequence[float], *, validation_rows: int, select_by: s
 def _fit_one(
     model: pipeline.Pipeline,
     c: float,
-    train: base.Features,
-    val: base.Features,
+    train: files.Features,
+    val: files.Features,
     settings: dict[str, Any],
     log_step: base.StepLogger | None,
 ) -> _Candidate:
@@ -148,7 +149,7 @@ def _fit_one(
     return _Candidate(c=c, head=head, scores=scores, converged=converged, iterations=iterations)
 
 
-def _head_from(model: pipeline.Pipeline, train: base.Features, settings: dict[str, Any]) -> LogisticHead:
+def _head_from(model: pipeline.Pipeline, train: files.Features, settings: dict[str, Any]) -> LogisticHead:
     """A :class:`LogisticHead` holding copies of the pipeline's fitted state."""
     standardizer = model.named_steps["standardize"]
     classifier = model.named_steps["classify"]
@@ -166,7 +167,7 @@ def _head_from(model: pipeline.Pipeline, train: base.Features, settings: dict[st
     )
 
 
-def _scores(head: LogisticHead, split: base.Features, prefix: str) -> dict[str, float]:
+def _scores(head: LogisticHead, split: files.Features, prefix: str) -> dict[str, float]:
     figures = base.accuracy_and_loss(head.predict_proba(split.features), split.labels)
     return {f"{prefix}/{key}": value for key, value in figures.items()}
 

@@ -2,8 +2,9 @@
 
 It is a head like the others, so that it runs on the same split rows, through the same
 train_head and evaluate stages, and lands in the same ``dvc exp show`` columns as a transfer
-run. It reads each row's image (``paths``, ``recipes`` and ``images_directory`` of the
-:class:`~transferlab.heads.base.Features`) and ignores the feature columns.
+run. It reads each row's image (``paths``, ``recipes``, ``images_directory`` and
+``max_image_pixels`` of the :class:`~transferlab.features.files.Features`) and ignores the
+feature columns.
 
 The model is the tutorial's (tensorflow.org/tutorials/images/classification)::
 
@@ -39,9 +40,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from PIL import Image
 
 from transferlab.data import augment, images
-from transferlab.heads import base, dense
+from transferlab.features import files
+from transferlab.heads import base, keras_common
 
 NAME = "scratch"
 MODEL_FILE = "model.keras"
@@ -50,8 +53,6 @@ CONV_FILTERS = (16, 32, 64)
 HIDDEN_UNITS = 128
 ROTATION = 0.1  # a fraction of a full turn: +/- 36 degrees, as in the tutorial
 ZOOM = 0.1
-# download's default bomb limit; every image in the index already passed download's own check.
-MAX_IMAGE_PIXELS = 89_478_485
 logger = logging.getLogger(__name__)
 
 
@@ -87,11 +88,11 @@ class ScratchHead:
         probabilities = np.asarray(self.model.predict(data, batch_size=PREDICT_BATCH_SIZE, verbose=0), dtype=np.float64)
         return probabilities / probabilities.sum(axis=1, keepdims=True)  # float32 rows sum to 1 +- 1e-7
 
-    def predict_split(self, split: base.Features) -> np.ndarray:
+    def predict_split(self, split: files.Features) -> np.ndarray:
         """Class probabilities (N, C) for every row of ``split``, from its images and views."""
         return self.predict_pixels(self.pixels(split))
 
-    def pixels(self, split: base.Features, threads: int | None = None) -> np.ndarray:
+    def pixels(self, split: files.Features, threads: int | None = None) -> np.ndarray:
         """The rows' views as uint8 (N, S, S, 3), decoding only those not decoded before."""
         folder = _images_folder(split)
         keys = [(str(folder), path, recipe) for path, recipe in zip(split.paths, split.recipes)]
@@ -99,7 +100,8 @@ class ScratchHead:
         if missing:
             decoded = decode_views(images_directory=folder, paths=[key[1] for key in missing],
                                    recipes=[key[2] for key in missing], size=self.image_size,
-                                   threads=threads or int(self.description.settings.get("decode_threads", 2)))
+                                   threads=threads or int(self.description.settings.get("decode_threads", 2)),
+                                   max_image_pixels=split.max_image_pixels)
             self.views.update(zip(missing, decoded))
         if not keys:
             return np.zeros((0, self.image_size, self.image_size, 3), dtype=np.uint8)
@@ -113,8 +115,8 @@ class ScratchHead:
 
 def train(
     *,
-    train: base.Features,
-    val: base.Features,
+    train: files.Features,
+    val: files.Features,
     seed: int,
     class_weight: str,
     image_size: int,
@@ -155,7 +157,7 @@ def train(
     settings = {"image_size": image_size, "augment": augment, "dropout": dropout, "epochs": epochs,
                 "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
                 "decode_threads": decode_threads, "class_weight": class_weight, "seed": seed}
-    dense.seed_everything(seed)
+    keras_common.seed_everything(seed)
     model = build_model(classes=len(train.class_names), image_size=image_size, augment=augment, dropout=dropout, seed=seed)
     head = ScratchHead(description=base.description_for(NAME, train, settings, {"model": MODEL_FILE}), model=model)
     started = time.perf_counter()
@@ -169,8 +171,8 @@ def train(
     history = model.fit(
         train_pixels, originals.labels.astype(np.int32), validation_data=(val_pixels, val.labels.astype(np.int32)),
         epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
-        class_weight=dense.keras_class_weight(class_weight, originals),
-        callbacks=[stopper, dense.epoch_logger(epochs, log_step)],
+        class_weight=keras_common.keras_class_weight(class_weight, originals),
+        callbacks=[stopper, keras_common.epoch_logger(epochs, log_step)],
     )
     epochs_run = len(history.history["loss"])
     best_epoch = int(np.argmin(history.history["val_loss"])) + 1
@@ -180,7 +182,7 @@ def train(
     return base.TrainOutcome(head=head, report=report)
 
 
-def _checked_inputs(train: base.Features, val: base.Features, *, image_size: int) -> base.Features:
+def _checked_inputs(train: files.Features, val: files.Features, *, image_size: int) -> files.Features:
     """The training originals; ``ValueError`` when the splits cannot train this head."""
     base.check_trainable(train, val)
     if len(val) == 0:
@@ -195,7 +197,7 @@ def _checked_inputs(train: base.Features, val: base.Features, *, image_size: int
     return originals
 
 
-def subset(split: base.Features, keep: np.ndarray) -> base.Features:
+def subset(split: files.Features, keep: np.ndarray) -> files.Features:
     """The rows of ``split`` where the boolean mask ``keep`` is true (every per-row field)."""
     rows = np.flatnonzero(keep)
     return dataclasses.replace(
@@ -228,7 +230,13 @@ def build_model(*, classes: int, image_size: int, augment: bool, dropout: float,
 
 
 def decode_views(
-    *, images_directory: str | os.PathLike, paths: Sequence[str], recipes: Sequence[str], size: int, threads: int
+    *,
+    images_directory: str | os.PathLike,
+    paths: Sequence[str],
+    recipes: Sequence[str],
+    size: int,
+    threads: int,
+    max_image_pixels: int,
 ) -> np.ndarray:
     """Decodes and renders views in a thread pool, as extract_features does.
 
@@ -238,6 +246,7 @@ def decode_views(
         recipes: augmentation recipes (``""`` for an original), one per view.
         size: output side in pixels.
         threads: decoding threads.
+        max_image_pixels: decompression-bomb limit (params ``download.max_image_pixels``).
 
     Returns:
         uint8 array (N, size, size, 3).
@@ -251,10 +260,14 @@ def decode_views(
     def render(index: int) -> None:
         path = folder / paths[index]
         try:
-            image = images.open_rgb(path, max_image_pixels=MAX_IMAGE_PIXELS)
+            image = images.open_rgb(path, max_image_pixels=max_image_pixels)
         except FileNotFoundError:
             raise ValueError(f"{path} not found; the features files list it: pass the dataset's image folder "
                              "(--images data/raw/images) or re-run download") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+            raise ValueError(
+                f"{path} is too large ({error}); raise download.max_image_pixels or re-run download"
+            ) from None
         except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for damaged files
             raise ValueError(f"{path} cannot be decoded ({error}); re-run download") from None
         pixels[index] = augment.render_view(image, recipes[index], size)
@@ -265,10 +278,13 @@ def decode_views(
     return pixels
 
 
-def _images_folder(split: base.Features) -> Path:
+def _images_folder(split: files.Features) -> Path:
     if split.images_directory is None:
         raise ValueError(f"{split.source}: the scratch head reads images, but no image folder was given; run the stage "
                          "with --images data/raw/images (as dvc.yaml does)")
+    if split.max_image_pixels is None:
+        raise ValueError(f"{split.source}: the scratch head opens images, but no image size limit was given; load the "
+                         "splits with max_image_pixels (params download.max_image_pixels)")
     folder = Path(split.images_directory)
     if not folder.is_dir():
         raise ValueError(f"image folder {folder} not found; run the download stage first (dvc repro download)")

@@ -2,16 +2,14 @@
 
 Metrics come from scikit-learn. The plots are data for DVC's confusion template (one row per
 test image: actual and predicted class name), a per-image predictions file that the export
-stage checks its model against, and a PNG gallery of the most confidently wrong test images.
+stage checks its model against (written by :mod:`transferlab.data.tables`), and a PNG gallery
+of the most confidently wrong test images (:mod:`transferlab.reports.gallery`).
 """
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,14 +19,11 @@ import numpy as np
 from sklearn import metrics as sklearn_metrics
 
 from transferlab import heads
-from transferlab.core import atomic
+from transferlab.features import files
 from transferlab.heads import base
+from transferlab.reports import gallery
 
 TOP_K = 2
-PREDICTION_COLUMNS = ("path", "sha256", "actual", "predicted", "confidence")
-GALLERY_COLUMNS = 4
-THUMBNAIL_PIXELS = 256
-DEFAULT_MAX_IMAGE_PIXELS = 89_478_485  # Pillow's default bomb limit, as in params download.max_image_pixels
 logger = logging.getLogger(__name__)
 
 
@@ -74,7 +69,7 @@ def top_k_accuracy(labels: np.ndarray, probabilities: np.ndarray, *, k: int) -> 
 
 
 def provenance(
-    *, description: base.HeadDescription, features: base.Features, extract_report: Mapping[str, Any] | None = None
+    *, description: base.HeadDescription, features: files.Features, extract_report: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
     """Which backbones (weights, engine) and which head produced the figures.
 
@@ -94,7 +89,7 @@ def provenance(
         for entry in dict((extract_report or {}).get("backbones") or {}).values()
         if isinstance(entry, Mapping)
     }
-    recorded = features.engine if isinstance(features.engine, list) else [features.engine] * len(features.blocks)
+    recorded = features.block_engines
     blocks: dict[str, Any] = {}
     for index, block in enumerate(features.blocks):
         entry = block.describe()
@@ -109,22 +104,11 @@ def provenance(
     return {
         "head": description.head,
         "head_settings": description.settings,
-        "backbone": base.stack_name(features.blocks),
+        "backbone": files.stack_name(features.blocks),
         "blocks": blocks,
         "engine": "+".join(engines),
         "random_init": any(entry["random_init"] for entry in blocks.values()),
     }
-
-
-@dataclass(frozen=True)
-class Mistake:
-    """A wrong test prediction, for the gallery."""
-
-    path: str
-    actual: str
-    predicted: str
-    confidence: float
-    actual_probability: float
 
 
 @dataclass(frozen=True)
@@ -134,14 +118,14 @@ class Evaluation:
     metrics: dict[str, Any]
     confusion: list[dict[str, str]]
     predictions: list[dict[str, Any]]
-    mistakes: list[Mistake]
+    mistakes: list[gallery.Mistake]
 
 
 def evaluate(
     *,
     head: base.TrainedHead,
-    val: base.Features,
-    test: base.Features,
+    val: files.Features,
+    test: files.Features,
     gallery_images: int,
     extract_report: Mapping[str, Any] | None = None,
 ) -> Evaluation:
@@ -162,12 +146,24 @@ def evaluate(
         "val": classification_metrics(labels=val.labels, probabilities=val_probabilities, class_names=class_names),
         "provenance": provenance(description=head.description, features=test, extract_report=extract_report),
     }
+    if report["provenance"]["random_init"]:
+        logger.warning("random-init backbone weights: these figures say nothing about real accuracy")
     predictions = test_probabilities.argmax(axis=1)
     return Evaluation(
         metrics=report,
         confusion=confusion_rows(labels=test.labels, predictions=predictions, class_names=class_names),
         predictions=prediction_rows(features=test, probabilities=test_probabilities),
-        mistakes=confident_mistakes(features=test, probabilities=test_probabilities, limit=gallery_images),
+        mistakes=gallery.confident_mistakes(features=test, probabilities=test_probabilities, limit=gallery_images),
+    )
+
+
+def describe(metrics: Mapping[str, Any]) -> str:
+    """One line for the log: the stack and head, and their test figures (metrics/evaluate.json)."""
+    test, origin = metrics["test"], metrics["provenance"]
+    return (
+        f"{origin['backbone']} + {origin['head']} head on {test['examples']} test images: "
+        f"accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
+        f"macro-F1 {test['macro_f1']:.4f}, top-{TOP_K} {test[f'top{TOP_K}_accuracy']:.4f}"
     )
 
 
@@ -176,7 +172,7 @@ def confusion_rows(*, labels: np.ndarray, predictions: np.ndarray, class_names: 
     return [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels.tolist(), predictions.tolist())]
 
 
-def prediction_rows(*, features: base.Features, probabilities: np.ndarray) -> list[dict[str, Any]]:
+def prediction_rows(*, features: files.Features, probabilities: np.ndarray) -> list[dict[str, Any]]:
     """One row per image: path, sha256, actual and predicted class names, confidence of the prediction."""
     predictions = probabilities.argmax(axis=1)
     names = features.class_names
@@ -192,22 +188,6 @@ def prediction_rows(*, features: base.Features, probabilities: np.ndarray) -> li
     ]
 
 
-def confident_mistakes(*, features: base.Features, probabilities: np.ndarray, limit: int) -> list[Mistake]:
-    """The ``limit`` wrong predictions made with the highest confidence, most confident first."""
-    predictions = probabilities.argmax(axis=1)
-    wrong = np.flatnonzero(predictions != features.labels)
-    confidence = probabilities[wrong, predictions[wrong]]
-    order = wrong[np.argsort(-confidence, kind="stable")][:limit]
-    names = features.class_names
-    return [
-        Mistake(
-            path=features.paths[i], actual=names[features.labels[i]], predicted=names[predictions[i]],
-            confidence=float(probabilities[i, predictions[i]]), actual_probability=float(probabilities[i, features.labels[i]]),
-        )
-        for i in order
-    ]
-
-
 def read_extract_report(path: str | os.PathLike | None) -> dict[str, Any] | None:
     """Reads metrics/extract_features.json; ``None`` when no path is given or the file is absent."""
     if path is None or not Path(path).is_file():
@@ -217,87 +197,3 @@ def read_extract_report(path: str | os.PathLike | None) -> dict[str, Any] | None
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON ({error}); re-run extract_features") from None
     return report if isinstance(report, dict) else None
-
-
-def write_predictions(rows: Sequence[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Writes prediction rows as CSV (columns :data:`PREDICTION_COLUMNS`), atomically."""
-    with atomic.atomic_path(path) as temporary:
-        with temporary.open("w", newline="", encoding="utf-8") as handle:
-            writer = csv.DictWriter(handle, fieldnames=PREDICTION_COLUMNS, lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({**row, "confidence": f"{row['confidence']:.6f}"})
-
-
-def render_gallery(
-    mistakes: Sequence[Mistake],
-    *,
-    images_directory: str | os.PathLike,
-    path: str | os.PathLike,
-    test_images: int,
-    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-) -> None:
-    """Draws the mistakes as a grid of labelled thumbnails into a PNG at ``path`` (atomically).
-
-    Each tile shows the image, its true class and the predicted class with its confidence.
-    With no mistakes, the PNG says so. An image that cannot be opened gets a tile saying why.
-    """
-    from matplotlib.figure import Figure
-
-    columns = max(1, min(GALLERY_COLUMNS, len(mistakes)))
-    rows = max(1, math.ceil(len(mistakes) / columns))
-    figure = Figure(figsize=(3.4 * columns, 3.5 * rows + 0.5), dpi=100, layout="constrained")
-    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
-    for axis in axes:
-        axis.set_axis_off()
-    if not mistakes:
-        axes[0].text(0.5, 0.5, f"No misclassified images\namong {test_images} test images", ha="center", va="center", fontsize=13)
-    for axis, mistake in zip(axes, mistakes):
-        _draw_tile(axis, mistake, Path(images_directory), max_image_pixels)
-    figure.suptitle(
-        f"Most confidently wrong test images: {len(mistakes)} shown, of {test_images}\n"
-        "(predicted class and its probability; true class and its probability)", fontsize=12,
-    )
-    _save_png(figure, path)
-
-
-def _save_png(figure: Any, path: str | os.PathLike) -> None:
-    # Photos make a large truecolour PNG (1.6 MB for 12 tiles); a dithered 256-colour palette keeps
-    # this plot, which is committed to git beside the metrics, 3x smaller with no visible banding.
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    buffer.seek(0)
-    with Image.open(buffer) as rendered:
-        colours = rendered.convert("RGB")
-    indexed = colours.quantize(palette=colours.quantize(colors=256), dither=Image.Dither.FLOYDSTEINBERG)
-    with atomic.atomic_path(path) as temporary:
-        indexed.save(temporary, format="PNG", optimize=True)
-
-
-def _draw_tile(axis: Any, mistake: Mistake, images_directory: Path, max_image_pixels: int) -> None:
-    try:
-        thumbnail = _thumbnail(images_directory / mistake.path, max_image_pixels)
-        axis.imshow(np.asarray(thumbnail))
-    except (OSError, SyntaxError, ValueError) as error:  # PIL raises these for missing or damaged files
-        axis.text(0.5, 0.5, f"cannot open image\n({type(error).__name__})", ha="center", va="center", fontsize=10,
-                  transform=axis.transAxes)
-    axis.set_title(
-        f"predicted {mistake.predicted} ({mistake.confidence:.1%})\ntrue {mistake.actual} ({mistake.actual_probability:.1%})",
-        fontsize=10, color="#b00020", fontweight="bold",
-    )
-    axis.text(0.5, -0.02, _shorten(mistake.path, 44), ha="center", va="top", fontsize=7, color="#555555",
-              transform=axis.transAxes)
-
-
-def _thumbnail(path: Path, max_image_pixels: int) -> Any:
-    from transferlab.data import images
-
-    image = images.open_rgb(path, max_image_pixels=max_image_pixels)
-    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
-    return image
-
-
-def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]

@@ -1,0 +1,136 @@
+"""The evaluate stage's mistakes gallery: the most confidently wrong test images, as one PNG.
+
+Picking the mistakes (:func:`confident_mistakes`) and drawing them (:func:`render_gallery`) are
+one concept, apart from the metrics in :mod:`transferlab.reports.evaluate`: a person looks at
+this plot to see *what* the model gets wrong (a mislabelled photo, two look-alike classes).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image
+
+from transferlab.core import atomic
+from transferlab.data import images
+from transferlab.features import files
+
+GALLERY_COLUMNS = 4
+THUMBNAIL_PIXELS = 256
+
+
+@dataclass(frozen=True)
+class Mistake:
+    """A wrong test prediction, for the gallery."""
+
+    path: str
+    actual: str
+    predicted: str
+    confidence: float
+    actual_probability: float
+
+
+def confident_mistakes(*, features: files.Features, probabilities: np.ndarray, limit: int) -> list[Mistake]:
+    """The ``limit`` wrong predictions made with the highest confidence, most confident first."""
+    predictions = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predictions != features.labels)
+    confidence = probabilities[wrong, predictions[wrong]]
+    order = wrong[np.argsort(-confidence, kind="stable")][:limit]
+    names = features.class_names
+    return [
+        Mistake(
+            path=features.paths[i], actual=names[features.labels[i]], predicted=names[predictions[i]],
+            confidence=float(probabilities[i, predictions[i]]),
+            actual_probability=float(probabilities[i, features.labels[i]]),
+        )
+        for i in order
+    ]
+
+
+def render_gallery(
+    mistakes: Sequence[Mistake],
+    *,
+    images_directory: str | os.PathLike,
+    path: str | os.PathLike,
+    test_images: int,
+    max_image_pixels: int,
+) -> None:
+    """Draws the mistakes as a grid of labelled thumbnails into a PNG at ``path`` (atomically).
+
+    Each tile shows the image, its true class and the predicted class with its confidence.
+    With no mistakes, the PNG says so. An image that cannot be opened gets a tile saying why.
+
+    Args:
+        mistakes: the wrong predictions to show (:func:`confident_mistakes`), in tile order.
+        images_directory: the folder the mistakes' paths are relative to (data/raw/images).
+        path: the PNG to write.
+        test_images: how many test images there were (for the title).
+        max_image_pixels: decompression-bomb limit (params ``download.max_image_pixels``).
+    """
+    from matplotlib.figure import Figure
+
+    columns = max(1, min(GALLERY_COLUMNS, len(mistakes)))
+    rows = max(1, math.ceil(len(mistakes) / columns))
+    figure = Figure(figsize=(3.4 * columns, 3.5 * rows + 0.5), dpi=100, layout="constrained")
+    axes = np.atleast_1d(figure.subplots(rows, columns, squeeze=False)).reshape(-1)
+    for axis in axes:
+        axis.set_axis_off()
+    if not mistakes:
+        axes[0].text(0.5, 0.5, f"No misclassified images\namong {test_images} test images", ha="center", va="center",
+                     fontsize=13)
+    for axis, mistake in zip(axes, mistakes):
+        _draw_tile(axis, mistake, Path(images_directory), max_image_pixels)
+    figure.suptitle(
+        f"Most confidently wrong test images: {len(mistakes)} shown, of {test_images}\n"
+        "(predicted class and its probability; true class and its probability)", fontsize=12,
+    )
+    _save_png(figure, path)
+
+
+def _save_png(figure: Any, path: str | os.PathLike) -> None:
+    # Photos make a large truecolour PNG (1.6 MB for 12 tiles); a dithered 256-colour palette keeps
+    # this plot, which is committed to git beside the metrics, 3x smaller with no visible banding.
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    buffer.seek(0)
+    with Image.open(buffer) as rendered:
+        colours = rendered.convert("RGB")
+    indexed = colours.quantize(palette=colours.quantize(colors=256), dither=Image.Dither.FLOYDSTEINBERG)
+    with atomic.atomic_path(path) as temporary:
+        indexed.save(temporary, format="PNG", optimize=True)
+
+
+# Pillow raises these for a missing or damaged file, or one above max_image_pixels; its tile says so.
+_UNOPENABLE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning)
+
+
+def _draw_tile(axis: Any, mistake: Mistake, images_directory: Path, max_image_pixels: int) -> None:
+    try:
+        thumbnail = _thumbnail(images_directory / mistake.path, max_image_pixels)
+        axis.imshow(np.asarray(thumbnail))
+    except _UNOPENABLE as error:
+        axis.text(0.5, 0.5, f"cannot open image\n({type(error).__name__})", ha="center", va="center", fontsize=10,
+                  transform=axis.transAxes)
+    axis.set_title(
+        f"predicted {mistake.predicted} ({mistake.confidence:.1%})\n"
+        f"true {mistake.actual} ({mistake.actual_probability:.1%})",
+        fontsize=10, color="#b00020", fontweight="bold",
+    )
+    axis.text(0.5, -0.02, _shorten(mistake.path, 44), ha="center", va="top", fontsize=7, color="#555555",
+              transform=axis.transAxes)
+
+
+def _thumbnail(path: Path, max_image_pixels: int) -> Any:
+    image = images.open_rgb(path, max_image_pixels=max_image_pixels)
+    image.thumbnail((THUMBNAIL_PIXELS, THUMBNAIL_PIXELS))
+    return image
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else "..." + text[-(width - 3):]

@@ -1,0 +1,99 @@
+"""The features files contract (transferlab.features.files): writer and readers, the failure cases included."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from transferlab.features import files
+
+CLASSES = ("daisy", "rose", "tulip")
+LABELS = np.array([0, 0, 1, 1, 2, 2])
+
+
+def write_features(path, **changes):
+    rows, widths = 6, np.array([2, 1])
+    arrays = {
+        "features": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3), "labels": LABELS.astype(np.int32),
+        "class_names": np.array(CLASSES), "paths": np.array([f"p{i}.jpg" for i in range(rows)]),
+        "sha256": np.array([f"{i:064x}" for i in range(rows)]), "recipes": np.array([""] * rows),
+        "block_specs": np.array(["mobilenet_v2", "tflite:x.tflite"]), "block_names": np.array(["mobilenet_v2", "x"]),
+        "block_weights": np.array(["w.h5", "random-init-seed0"]), "block_engines": np.array(["keras", "tflite"]),
+        "block_widths": widths, "block_offsets": np.array([0, 2]),
+    }
+    arrays.update(changes)
+    np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
+    return path
+
+
+def test_load_features_reads_the_contract(tmp_path):
+    loaded = files.load_features(write_features(tmp_path / "test.npz"))
+    assert loaded.features.shape == (6, 3) and loaded.class_names == CLASSES and loaded.engine == ["keras", "tflite"]
+    assert [(b.spec, b.name, b.width, b.offset, b.random_init) for b in loaded.blocks] == [
+        ("mobilenet_v2", "mobilenet_v2", 2, 0, False), ("tflite:x.tflite", "x", 1, 2, True)]
+    assert loaded.paths[0] == "p0.jpg" and loaded.source.endswith("test.npz")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"labels": None}, "lacks key.*labels"),
+        ({"block_offsets": np.array([0, 1])}, "do not tile"),
+        ({"labels": np.array([0, 0, 1, 1, 2, 3], dtype=np.int32)}, r"labels must lie in 0\.\.2"),
+        ({"features": np.full((6, 3), np.nan, dtype=np.float32)}, "6 feature row"),
+        ({"features": np.zeros((6, 4), dtype=np.float32)}, r"float \(N, 3\)"),
+        ({"paths": np.array(["a"])}, "'paths' has 1 entries"),
+        ({"class_names": np.array(["a", "a", "b"])}, "unique"),
+        ({"recipes": np.array([None] * 6, dtype=object)}, "not a readable features file"),
+    ],
+)
+def test_load_features_errors_name_the_file_and_problem(tmp_path, changes, message):
+    path = write_features(tmp_path / "broken.npz", **changes)
+    with pytest.raises(ValueError, match=message) as error:
+        files.load_features(path)
+    assert "broken.npz" in str(error.value)
+
+
+def test_missing_features_file_says_which_stage_to_run(tmp_path):
+    with pytest.raises(ValueError, match="run the extract_features stage"):
+        files.load_features(tmp_path / "train.npz")
+
+
+def test_splits_from_different_extractions_are_refused(tmp_path):
+    write_features(tmp_path / "val.npz")
+    write_features(tmp_path / "test.npz", block_weights=np.array(["other.h5", "random-init-seed0"]))
+    with pytest.raises(ValueError, match="different extractions"):
+        files.load_splits(tmp_path, ("val", "test"))
+    assert len(files.load_splits(tmp_path, ("val",))["val"]) == 6
+
+
+def test_written_feature_files_read_back_with_the_images_folder_and_limit(tmp_path):
+    arrays = dict(np.load(write_features(tmp_path / "source.npz")))
+    files.write_feature_files(tmp_path / "features", {"val": files.FeatureSet(arrays), "test": files.FeatureSet(arrays)})
+    assert sorted(path.name for path in (tmp_path / "features").iterdir()) == ["test.npz", "val.npz"]
+    splits = files.load_splits(tmp_path / "features", ("val", "test"), images_directory=tmp_path / "images",
+                               max_image_pixels=1234)
+    for split in splits.values():
+        np.testing.assert_array_equal(split.features, arrays["features"])
+        assert split.labels.tolist() == LABELS.tolist() and split.class_names == CLASSES
+        assert split.images_directory == tmp_path / "images" and split.max_image_pixels == 1234
+        assert split.block_engines == ("keras", "tflite") and split.taps is None
+    assert files.stack_name(splits["val"].blocks) == "mobilenet_v2+x"
+
+
+def test_the_writer_refuses_a_set_the_readers_would_refuse(tmp_path):
+    arrays = dict(np.load(write_features(tmp_path / "source.npz")))
+    del arrays["block_widths"]
+    with pytest.raises(ValueError, match="test features lack key.*block_widths"):
+        files.write_feature_files(tmp_path / "features", {"test": files.FeatureSet(arrays)})
+    assert not (tmp_path / "features").exists()
+
+
+def test_block_engines_one_per_block_whatever_the_file_records(tmp_path):
+    one = files.load_features(write_features(tmp_path / "one.npz", block_engines=np.array(["keras"]),
+                                             block_specs=np.array(["a"]), block_names=np.array(["a"]),
+                                             block_weights=np.array(["w"]), block_widths=np.array([3]),
+                                             block_offsets=np.array([0])))
+    assert one.engine == "keras" and one.block_engines == ("keras",)
+    legacy = files.load_features(write_features(tmp_path / "legacy.npz", block_engines=None))
+    assert legacy.engine is None and legacy.block_engines == (None, None)
