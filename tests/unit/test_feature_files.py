@@ -69,7 +69,8 @@ def test_splits_from_different_extractions_are_refused(tmp_path):
 
 def test_written_feature_files_read_back_with_the_images_folder_and_limit(tmp_path):
     arrays = dict(np.load(write_features(tmp_path / "source.npz")))
-    files.write_feature_files(tmp_path / "features", {"val": files.FeatureSet(arrays), "test": files.FeatureSet(arrays)})
+    feature_sets = {"val": files.FeatureSet(arrays), "test": files.FeatureSet(arrays)}
+    files.write_feature_files(tmp_path / "features", feature_sets)
     assert sorted(path.name for path in (tmp_path / "features").iterdir()) == ["test.npz", "val.npz"]
     splits = files.load_splits(tmp_path / "features", ("val", "test"), images_directory=tmp_path / "images",
                                max_image_pixels=1234)

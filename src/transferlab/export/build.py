@@ -74,7 +74,9 @@ def check_consistency(*, members: Sequence[Member], head: base.TrainedHead, test
     """
     description = head.description
     if description.head not in EXPORTABLE_HEADS:
-        raise ValueError(f"export supports the {', '.join(EXPORTABLE_HEADS)} heads; models/head is a '{description.head}' head")
+        raise ValueError(
+            f"export supports the {', '.join(EXPORTABLE_HEADS)} heads; models/head is a '{description.head}' head"
+        )
     description.check_features(test)
     trained = [(block.spec, block.weights) for block in description.blocks]
     current = [(member.spec, member.weights_identity) for member in members]

@@ -111,9 +111,13 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
     for name, expected in sorted(manifest["files"].items()):
         path = folder / name
         if not path.is_file():
-            raise ValueError(f"{path} is missing from the exported model; copy the whole folder, or re-run `dvc repro export`")
+            raise ValueError(
+                f"{path} is missing from the exported model; copy the whole folder, or re-run `dvc repro export`"
+            )
         if path.stat().st_size != expected["bytes"] or images.sha256_file(path) != expected["sha256"]:
-            raise ValueError(f"{path} differs from the file the export wrote (size or sha256); re-run `dvc repro export`")
+            raise ValueError(
+                f"{path} differs from the file the export wrote (size or sha256); re-run `dvc repro export`"
+            )
 
 
 def available_formats(manifest: dict[str, Any]) -> tuple[str, ...]:
@@ -224,7 +228,9 @@ class KerasClassifierRunner:
         try:
             self.model = keras.saving.load_model(path, safe_mode=True, compile=False)
         except Exception as error:  # noqa: BLE001 - Keras raises many types for a damaged archive
-            raise ValueError(f"cannot load {path} ({type(error).__name__}: {error}); re-run `dvc repro export`") from error
+            raise ValueError(
+                f"cannot load {path} ({type(error).__name__}: {error}); re-run `dvc repro export`"
+            ) from error
         # One trace for every image size: (None, None, None, 3) uint8.
         self._call = tf.function(
             lambda pixels: self.model(pixels, training=False),
@@ -251,7 +257,10 @@ class TFLiteClassifierRunner:
         self._indices = {int(detail["shape"][1]): int(detail["index"]) for detail in details}
         expected = sorted(int(item["image_size"]) for item in inputs)
         if sorted(self._indices) != expected or len(details) != len(expected):
-            raise ValueError(f"{path} takes image sizes {sorted(self._indices)}, the manifest says {expected}; re-run `dvc repro export`")
+            raise ValueError(
+                f"{path} takes image sizes {sorted(self._indices)}, the manifest says {expected}; "
+                "re-run `dvc repro export`"
+            )
         self._output = int(self.interpreter.get_output_details()[0]["index"])
         self._batch = 0
 

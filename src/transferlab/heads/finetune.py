@@ -174,8 +174,10 @@ def _checked_inputs(train: files.Features, val: files.Features, from_layer: str)
         raise ValueError("the finetune head stops early on validation loss, but the validation split is empty; "
                          "set split.val_fraction > 0")
     if len(train.blocks) != 1:
-        raise ValueError(f"{train.source}: the finetune head fine-tunes one backbone, but the features come from the stack "
-                         f"{files.stack_name(train.blocks)}; set extract_features.backbone to one registry backbone")
+        raise ValueError(
+            f"{train.source}: the finetune head fine-tunes one backbone, but the features come from the stack "
+            f"{files.stack_name(train.blocks)}; set extract_features.backbone to one registry backbone"
+        )
     tapped = check_taps(train)
     layer = taps.resolve_from_layer(tapped.block, from_layer)
     check_taps(train, layer=layer, block=tapped.block)

@@ -82,7 +82,9 @@ class ScratchHead:
         data = np.asarray(pixels)
         expected = (self.image_size, self.image_size, 3)
         if data.ndim != 4 or data.shape[1:] != expected or data.dtype != np.uint8:
-            raise ValueError(f"expected uint8 images of shape (N, {', '.join(map(str, expected))}), got {data.dtype} {data.shape}")
+            raise ValueError(
+                f"expected uint8 images of shape (N, {', '.join(map(str, expected))}), got {data.dtype} {data.shape}"
+            )
         if data.shape[0] == 0:
             return np.zeros((0, len(self.description.class_names)))
         probabilities = np.asarray(self.model.predict(data, batch_size=PREDICT_BATCH_SIZE, verbose=0), dtype=np.float64)
@@ -189,8 +191,10 @@ def _checked_inputs(train: files.Features, val: files.Features, *, image_size: i
         raise ValueError("the scratch head stops early on validation loss, but the validation split is empty; "
                          "set split.val_fraction > 0")
     if image_size < 2 ** len(CONV_FILTERS):
-        raise ValueError(f"train_head.scratch.image_size must be at least {2 ** len(CONV_FILTERS)} (three 2x2 poolings), "
-                         f"got {image_size}")
+        raise ValueError(
+            f"train_head.scratch.image_size must be at least {2 ** len(CONV_FILTERS)} (three 2x2 poolings), "
+            f"got {image_size}"
+        )
     _images_folder(train)
     originals = subset(train, np.array([recipe == augment.ORIGINAL for recipe in train.recipes], dtype=bool))
     base.check_trainable(originals, val)  # every class must keep an original image
