@@ -46,9 +46,10 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 EVALUATE_METRICS = "metrics/evaluate.json"
 TRAIN_METRICS = "metrics/train_head.json"
@@ -67,12 +68,30 @@ class Experiment:
 # The scratch runs train every epoch, as the tutorial does (patience = epochs), and keep the one
 # with the lowest validation loss, as every Keras head here does.
 EXPERIMENTS = (
-    Experiment("course-scratch", "CNN from scratch", 0.687,
-               {"train_head.head": "scratch", "train_head.scratch.augment": "false", "train_head.scratch.dropout": "0.0",
-                "train_head.scratch.epochs": "10", "train_head.scratch.patience": "10"}),
-    Experiment("course-scratch-augment", "+ dropout and augmentation", 0.752,
-               {"train_head.head": "scratch", "train_head.scratch.augment": "true", "train_head.scratch.dropout": "0.2",
-                "train_head.scratch.epochs": "15", "train_head.scratch.patience": "15"}),
+    Experiment(
+        "course-scratch",
+        "CNN from scratch",
+        0.687,
+        {
+            "train_head.head": "scratch",
+            "train_head.scratch.augment": "false",
+            "train_head.scratch.dropout": "0.0",
+            "train_head.scratch.epochs": "10",
+            "train_head.scratch.patience": "10",
+        },
+    ),
+    Experiment(
+        "course-scratch-augment",
+        "+ dropout and augmentation",
+        0.752,
+        {
+            "train_head.head": "scratch",
+            "train_head.scratch.augment": "true",
+            "train_head.scratch.dropout": "0.2",
+            "train_head.scratch.epochs": "15",
+            "train_head.scratch.patience": "15",
+        },
+    ),
     Experiment("course-transfer", "frozen MobileNet + dense head", 0.875, {"train_head.head": "dense"}),
 )
 
@@ -102,8 +121,9 @@ def run_experiment(experiment: Experiment, overrides: dict[str, str], *, repo: P
     before = _children_cpu_seconds()
     started = time.perf_counter()
     output: collections.deque[str] = collections.deque(maxlen=200)  # the tail, shown when the run fails
-    with subprocess.Popen(command, cwd=repo, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                          text=True) as process:
+    with subprocess.Popen(
+        command, cwd=repo, env=_environment(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:
         for line in process.stdout:
             output.append(line)
             if _progress_line(line):
@@ -117,8 +137,9 @@ def run_experiment(experiment: Experiment, overrides: dict[str, str], *, repo: P
 
 def remove_existing(names: list[str], *, repo: Path, dvc: str) -> None:
     """Removes earlier experiments of these names on this baseline, so the runs can take them."""
-    listed = subprocess.run([dvc, "exp", "list", "--name-only"], cwd=repo, env=_environment(), capture_output=True,
-                            text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        [dvc, "exp", "list", "--name-only"], cwd=repo, env=_environment(), capture_output=True, text=True, check=True
+    ).stdout.split()
     existing = [name for name in names if name in listed]
     if existing:
         print(f"removing earlier experiments {', '.join(existing)}", flush=True)
@@ -145,12 +166,15 @@ def _walk(node: Any) -> Iterator[dict]:
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The comparison table as Markdown, one row per experiment."""
-    lines = ["| model | experiment | course val | val accuracy | test accuracy | train_head s | exp wall s | exp CPU s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | experiment | course val | val accuracy | test accuracy | train_head s | exp wall s | exp CPU s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         lines.append(
             f"| {row['model']} | {row['name']} | {row['course_val_accuracy']:.1%} | {row['val_accuracy']:.1%} "
-            f"| {row['test_accuracy']:.1%} | {row['train_seconds']:.0f} | {row['wall_seconds']:.0f} | {row['cpu_seconds']:.0f} |"
+            f"| {row['test_accuracy']:.1%} | {row['train_seconds']:.0f} | {row['wall_seconds']:.0f} "
+            f"| {row['cpu_seconds']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -161,10 +185,16 @@ def result_row(experiment: Experiment, metrics: dict[str, Any], times: dict[str,
     if not evaluated or not trained:
         raise ValueError(f"{experiment.name}: {EVALUATE_METRICS} or {TRAIN_METRICS} missing from `dvc exp show`")
     return {
-        "name": experiment.name, "model": experiment.model, "course_val_accuracy": experiment.course_val_accuracy,
-        "val_accuracy": evaluated["val"]["accuracy"], "test_accuracy": evaluated["test"]["accuracy"],
-        "val_examples": evaluated["val"]["examples"], "test_examples": evaluated["test"]["examples"],
-        "backbone": evaluated["provenance"]["backbone"], "train_seconds": trained["seconds"], **times,
+        "name": experiment.name,
+        "model": experiment.model,
+        "course_val_accuracy": experiment.course_val_accuracy,
+        "val_accuracy": evaluated["val"]["accuracy"],
+        "test_accuracy": evaluated["test"]["accuracy"],
+        "val_examples": evaluated["val"]["examples"],
+        "test_examples": evaluated["test"]["examples"],
+        "backbone": evaluated["provenance"]["backbone"],
+        "train_seconds": trained["seconds"],
+        **times,
     }
 
 
@@ -175,8 +205,11 @@ def _children_cpu_seconds() -> float:
 
 def _environment() -> dict[str, str]:
     # The stages run `python stages/...`: this interpreter's environment first on PATH.
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
+    return {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),
+    }
 
 
 def _progress_line(line: str) -> bool:
@@ -192,30 +225,61 @@ def _default_dvc() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repo", type=Path, default=Path("."), help="the transferlab repository (default: here)")
-    parser.add_argument("--backbone", default="mobilenet", help="extract_features.backbone of all three (the course: mobilenet)")
+    parser.add_argument(
+        "--backbone", default="mobilenet", help="extract_features.backbone of all three (the course: mobilenet)"
+    )
     parser.add_argument("--alpha", default="0.25", help="extract_features.alpha (0.25: the mirror's MobileNet v1)")
-    parser.add_argument("--weights", default="imagenet", help="extract_features.weights: imagenet, a no-top .h5 file, or none")
-    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="one more param for every experiment (wins over the course's); repeatable")
+    parser.add_argument(
+        "--weights", default="imagenet", help="extract_features.weights: imagenet, a no-top .h5 file, or none"
+    )
+    parser.add_argument(
+        "-S",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one more param for every experiment (wins over the course's); repeatable",
+    )
     parser.add_argument("--dvc", default=_default_dvc(), help="the dvc executable")
     arguments = parser.parse_args()
     try:
         extra = parse_overrides(arguments.set)
     except ValueError as error:
         parser.error(str(error))
-    backbone = {"extract_features.backbone": arguments.backbone, "extract_features.alpha": arguments.alpha,
-                "extract_features.weights": arguments.weights}
+    backbone = {
+        "extract_features.backbone": arguments.backbone,
+        "extract_features.alpha": arguments.alpha,
+        "extract_features.weights": arguments.weights,
+    }
     remove_existing([experiment.name for experiment in EXPERIMENTS], repo=arguments.repo, dvc=arguments.dvc)
-    times = {experiment.name: run_experiment(experiment, overrides_for(experiment, backbone=backbone, extra=extra),
-                                             repo=arguments.repo, dvc=arguments.dvc)
-             for experiment in EXPERIMENTS}
-    shown = json.loads(subprocess.run([arguments.dvc, "exp", "show", "--json"], cwd=arguments.repo, env=_environment(),
-                                      capture_output=True, text=True, check=True).stdout)
-    rows = [result_row(experiment, experiment_metrics(shown, experiment.name), times[experiment.name])
-            for experiment in EXPERIMENTS]
+    times = {
+        experiment.name: run_experiment(
+            experiment,
+            overrides_for(experiment, backbone=backbone, extra=extra),
+            repo=arguments.repo,
+            dvc=arguments.dvc,
+        )
+        for experiment in EXPERIMENTS
+    }
+    shown = json.loads(
+        subprocess.run(
+            [arguments.dvc, "exp", "show", "--json"],
+            cwd=arguments.repo,
+            env=_environment(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    rows = [
+        result_row(experiment, experiment_metrics(shown, experiment.name), times[experiment.name])
+        for experiment in EXPERIMENTS
+    ]
     print(f"\n{table(rows)}\n")
-    print(f"val {rows[0]['val_examples']} images, test {rows[0]['test_examples']} images (the same rows in all three); "
-          f"transfer backbone: {rows[-1]['backbone']}. Course figures: validation accuracy of the tutorials' own runs.")
+    print(
+        f"val {rows[0]['val_examples']} images, test {rows[0]['test_examples']} images (the same rows in all three); "
+        f"transfer backbone: {rows[-1]['backbone']}. Course figures: validation accuracy of the tutorials' own runs."
+    )
     print("See them with: dvc exp show --only-changed", flush=True)
 
 

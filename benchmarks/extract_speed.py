@@ -42,7 +42,14 @@ def list_images(folder: Path, limit: int) -> list[dict]:
 
     rows = []
     for path in sorted(folder.glob("*/*.jpg"))[: limit or None]:
-        rows.append({"path": str(path.relative_to(folder)), "label": path.parent.name, "sha256": images.sha256_file(path), "recipe": ""})
+        rows.append(
+            {
+                "path": str(path.relative_to(folder)),
+                "label": path.parent.name,
+                "sha256": images.sha256_file(path),
+                "recipe": "",
+            }
+        )
     return rows
 
 
@@ -55,7 +62,13 @@ def run_variant(variant: str, folder: Path, rows: list[dict], arguments) -> dict
         count = _pipeline(variant, folder, rows, arguments)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    return {"variant": variant, "images": count, "seconds": seconds, "images_per_second": count / seconds, "peak_rss_gib": peak}
+    return {
+        "variant": variant,
+        "images": count,
+        "seconds": seconds,
+        "images_per_second": count / seconds,
+        "peak_rss_gib": peak,
+    }
 
 
 def _keras_predict(folder: Path, rows: list[dict], arguments) -> int:
@@ -64,7 +77,9 @@ def _keras_predict(folder: Path, rows: list[dict], arguments) -> int:
 
     from transferlab.backbones import registry
 
-    model = registry.build(registry.get(arguments.backbone), weights=arguments.weights, image_size=arguments.size, alpha=arguments.alpha)
+    model = registry.build(
+        registry.get(arguments.backbone), weights=arguments.weights, image_size=arguments.size, alpha=arguments.alpha
+    )
     for start in range(0, len(rows), arguments.batch_size):
         batch = []
         for row in rows[start : start + arguments.batch_size]:
@@ -81,7 +96,13 @@ def _pipeline(variant: str, folder: Path, rows: list[dict], arguments) -> int:
 
     settings = params.parse_section(
         "extract_features",
-        {"backbone": arguments.backbone, "weights": arguments.weights, "alpha": arguments.alpha, "image_size": arguments.size, "batch_size": arguments.batch_size},
+        {
+            "backbone": arguments.backbone,
+            "weights": arguments.weights,
+            "alpha": arguments.alpha,
+            "image_size": arguments.size,
+            "batch_size": arguments.batch_size,
+        },
     )
     members = stack.resolve_members(settings, seed=0)
     _, report = extract_features.extract_features(
@@ -101,10 +122,15 @@ def _pipeline(variant: str, folder: Path, rows: list[dict], arguments) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--archive", type=Path, default=DEFAULT_ARCHIVE)
-    parser.add_argument("--folder", type=Path, help="an extracted dataset folder (class sub-folders) instead of --archive")
+    parser.add_argument(
+        "--folder", type=Path, help="an extracted dataset folder (class sub-folders) instead of --archive"
+    )
     parser.add_argument("--backbone", default="mobilenet_v2")
     parser.add_argument("--alpha", type=float, default=1.0)
-    parser.add_argument("--weights", default=str(REPOSITORY.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"))
+    parser.add_argument(
+        "--weights",
+        default=str(REPOSITORY.parent / "shared" / "weights" / "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"),
+    )
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=2)
@@ -129,10 +155,37 @@ def main() -> None:
             cache = scratch / ("cache-tflite" if variant in ("tflite", "tflite-warm") else f"cache-{variant}")
             if variant == "tflite-converted":  # only the converted model, from the cold run
                 shutil.copytree(scratch / "cache-tflite" / "converted", cache / "converted")
-            command = [sys.executable, __file__, "--child", variant, "--folder", str(folder), "--rows", str(scratch / "rows.json"), "--cache", str(cache)]
-            command += ["--backbone", arguments.backbone, "--alpha", str(arguments.alpha), "--weights", arguments.weights]
-            command += ["--size", str(arguments.size), "--batch-size", str(arguments.batch_size), "--threads", str(arguments.threads)]
-            output = subprocess.run(command, check=True, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                variant,
+                "--folder",
+                str(folder),
+                "--rows",
+                str(scratch / "rows.json"),
+                "--cache",
+                str(cache),
+            ]
+            command += [
+                "--backbone",
+                arguments.backbone,
+                "--alpha",
+                str(arguments.alpha),
+                "--weights",
+                arguments.weights,
+            ]
+            command += [
+                "--size",
+                str(arguments.size),
+                "--batch-size",
+                str(arguments.batch_size),
+                "--threads",
+                str(arguments.threads),
+            ]
+            output = subprocess.run(
+                command, check=True, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            ).stdout
             results.append(json.loads(output.strip().splitlines()[-1]))
             _print(results)
 
@@ -148,7 +201,8 @@ def _print(results: list[dict]) -> None:
     print(f"\n{'variant':<14} {'images':>6} {'seconds':>8} {'images/s':>9} {'peak RSS GiB':>12} {'vs first':>8}")
     for result in results:
         print(
-            f"{result['variant']:<14} {result['images']:>6} {result['seconds']:>8.1f} {result['images_per_second']:>9.1f} "
+            f"{result['variant']:<14} {result['images']:>6} {result['seconds']:>8.1f} "
+            f"{result['images_per_second']:>9.1f} "
             f"{result['peak_rss_gib']:>12.2f} {result['images_per_second'] / baseline:>7.2f}x"
         )
     sys.stdout.flush()

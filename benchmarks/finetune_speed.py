@@ -42,8 +42,17 @@ def run_taps(arguments) -> dict:
     splits = files.load_splits(arguments.features, ("train", "val"))
     started = time.perf_counter()
     outcome = finetune.train(
-        train=splits["train"], val=splits["val"], seed=0, class_weight="none", from_layer=arguments.from_layer,
-        epochs=arguments.epochs, learning_rate=3e-4, batch_size=32, dropout=0.3, flip=True, patience=arguments.epochs,
+        train=splits["train"],
+        val=splits["val"],
+        seed=0,
+        class_weight="none",
+        from_layer=arguments.from_layer,
+        epochs=arguments.epochs,
+        learning_rate=3e-4,
+        batch_size=32,
+        dropout=0.3,
+        flip=True,
+        patience=arguments.epochs,
     )
     seconds = time.perf_counter() - started
     accuracy = base.accuracy_and_loss(base.predict_split(outcome.head, splits["val"]), splits["val"].labels)["accuracy"]
@@ -66,7 +75,9 @@ def run_pixels(arguments) -> dict:
     backbone = keras.models.load_model(tapped.backbone_file, compile=False)
     bottom = taps.bottom_model(backbone, layer)
     bottom.trainable = False
-    head = finetune.build_model(backbone=backbone, layer=layer, classes=len(splits["train"].class_names), dropout=0.3, seed=0)
+    head = finetune.build_model(
+        backbone=backbone, layer=layer, classes=len(splits["train"].class_names), dropout=0.3, seed=0
+    )
     pixels = keras.Input(bottom.input_shape[1:], name="pixels")
     model = keras.Model(pixels, head(bottom(pixels)))
     model.compile(optimizer=keras.optimizers.Adam(3e-4), loss="sparse_categorical_crossentropy", metrics=["accuracy"])
@@ -77,7 +88,9 @@ def run_pixels(arguments) -> dict:
     model.fit(
         PixelBatches(splits["train"], arguments.images, size=size, shuffle=True, flip=True),
         validation_data=PixelBatches(splits["val"], arguments.images, size=size),
-        epochs=arguments.pixel_epochs, verbose=0, callbacks=[timer],
+        epochs=arguments.pixel_epochs,
+        verbose=0,
+        callbacks=[timer],
     )
     seconds = time.perf_counter() - started
     probabilities = model.predict(PixelBatches(splits["val"], arguments.images, size=size), verbose=0)
@@ -107,11 +120,17 @@ def _pixel_batches_class():  # a PyDataset subclass, defined once Keras is impor
         def __getitem__(self, index):
             rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
             split = self.split
-            batch = np.stack([
-                decode.render(decode.Item(split.sha256[row], split.recipes[row], split.paths[row]),
-                              images_directory=self.images, size=self.size, max_image_pixels=10**9)
-                for row in rows
-            ]).astype(np.float32)
+            batch = np.stack(
+                [
+                    decode.render(
+                        decode.Item(split.sha256[row], split.recipes[row], split.paths[row]),
+                        images_directory=self.images,
+                        size=self.size,
+                        max_image_pixels=10**9,
+                    )
+                    for row in rows
+                ]
+            ).astype(np.float32)
             if self.flip:
                 mirrored = np.random.default_rng([index, len(rows)]).random(len(rows)) < 0.5
                 batch[mirrored] = batch[mirrored, :, ::-1]
@@ -122,8 +141,13 @@ def _pixel_batches_class():  # a PyDataset subclass, defined once Keras is impor
 
 def _figures(variant: str, epoch_seconds: list[float], seconds: float, accuracy: float, rows: int) -> dict:
     return {
-        "variant": variant, "rows": rows, "epochs": len(epoch_seconds), "first_epoch_seconds": epoch_seconds[0],
-        "median_epoch_seconds": statistics.median(epoch_seconds), "seconds": seconds, "val_accuracy": accuracy,
+        "variant": variant,
+        "rows": rows,
+        "epochs": len(epoch_seconds),
+        "first_epoch_seconds": epoch_seconds[0],
+        "median_epoch_seconds": statistics.median(epoch_seconds),
+        "seconds": seconds,
+        "val_accuracy": accuracy,
         "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
 
@@ -144,22 +168,40 @@ def main() -> None:
         return
     results = []
     for variant in arguments.variants.split(","):
-        command = [sys.executable, __file__, "--child", variant, "--features", str(arguments.features),
-                   "--images", str(arguments.images), "--from-layer", arguments.from_layer,
-                   "--epochs", str(arguments.epochs), "--pixel-epochs", str(arguments.pixel_epochs)]
-        output = subprocess.run(command, check=True, capture_output=True, text=True,
-                                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout
+        command = [
+            sys.executable,
+            __file__,
+            "--child",
+            variant,
+            "--features",
+            str(arguments.features),
+            "--images",
+            str(arguments.images),
+            "--from-layer",
+            arguments.from_layer,
+            "--epochs",
+            str(arguments.epochs),
+            "--pixel-epochs",
+            str(arguments.pixel_epochs),
+        ]
+        output = subprocess.run(
+            command, check=True, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+        ).stdout
         results.append(json.loads(output.strip().splitlines()[-1]))
         _print(results)
 
 
 def _print(results: list[dict]) -> None:
-    print(f"\n{'variant':<8} {'rows':>5} {'epochs':>6} {'1st epoch s':>11} {'median epoch s':>14} {'total s':>8} "
-          f"{'val acc':>7} {'peak RSS GiB':>12}")
+    print(
+        f"\n{'variant':<8} {'rows':>5} {'epochs':>6} {'1st epoch s':>11} {'median epoch s':>14} {'total s':>8} "
+        f"{'val acc':>7} {'peak RSS GiB':>12}"
+    )
     for result in results:
-        print(f"{result['variant']:<8} {result['rows']:>5} {result['epochs']:>6} {result['first_epoch_seconds']:>11.1f} "
-              f"{result['median_epoch_seconds']:>14.1f} {result['seconds']:>8.1f} {result['val_accuracy']:>7.4f} "
-              f"{result['peak_rss_gib']:>12.2f}")
+        print(
+            f"{result['variant']:<8} {result['rows']:>5} {result['epochs']:>6} {result['first_epoch_seconds']:>11.1f} "
+            f"{result['median_epoch_seconds']:>14.1f} {result['seconds']:>8.1f} {result['val_accuracy']:>7.4f} "
+            f"{result['peak_rss_gib']:>12.2f}"
+        )
     by_name = {result["variant"]: result for result in results}
     if {"taps", "pixels"} <= set(by_name):
         ratio = by_name["pixels"]["median_epoch_seconds"] / by_name["taps"]["median_epoch_seconds"]

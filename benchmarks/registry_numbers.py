@@ -40,8 +40,10 @@ def main(selected: list[str]) -> int:
     for name in selected or registry.names():
         row = measure(name)
         entry = registry.get(name)
-        print(f"{row['name']:22} {row['parameters']:12d} {row['gflops']:7.3f} {row['feature_dim']:6d} "
-              f"{str(row['finetune_from_exists']):8} {row['seconds']}")
+        print(
+            f"{row['name']:22} {row['parameters']:12d} {row['gflops']:7.3f} {row['feature_dim']:6d} "
+            f"{str(row['finetune_from_exists']):8} {row['seconds']}"
+        )
         stored = (entry.parameters, entry.gflops, entry.feature_dim, True)
         if stored != (row["parameters"], row["gflops"], row["feature_dim"], row["finetune_from_exists"]):
             mismatches += 1

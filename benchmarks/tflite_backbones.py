@@ -21,19 +21,27 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights"
 DEFAULT_FILES = sorted(SHARED.glob("*_features.tflite"))
 
 
-def images_per_second(path: Path, *, batch: int, threads: int, xnnpack: bool, seconds: float, rewrite: str = "") -> float:
+def images_per_second(
+    path: Path, *, batch: int, threads: int, xnnpack: bool, seconds: float, rewrite: str = ""
+) -> float:
     """Median images/s of repeated invocations (after one warm-up) within about ``seconds``."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     from transferlab.tflite import rewrites
 
     resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
-    source = {"model_content": rewrites.rewritten_content(path.read_bytes(), rewrite)} if rewrite else {"model_path": str(path)}
+    source = (
+        {"model_content": rewrites.rewritten_content(path.read_bytes(), rewrite)}
+        if rewrite
+        else {"model_path": str(path)}
+    )
     interpreter = Interpreter(**source, num_threads=threads, experimental_op_resolver_type=resolver)
     detail = interpreter.get_input_details()[0]
     interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
     interpreter.allocate_tensors()
-    pixels = np.random.default_rng(0).integers(0, 256, (batch, *detail["shape"][1:]), dtype=np.uint8).astype(detail["dtype"])
+    pixels = (
+        np.random.default_rng(0).integers(0, 256, (batch, *detail["shape"][1:]), dtype=np.uint8).astype(detail["dtype"])
+    )
     interpreter.set_tensor(detail["index"], pixels)
     interpreter.invoke()
     rates, started = [], time.perf_counter()
@@ -53,17 +61,31 @@ def main() -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the runs without XNNPACK")
     arguments = parser.parse_args()
     batches = [int(value) for value in arguments.batches.split(",")]
-    print(f"{'model':<48} {'threads':>7} {'path':>13} " + " ".join(f"{'b=' + str(b):>8}" for b in batches) + "   (images/s, median)")
+    print(
+        f"{'model':<48} {'threads':>7} {'path':>13} "
+        + " ".join(f"{'b=' + str(b):>8}" for b in batches)
+        + "   (images/s, median)"
+    )
     from transferlab.tflite import rewrites
 
     for path in arguments.files:
         variants = [(True, "")] + ([] if arguments.no_plain else [(False, "")])
-        variants += [(True, rewrite) for rewrite, problem in rewrites.candidates(path.read_bytes()).items() if not problem]
+        variants += [
+            (True, rewrite) for rewrite, problem in rewrites.candidates(path.read_bytes()).items() if not problem
+        ]
         for threads in [int(value) for value in arguments.threads.split(",")]:
             for xnnpack, rewrite in variants:
-                rates = [images_per_second(path, batch=b, threads=threads, xnnpack=xnnpack, seconds=arguments.seconds, rewrite=rewrite) for b in batches]
+                rates = [
+                    images_per_second(
+                        path, batch=b, threads=threads, xnnpack=xnnpack, seconds=arguments.seconds, rewrite=rewrite
+                    )
+                    for b in batches
+                ]
                 label = rewrite or ("xnnpack" if xnnpack else "builtin")
-                print(f"{path.stem:<48} {threads:>7} {label:>13} " + " ".join(f"{rate:8.1f}" for rate in rates), flush=True)
+                print(
+                    f"{path.stem:<48} {threads:>7} {label:>13} " + " ".join(f"{rate:8.1f}" for rate in rates),
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -26,14 +26,22 @@ def main(paths, base, download, settings):
     head = heads.load_head(paths.model)
     splits = files.load_splits(paths.features, ("val", "test"), images_directory=paths.images, max_image_pixels=limit)
     result = evaluate.evaluate(
-        head=head, val=splits["val"], test=splits["test"], gallery_images=settings.gallery_images,
+        head=head,
+        val=splits["val"],
+        test=splits["test"],
+        gallery_images=settings.gallery_images,
         extract_report=evaluate.read_extract_report(paths.extract_metrics),
     )
     with atomic.atomic_directory(paths.plots) as folder:
         atomic.write_json(folder / "confusion.json", result.confusion)
         tables.write_predictions(result.predictions, folder / "test_predictions.csv")
-        gallery.render_gallery(result.mistakes, images_directory=paths.images, path=folder / "gallery.png",
-                               test_images=len(splits["test"]), max_image_pixels=limit)
+        gallery.render_gallery(
+            result.mistakes,
+            images_directory=paths.images,
+            path=folder / "gallery.png",
+            test_images=len(splits["test"]),
+            max_image_pixels=limit,
+        )
     atomic.write_json(paths.metrics, result.metrics)
     logging.info(evaluate.describe(result.metrics))
 

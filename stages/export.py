@@ -31,8 +31,14 @@ def main(paths, base, download, extract, settings):
     rows = check.select_rows(predictions, count=settings.check_images, seed=base.seed)
     with atomic.atomic_directory(paths.out) as folder:
         manifest = build.write_export(
-            folder, members=members, head=head, head_folder=paths.model, seed=base.seed, tflite=settings.tflite,
-            max_image_pixels=download.max_image_pixels, block_engines=test.block_engines,
+            folder,
+            members=members,
+            head=head,
+            head_folder=paths.model,
+            seed=base.seed,
+            tflite=settings.tflite,
+            max_image_pixels=download.max_image_pixels,
+            block_engines=test.block_engines,
         )
         agreement = check.check_against_evaluate(
             folder, rows=rows, images_directory=paths.images, max_image_pixels=download.max_image_pixels

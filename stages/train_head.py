@@ -24,8 +24,13 @@ def main(paths, base, download, settings):
     )
     with train_head.live_curves(paths.live) as log_step:
         result = train_head.train_head(
-            head=settings.head, train=splits["train"], val=splits["val"], seed=base.seed,
-            class_weight=settings.class_weight, options=settings.head_options(), log_step=log_step,
+            head=settings.head,
+            train=splits["train"],
+            val=splits["val"],
+            seed=base.seed,
+            class_weight=settings.class_weight,
+            options=settings.head_options(),
+            log_step=log_step,
         )
         train_head.save_head(result.head, paths.model)
     atomic.write_json(paths.metrics, result.metrics)

@@ -66,7 +66,9 @@ def count_flops(model: Any, image_size: int | None = None) -> int:
 def _model_at_size(model: Any, image_size: int | None) -> Any:
     inputs = getattr(model, "inputs", None)
     if not inputs or len(inputs) != 1 or len(inputs[0].shape) != 4:
-        raise ValueError("count_flops needs a Keras Functional model with one image input (batch, height, width, channels)")
+        raise ValueError(
+            "count_flops needs a Keras Functional model with one image input (batch, height, width, channels)"
+        )
     _, height, width, channels = inputs[0].shape
     if height is None or width is None:
         if image_size is None:

@@ -15,9 +15,10 @@ do not apply to it. A member's ``name`` is its registry name, or for ``tflite:``
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from transferlab.backbones import registry
 from transferlab.tflite.describe import describe_tflite
@@ -69,7 +70,9 @@ def resolve_members(params: Any, *, seed: int, root: Path | None = None) -> list
     names = [member.name for member in members]
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise ValueError(f"extract_features.backbone lists {', '.join(duplicates)} more than once; list each backbone once")
+        raise ValueError(
+            f"extract_features.backbone lists {', '.join(duplicates)} more than once; list each backbone once"
+        )
     for setting in PER_MEMBER_SETTINGS:
         value = getattr(params, setting)
         if isinstance(value, Mapping):
@@ -138,4 +141,3 @@ def label(member: Member) -> str:
 def describe(members: list[Member]) -> str:
     """The stack's display name: member labels joined by '+'."""
     return "+".join(label(member) for member in members)
-

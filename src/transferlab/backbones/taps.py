@@ -59,7 +59,9 @@ def resolve_from_layer(backbone: str, from_layer: str) -> str:
         return from_layer.strip()
     entry = registry.get(backbone)
     if not entry.finetune_from:
-        raise ValueError(f"{entry.name} has no default fine-tuning layer; set train_head.finetune.from_layer to a layer name")
+        raise ValueError(
+            f"{entry.name} has no default fine-tuning layer; set train_head.finetune.from_layer to a layer name"
+        )
     return entry.finetune_from
 
 
@@ -109,9 +111,7 @@ def _cut_at(nodes: list[Any], node: Any) -> Cut | None:
     tap = node.input_tensors[0]
     bottom = _ancestors(tap)
     top = [candidate for candidate in nodes if id(candidate.operation) not in bottom]
-    crossing = {
-        id(tensor) for candidate in top for tensor in candidate.input_tensors if _producer(tensor) in bottom
-    }
+    crossing = {id(tensor) for candidate in top for tensor in candidate.input_tensors if _producer(tensor) in bottom}
     if crossing != {id(tap)}:
         return None
     return Cut(layer=node.operation.name, tensor=tap, top_nodes=tuple(top))

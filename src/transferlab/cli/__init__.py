@@ -15,7 +15,10 @@ COMMANDS = {
     "backbones": ("transferlab.cli.backbones", "list the registered backbones, or describe a TFLite file"),
     "compare": ("transferlab.cli.compare", "run one experiment per backbone or stack and print a leaderboard"),
     "predict": ("transferlab.cli.predict", "classify image files or folders with the exported model (models/export)"),
-    "imagenet": ("transferlab.cli.imagenet", "classify photos into the 1000 ImageNet classes with a pretrained model and its top"),
+    "imagenet": (
+        "transferlab.cli.imagenet",
+        "classify photos into the 1000 ImageNet classes with a pretrained model and its top",
+    ),
 }
 
 
@@ -24,7 +27,9 @@ def build_parser(configure: str | None = None) -> argparse.ArgumentParser:
 
     Sub-command modules are imported only for the command that runs (or whose help is asked).
     """
-    parser = argparse.ArgumentParser(prog="transferlab", description="Which pretrained CNN backbone classifies your images best, and at what cost.")
+    parser = argparse.ArgumentParser(
+        prog="transferlab", description="Which pretrained CNN backbone classifies your images best, and at what cost."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, summary) in COMMANDS.items():

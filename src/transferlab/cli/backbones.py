@@ -25,7 +25,9 @@ FOOTNOTE = (
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds this command's options."""
     parser.add_argument(
-        "--file", metavar="PATH[#TENSOR]", help="describe a TFLite model as a backbone (optionally tapping a named tensor)"
+        "--file",
+        metavar="PATH[#TENSOR]",
+        help="describe a TFLite model as a backbone (optionally tapping a named tensor)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -48,7 +50,10 @@ def table(entries: list[registry.Backbone]) -> str:
     widths = [max(len(row[column]) for row in rows) for column in range(len(COLUMNS))]
     numeric = {2, 3, 4, 5}
     lines = [
-        "  ".join(cell.rjust(width) if index in numeric else cell.ljust(width) for index, (cell, width) in enumerate(zip(row, widths)))
+        "  ".join(
+            cell.rjust(width) if index in numeric else cell.ljust(width)
+            for index, (cell, width) in enumerate(zip(row, widths))
+        )
         for row in rows
     ]
     lines.insert(1, "  ".join("-" * width for width in widths))

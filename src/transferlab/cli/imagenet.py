@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,17 +40,33 @@ BATCH = 16
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds this command's options."""
     parser.add_argument("paths", nargs="+", metavar="PATH", help="photos, or folders (searched recursively)")
-    parser.add_argument("--backbone", default=DEFAULT_BACKBONE, help="registry name (`transferlab backbones`; default: %(default)s)")
+    parser.add_argument(
+        "--backbone", default=DEFAULT_BACKBONE, help="registry name (`transferlab backbones`; default: %(default)s)"
+    )
     parser.add_argument("--alpha", type=float, default=None, help="width multiplier for the MobileNets (default 1.0)")
-    parser.add_argument("--weights", default="imagenet", metavar="PATH|imagenet",
-                        help=f"weights WITH the 1000-class top: a local file ({SHARED_HINT}) or imagenet (download)")
-    parser.add_argument("--class-index", type=Path, default=None, metavar="PATH",
-                        help="a local imagenet_class_index.json (default: Keras' own, downloaded once)")
+    parser.add_argument(
+        "--weights",
+        default="imagenet",
+        metavar="PATH|imagenet",
+        help=f"weights WITH the 1000-class top: a local file ({SHARED_HINT}) or imagenet (download)",
+    )
+    parser.add_argument(
+        "--class-index",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="a local imagenet_class_index.json (default: Keras' own, downloaded once)",
+    )
     parser.add_argument("--top", type=int, default=5, metavar="K", help="classes per photo (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
-    parser.add_argument("--max-image-pixels", type=int, default=params.DownloadParams().max_image_pixels, metavar="N",
-                        help="larger images are refused as decompression bombs (default: params' "
-                        "download.max_image_pixels default, %(default)s)")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=params.DownloadParams().max_image_pixels,
+        metavar="N",
+        help="larger images are refused as decompression bombs (default: params' "
+        "download.max_image_pixels default, %(default)s)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -67,8 +84,9 @@ def run(args: argparse.Namespace) -> int:
     model = build_classifier(entry, alpha=alpha, weights=weights)
     for start in range(0, len(files), BATCH):
         chunk = files[start : start + BATCH]
-        results.extend(classify(model, entry, chunk, top=args.top, class_index=class_index,
-                                max_image_pixels=args.max_image_pixels))
+        results.extend(
+            classify(model, entry, chunk, top=args.top, class_index=class_index, max_image_pixels=args.max_image_pixels)
+        )
     return report(results, as_json=args.json)
 
 
@@ -86,11 +104,20 @@ def read_class_index(path: Path) -> dict[str, tuple[str, str]]:
         raise ValueError(f"{path} is not valid JSON ({error}); give Keras' imagenet_class_index.json") from None
     expected = {str(index) for index in range(IMAGENET_CLASSES)}
     if not isinstance(content, dict) or set(content) != expected:
-        raise ValueError(f"{path} must map the {IMAGENET_CLASSES} class numbers \"0\"..\"999\" to [wordnet id, name]; "
-                         "give Keras' imagenet_class_index.json")
-    bad = [key for key, value in content.items() if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value))]
+        raise ValueError(
+            f'{path} must map the {IMAGENET_CLASSES} class numbers "0".."999" to [wordnet id, name]; '
+            "give Keras' imagenet_class_index.json"
+        )
+    bad = [
+        key
+        for key, value in content.items()
+        if not (isinstance(value, list) and len(value) == 2 and all(isinstance(v, str) for v in value))
+    ]
     if bad:
-        raise ValueError(f"{path}: class {sorted(bad, key=int)[0]} is not a [wordnet id, name] pair; give Keras' imagenet_class_index.json")
+        raise ValueError(
+            f"{path}: class {sorted(bad, key=int)[0]} is not a [wordnet id, name] pair; "
+            "give Keras' imagenet_class_index.json"
+        )
     return {key: (value[0], value[1]) for key, value in content.items()}
 
 
@@ -104,7 +131,9 @@ def check_top_weights(weights: str) -> str:
         return "imagenet"
     path = Path(weights).expanduser()
     if not path.is_file():
-        raise ValueError(f"weights file not found: {path}; give a local file with the 1000-class top ({SHARED_HINT}) or imagenet")
+        raise ValueError(
+            f"weights file not found: {path}; give a local file with the 1000-class top ({SHARED_HINT}) or imagenet"
+        )
     layers = _hdf5_layer_names(path)
     if layers is not None and TOP_LAYER not in layers:
         raise ValueError(
@@ -138,7 +167,8 @@ def build_classifier(entry: registry.Backbone, *, alpha: float | None, weights: 
     except Exception as error:  # noqa: BLE001 - Keras raises bare Exception for failed downloads
         if weights == "imagenet":
             raise ValueError(
-                f"could not get Keras' ImageNet weights for {entry.constructor} ({error}); offline, pass --weights with "
+                f"could not get Keras' ImageNet weights for {entry.constructor} ({error}); "
+                "offline, pass --weights with "
                 f"a local file with the top ({SHARED_HINT})"
             ) from error
         raise ValueError(
@@ -181,15 +211,21 @@ def classify(
         decoded = decode(probabilities, top=top, class_index=class_index, keras_decode=module.decode_predictions)
     rows = iter(decoded)
     return [
-        {"path": str(path), "error": error} if picture is None
-        else {"path": str(path), "predictions": [
-            {"class": name, "wnid": wnid, "confidence": round(float(score), 6)} for wnid, name, score in next(rows)
-        ]}
+        {"path": str(path), "error": error}
+        if picture is None
+        else {
+            "path": str(path),
+            "predictions": [
+                {"class": name, "wnid": wnid, "confidence": round(float(score), 6)} for wnid, name, score in next(rows)
+            ],
+        }
         for path, (picture, error) in zip(files, opened)
     ]
 
 
-def decode(probabilities: np.ndarray, *, top: int, class_index: dict[str, tuple[str, str]] | None, keras_decode: Any) -> list:
+def decode(
+    probabilities: np.ndarray, *, top: int, class_index: dict[str, tuple[str, str]] | None, keras_decode: Any
+) -> list:
     """``(wordnet id, name, score)`` of the ``top`` classes per row, highest first.
 
     With ``class_index`` the given file names the classes, exactly as ``decode_predictions``
@@ -200,7 +236,8 @@ def decode(probabilities: np.ndarray, *, top: int, class_index: dict[str, tuple[
             return keras_decode(probabilities, top=top)
         except Exception as error:  # noqa: BLE001 - a failed download surfaces as many types
             raise ValueError(
-                f"decode_predictions could not get imagenet_class_index.json ({error}); offline, pass --class-index PATH "
+                f"decode_predictions could not get imagenet_class_index.json ({error}); "
+                "offline, pass --class-index PATH "
                 "(../shared/weights/imagenet_class_index.json)"
             ) from error
     order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top]

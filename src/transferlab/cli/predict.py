@@ -21,13 +21,25 @@ PROGRESS_FROM = 20  # a progress bar (on stderr) from this many files on
 def configure(parser: argparse.ArgumentParser) -> None:
     """Adds this command's options."""
     parser.add_argument("paths", nargs="+", metavar="PATH", help="image files, or folders (searched recursively)")
-    parser.add_argument("--model", default=str(predict.DEFAULT_MODEL_FOLDER), metavar="DIR",
-                        help="the export stage's folder (default: %(default)s)")
-    parser.add_argument("--top", type=int, default=1, metavar="K", help="classes shown per image (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default=str(predict.DEFAULT_MODEL_FOLDER),
+        metavar="DIR",
+        help="the export stage's folder (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--top", type=int, default=1, metavar="K", help="classes shown per image (default: %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON list instead of lines")
-    parser.add_argument("--format", choices=predict.FORMATS, default="auto",
-                        help="auto (TFLite when exported, else Keras), keras (model.keras) or tflite (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=32, help="images decoded and run together (default: %(default)s)")
+    parser.add_argument(
+        "--format",
+        choices=predict.FORMATS,
+        default="auto",
+        help="auto (TFLite when exported, else Keras), keras (model.keras) or tflite (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=32, help="images decoded and run together (default: %(default)s)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,8 +51,14 @@ def run(args: argparse.Namespace) -> int:
     files, missing = predict.collect_files(args.paths)
     model = predict.load(args.model, format=args.format)
     with tqdm(total=len(files), unit="image", file=sys.stderr, disable=len(files) < PROGRESS_FROM) as bar:
-        results = predict.classify_files(model, files, top=args.top, batch_size=args.batch_size,
-                                         max_image_pixels=model.max_image_pixels, progress=bar.update)
+        results = predict.classify_files(
+            model,
+            files,
+            top=args.top,
+            batch_size=args.batch_size,
+            max_image_pixels=model.max_image_pixels,
+            progress=bar.update,
+        )
     results = missing + results
     failed = [result for result in results if result.error]
     for result in failed:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -57,7 +57,7 @@ class SplitParams(Section):
     max_images_per_class: Annotated[int, Field(ge=0)] = 0
 
     @model_validator(mode="after")
-    def _fractions_leave_training_data(self) -> "SplitParams":
+    def _fractions_leave_training_data(self) -> SplitParams:
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ValueError(
                 f"val_fraction + test_fraction must be < 1 (got {self.val_fraction} + "
@@ -76,14 +76,14 @@ class AugmentParams(Section):
     preview_images: Annotated[int, Field(ge=1, le=64)] = 6
 
 
-PerBackbone = Union[Any, dict[str, Any]]  # one value for every member, or {member name: value}
+PerBackbone = Any | dict[str, Any]  # one value for every member, or {member name: value}
 
 
 class ExtractFeaturesParams(Section):
-    backbone: Union[Annotated[str, Field(min_length=1)], Annotated[list[str], Field(min_length=1)]] = "mobilenet_v2"
-    alpha: Union[float, dict[str, float]] = 1.0
-    weights: Union[str, dict[str, str]] = "imagenet"
-    image_size: Union[Annotated[int, Field(ge=0, le=1024)], dict[str, Annotated[int, Field(ge=0, le=1024)]]] = 0
+    backbone: Annotated[str, Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] = "mobilenet_v2"
+    alpha: float | dict[str, float] = 1.0
+    weights: str | dict[str, str] = "imagenet"
+    image_size: Annotated[int, Field(ge=0, le=1024)] | dict[str, Annotated[int, Field(ge=0, le=1024)]] = 0
     batch_size: Annotated[int, Field(ge=1, le=1024)] = 32
     engine: Literal["auto", "keras", "tflite"] = "auto"
     decode_threads: Annotated[int, Field(ge=1, le=64)] = 2
@@ -97,7 +97,15 @@ PositiveC = Annotated[float, Field(gt=0.0, le=1e6)]
 
 class LogisticParams(Section):
     c_grid: Annotated[list[PositiveC], Field(min_length=1, max_length=50)] = [
-        0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0,
+        0.001,
+        0.003,
+        0.01,
+        0.03,
+        0.1,
+        0.3,
+        1.0,
+        3.0,
+        10.0,
     ]
     max_iter: Annotated[int, Field(ge=10, le=100_000)] = 1000
     select_by: Literal["accuracy", "log_loss"] = "accuracy"

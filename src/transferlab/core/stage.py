@@ -7,8 +7,8 @@ A stage script declares what it reads and writes and gets them parsed and valida
         paths={"index": "the download stage's index.csv", "out": "folder for the split CSVs"},
         sections=("base", "split"),
     )
-    def main(paths, base, split):
-        ...
+    def main(paths, base, split): ...
+
 
     if __name__ == "__main__":
         main()

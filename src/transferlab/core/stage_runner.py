@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:

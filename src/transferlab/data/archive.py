@@ -125,4 +125,3 @@ def _refuse(archive: Path, member: str, reason: str) -> None:
         f"refusing to extract {archive}: member {member!r} {reason}. Nothing was extracted; the archive is "
         "unsafe or was not made for this tool. Use a trusted archive of class folders holding plain files"
     )
-

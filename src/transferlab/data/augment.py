@@ -88,8 +88,12 @@ class Recipe:
 
 def check_ranges(*, copies: int, flip: bool, zoom: float, rotation: float, brightness: float, contrast: float) -> None:
     """Raises ``ValueError`` naming the ``augment.*`` key that is out of range."""
-    limits = {"zoom": (zoom, 0.0, 1.0, False), "rotation": (rotation, 0.0, 180.0, True),
-              "brightness": (brightness, 0.0, 1.0, True), "contrast": (contrast, 0.0, 1.0, True)}
+    limits = {
+        "zoom": (zoom, 0.0, 1.0, False),
+        "rotation": (rotation, 0.0, 180.0, True),
+        "brightness": (brightness, 0.0, 1.0, True),
+        "contrast": (contrast, 0.0, 1.0, True),
+    }
     for name, (value, low, high, closed) in limits.items():
         if not (low <= value <= high if closed else low <= value < high):
             raise ValueError(f"augment.{name} must be in [{low}, {high}{']' if closed else ')'}, got {value}")

@@ -97,17 +97,26 @@ def preview_sample(rows: Sequence[Mapping[str, str]], count: int) -> list[Mappin
 
 
 def preview_heading(
-    *, copies: int, flip: bool, zoom: float, rotation: float, brightness: float, contrast: float, seed: int,
+    *,
+    copies: int,
+    flip: bool,
+    zoom: float,
+    rotation: float,
+    brightness: float,
+    contrast: float,
+    seed: int,
     shown_views: int,
 ) -> str:
     """Three lines above the grid: on or off, the configured ranges, how to read a row."""
-    ranges = ", ".join([
-        f"flip {'on' if flip else 'off'}",
-        f"zoom keeps {1 - zoom:.2f}-1 of each side" if zoom else "zoom off",
-        f"rotation ±{rotation:g}°" if rotation else "rotation off",
-        f"brightness ±{brightness:g}" if brightness else "brightness off",
-        f"contrast 1±{contrast:g}" if contrast else "contrast off",
-    ])
+    ranges = ", ".join(
+        [
+            f"flip {'on' if flip else 'off'}",
+            f"zoom keeps {1 - zoom:.2f}-1 of each side" if zoom else "zoom off",
+            f"rotation ±{rotation:g}°" if rotation else "rotation off",
+            f"brightness ±{brightness:g}" if brightness else "brightness off",
+            f"contrast 1±{contrast:g}" if contrast else "contrast off",
+        ]
+    )
     if copies > 0:
         first = f"Augmentation ON: {copies} view(s) per training image; showing the first {shown_views}."
     elif shown_views:

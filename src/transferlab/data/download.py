@@ -96,8 +96,12 @@ def prepare_dataset(
             archive.extract_archive(archive_path, extracted, max_files=max_files, max_total_bytes=max_total_bytes)
             move_dataset(index.locate_dataset_root(extracted), destination)
         rows = index.index_dataset(
-            destination, extra_rows=skipped, min_image_side=min_image_side,
-            max_image_pixels=max_image_pixels, max_files=max_files, workers=workers,
+            destination,
+            extra_rows=skipped,
+            min_image_side=min_image_side,
+            max_image_pixels=max_image_pixels,
+            max_files=max_files,
+            workers=workers,
         )
     classes = [folder.name for folder in index.class_folders(destination)]
     index.check_classes(rows, min_images_per_class=min_images_per_class, classes=classes, source=source)

@@ -131,10 +131,19 @@ def _fetch_once(session: requests.Session, url: str, destination: Path, *, timeo
             LOGGER.info("the server does not resume downloads; starting over")
         length = response.headers.get("Content-Length")
         total = start + int(length) if length and length.isdigit() else None
-        with open(destination, "r+b" if start else "wb") as handle, tqdm(
-            total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-            desc=f"download {PurePosixPath(url.split('?')[0]).name}", disable=None, mininterval=0.5,
-        ) as progress:
+        with (
+            open(destination, "r+b" if start else "wb") as handle,
+            tqdm(
+                total=total,
+                initial=start,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=f"download {PurePosixPath(url.split('?')[0]).name}",
+                disable=None,
+                mininterval=0.5,
+            ) as progress,
+        ):
             handle.seek(start)
             handle.truncate()
             for chunk in response.iter_content(_CHUNK_BYTES):

@@ -202,4 +202,3 @@ def _describe_class(rows: Sequence[tables.IndexRow], label: str, usable: int) ->
     excluded = collections.Counter(row.status for row in rows if row.label == label and row.status != images.OK)
     reasons = ", ".join(f"{count} {status}" for status, count in sorted(excluded.items()))
     return f"class '{label}' has {usable} usable image(s)" + (f" (excluded: {reasons})" if reasons else "")
-

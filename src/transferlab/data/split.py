@@ -84,8 +84,13 @@ def split_index(
         raise ValueError(
             "the index has no usable images (status ok, no label conflict); check the download stage's report"
         )
-    chosen, over_cap = _split_classes(usable, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction,
-                                      max_images_per_class=max_images_per_class)
+    chosen, over_cap = _split_classes(
+        usable,
+        seed=seed,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        max_images_per_class=max_images_per_class,
+    )
     splits = {
         name: sorted((row for groups in chosen.values() for group in groups[name] for row in group), key=_path)
         for name in SPLIT_NAMES

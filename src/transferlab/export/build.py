@@ -32,18 +32,19 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from transferlab.backbones import registry
+from transferlab.backbones.stack import Member
 from transferlab.core import atomic
 from transferlab.data import images
 from transferlab.export import predict
 from transferlab.features import files
 from transferlab.heads import base
-from transferlab.backbones.stack import Member
 
 FEATURE_HEADS = ("logistic", "dense")  # classify the backbones' pooled embeddings
 PIXEL_HEADS = ("finetune", "scratch")  # are (with their own backbone part) one Keras model of the pixels
@@ -94,7 +95,9 @@ def _listing(pairs: Sequence[tuple[str, str]]) -> str:
 # ---------------------------------------------------------------- building the models
 
 
-def fold_logistic(*, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def fold_logistic(
+    *, coef: np.ndarray, intercept: np.ndarray, mean: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The Dense kernel (D, C) and bias (C,) equal to standardize-then-logistic, in float64.
 
     ``((x - mean) / scale) @ coef.T + intercept == x @ kernel + bias``. Folding, instead of a
@@ -114,7 +117,9 @@ def head_model(head: base.TrainedHead) -> Any:
         return head.model
     if name != "logistic":
         raise ValueError(f"export supports the {', '.join(EXPORTABLE_HEADS)} heads, not '{name}'")
-    kernel, bias = fold_logistic(coef=head.coef, intercept=head.intercept, mean=head.standardizer.mean_, scale=head.standardizer.scale_)
+    kernel, bias = fold_logistic(
+        coef=head.coef, intercept=head.intercept, mean=head.standardizer.mean_, scale=head.standardizer.scale_
+    )
     features = keras.Input(shape=(kernel.shape[0],), name="features")
     layer = keras.layers.Dense(kernel.shape[1], activation="softmax", name="logistic")
     probabilities = layer(features)
@@ -140,7 +145,9 @@ def build_core(*, members: Sequence[Member], head: base.TrainedHead, head_folder
     pixels = {size: keras.ops.cast(tensor, "float32") for size, tensor in inputs.items()}
     embeddings = []
     for member in members:
-        backbone = registry.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
+        backbone = registry.build(
+            member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed
+        )
         backbone.trainable = False
         embeddings.append(backbone(pixels[member.image_size], training=False))
     joined = embeddings[0] if len(embeddings) == 1 else keras.layers.Concatenate(name="stack_features")(embeddings)
@@ -174,7 +181,9 @@ def build_image_model(core: Any) -> Any:
     resized = []
     for tensor in core.inputs:
         size = int(tensor.shape[1])
-        scaled = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name=f"resize_{size}")(floats)
+        scaled = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name=f"resize_{size}")(
+            floats
+        )
         resized.append(keras.ops.cast(keras.ops.clip(keras.ops.round(scaled), 0.0, 255.0), "uint8"))
     return keras.Model(image, core(resized), name="transferlab_image_classifier")
 
@@ -212,7 +221,9 @@ def write_export(
     if any(member.random_init for member in members):
         logger.warning("random-init backbone weights: this export classifies nothing real")
     if head.description.head in PIXEL_HEADS or all(member.kind == "keras" for member in members):
-        layout = _write_classifier(folder, members=members, head=head, head_folder=head_folder, seed=seed, tflite=tflite)
+        layout = _write_classifier(
+            folder, members=members, head=head, head_folder=head_folder, seed=seed, tflite=tflite
+        )
         member_files = [{} for _ in members]
     else:
         layout, member_files = _write_stack(folder, members=members, seed=seed, block_engines=block_engines)
@@ -273,14 +284,22 @@ def _write_stack(
             rewrite = rewrites.rewrite_of_engine(recorded[index] or "tflite")
             (folder / relative).write_bytes(rewrites.rewritten_content(member.path.read_bytes(), rewrite))
         else:
-            model = registry.build(member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed)
+            model = registry.build(
+                member.name, alpha=member.alpha, weights=member.weights, image_size=member.image_size, seed=seed
+            )
             engines.convert_to_tflite(model, folder / relative)
         info = describe.describe_tflite(folder / relative, member.tensor or None)
-        entries.append({
-            "file": relative, "sha256": info.sha256, "tensor": member.tensor, "input_dtype": info.input_dtype,
-            "input_quantization": list(info.input_quantization), "output": info.output_name,
-            "converted_from_keras": member.kind == "keras",
-        })
+        entries.append(
+            {
+                "file": relative,
+                "sha256": info.sha256,
+                "tensor": member.tensor,
+                "input_dtype": info.input_dtype,
+                "input_quantization": list(info.input_quantization),
+                "output": info.output_name,
+                "converted_from_keras": member.kind == "keras",
+            }
+        )
     return {"layout": "stack", "keras_model": "", "tflite_model": "", "inputs": []}, entries
 
 
@@ -290,9 +309,15 @@ def _safe_name(name: str) -> str:
 
 def _member_entry(member: Member, block: files.Block) -> dict[str, Any]:
     return {
-        "name": member.name, "spec": member.spec, "kind": member.kind, "image_size": member.image_size,
-        "alpha": member.alpha, "weights": member.weights_identity, "random_init": member.random_init,
-        "width": block.width, "offset": block.offset,
+        "name": member.name,
+        "spec": member.spec,
+        "kind": member.kind,
+        "image_size": member.image_size,
+        "alpha": member.alpha,
+        "weights": member.weights_identity,
+        "random_init": member.random_init,
+        "width": block.width,
+        "offset": block.offset,
     }
 
 

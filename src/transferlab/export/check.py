@@ -12,8 +12,9 @@ confidences by up to 0.12).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -71,8 +72,10 @@ def check_against_evaluate(
         for name, model in models.items():
             tallies[name].add(chunk, model.predict(pictures), model.class_names)
         resize.add(pictures)
-    report = {name: {**tally.summary(), "latency_ms": predict.median_latency_ms(models[name], first, runs=LATENCY_RUNS)}
-              for name, tally in tallies.items()}
+    report = {
+        name: {**tally.summary(), "latency_ms": predict.median_latency_ms(models[name], first, runs=LATENCY_RUNS)}
+        for name, tally in tallies.items()
+    }
     _require_agreement(report, tallies, minimum_agreement)
     resize_report = {"rule": manifest["resize"]["rule"], **resize.summary()}
     return {"formats": report, "checked_images": len(rows), "resize": resize_report}
@@ -107,8 +110,14 @@ class _Tally:
             if predicted == row["predicted"]:
                 self.agreeing += 1
             else:
-                self.disagreements.append({"path": row["path"], "evaluate": row["predicted"], "export": predicted,
-                                           "evaluate_confidence": float(row["confidence"])})
+                self.disagreements.append(
+                    {
+                        "path": row["path"],
+                        "evaluate": row["predicted"],
+                        "export": predicted,
+                        "evaluate_confidence": float(row["confidence"]),
+                    }
+                )
 
     def summary(self) -> dict[str, Any]:
         return {

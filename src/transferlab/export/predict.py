@@ -29,9 +29,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -174,7 +175,9 @@ class ExportedModel:
         return max_image_pixels_of(self.manifest)
 
 
-def load(folder: str | os.PathLike = DEFAULT_MODEL_FOLDER, *, format: str = "auto", verify: bool = True) -> ExportedModel:
+def load(
+    folder: str | os.PathLike = DEFAULT_MODEL_FOLDER, *, format: str = "auto", verify: bool = True
+) -> ExportedModel:
     """Loads an exported model folder for prediction.
 
     Args:
@@ -215,7 +218,9 @@ def read_labels(path: Path) -> tuple[str, ...]:
 
 def resize_all(pictures: Sequence[Image.Image], sizes: Iterable[int]) -> dict[int, np.ndarray]:
     """The pipeline's resize of every image to each size: ``{size: uint8 (N, size, size, 3)}``."""
-    return {size: np.stack([augment.render_view(picture, augment.ORIGINAL, size) for picture in pictures]) for size in sizes}
+    return {
+        size: np.stack([augment.render_view(picture, augment.ORIGINAL, size) for picture in pictures]) for size in sizes
+    }
 
 
 class KerasClassifierRunner:
@@ -285,7 +290,9 @@ class StackRunner:
         from transferlab.features import engines
 
         self.members = manifest["members"]
-        self.engines = [engines.TFLiteEngine(folder / member["file"], tensor=member.get("tensor", "")) for member in self.members]
+        self.engines = [
+            engines.TFLiteEngine(folder / member["file"], tensor=member.get("tensor", "")) for member in self.members
+        ]
         self.head = heads.load_head(folder / manifest.get("head", {}).get("folder", HEAD_FOLDER))
         widths = [int(member["width"]) for member in self.members]
         if sum(widths) != self.head.description.feature_dim:

@@ -29,8 +29,9 @@ import re
 import sqlite3
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -632,7 +633,9 @@ class EmbeddingCache:
 
     def measured_images_per_second(self) -> float | None:
         """The engine speed recorded by the last run that embedded images here, if any."""
-        row = self._guarded(lambda connection: connection.execute("SELECT value FROM meta WHERE name = 'speed'").fetchone())
+        row = self._guarded(
+            lambda connection: connection.execute("SELECT value FROM meta WHERE name = 'speed'").fetchone()
+        )
         if not row:
             return None
         speed = json.loads(row[0])

@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import os
 import zipfile
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,8 +22,16 @@ from transferlab.backbones import taps as taps_module
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = (
-    "features", "labels", "class_names", "paths", "sha256", "recipes",
-    "block_specs", "block_weights", "block_widths", "block_offsets",
+    "features",
+    "labels",
+    "class_names",
+    "paths",
+    "sha256",
+    "recipes",
+    "block_specs",
+    "block_weights",
+    "block_widths",
+    "block_offsets",
 )
 RANDOM_INIT_PREFIX = "random-init"  # the weights identity of a random-init backbone starts with it
 
@@ -181,9 +190,15 @@ def load_features(
                 f"{path}: '{key}' has {len(values)} entries for {rows} feature rows; re-run extract_features"
             )
     return Features(
-        features=features, labels=labels, class_names=class_names, blocks=blocks,
-        paths=per_row["paths"], sha256=per_row["sha256"], recipes=per_row["recipes"],
-        engine=_engine(arrays), source=str(path),
+        features=features,
+        labels=labels,
+        class_names=class_names,
+        blocks=blocks,
+        paths=per_row["paths"],
+        sha256=per_row["sha256"],
+        recipes=per_row["recipes"],
+        engine=_engine(arrays),
+        source=str(path),
         images_directory=None if images_directory is None else Path(images_directory),
         max_image_pixels=max_image_pixels,
         taps=load_taps(path, rows),
@@ -218,9 +233,13 @@ def load_taps(path: str | os.PathLike, rows: int) -> Taps | None:
             f"{file}: tap activations {activations.shape} do not give one (H, W, C) map per row of {path} "
             f"({rows} rows); re-run extract_features"
         )
-    return Taps(activations=activations, layer=layer, block=block,
-                backbone_file=folder / str(description.get("backbone_file", taps_module.BACKBONE_FILE)),
-                description=description)
+    return Taps(
+        activations=activations,
+        layer=layer,
+        block=block,
+        backbone_file=folder / str(description.get("backbone_file", taps_module.BACKBONE_FILE)),
+        description=description,
+    )
 
 
 def _blocks(arrays: Mapping[str, np.ndarray], path: Path) -> tuple[Block, ...]:

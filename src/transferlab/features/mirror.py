@@ -12,7 +12,8 @@ off again embeds nothing twice.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -43,7 +44,9 @@ def with_mirrors(items: Sequence[Any]) -> list[Any]:
     return [*items, *mirrors]
 
 
-def average_mirrors(vectors: dict[tuple[str, str], np.ndarray], keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], np.ndarray]:
+def average_mirrors(
+    vectors: dict[tuple[str, str], np.ndarray], keys: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], np.ndarray]:
     """For each (sha256, recipe) key, the mean of its embedding and its mirror image's (float32).
 
     Raises:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import zipfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import numpy as np
 from sklearn import base as sklearn_base
@@ -56,13 +57,18 @@ class HeadDescription:
         }
 
     @classmethod
-    def from_json(cls, payload: Mapping[str, Any], source: str) -> "HeadDescription":
+    def from_json(cls, payload: Mapping[str, Any], source: str) -> HeadDescription:
         try:
             if payload["format"] != HEAD_FORMAT:
                 raise ValueError(f"{source}: head format {payload['format']!r} is not {HEAD_FORMAT}; re-run train_head")
             blocks = tuple(
-                files.Block(spec=str(b["spec"]), weights=str(b["weights"]), width=int(b["width"]),
-                            offset=int(b["offset"]), name=str(b.get("name", "")))
+                files.Block(
+                    spec=str(b["spec"]),
+                    weights=str(b["weights"]),
+                    width=int(b["width"]),
+                    offset=int(b["offset"]),
+                    name=str(b.get("name", "")),
+                )
                 for b in payload["blocks"]
             )
             return cls(
@@ -76,7 +82,9 @@ class HeadDescription:
             raise ValueError(f"{source} is incomplete ({error!r} missing or malformed); re-run train_head") from None
 
     def write(self, folder: Path) -> None:
-        (folder / DESCRIPTION_FILE).write_text(json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        (folder / DESCRIPTION_FILE).write_text(
+            json.dumps(self.to_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8"
+        )
 
     def check_features(self, features: files.Features) -> None:
         """Raises ``ValueError`` unless ``features`` come from the backbones and classes this head knows."""
@@ -141,7 +149,7 @@ class BlockStandardizer(sklearn_base.TransformerMixin, sklearn_base.BaseEstimato
     def __init__(self, widths: Sequence[int] = ()):
         self.widths = widths
 
-    def fit(self, features: np.ndarray, labels: Any = None) -> "BlockStandardizer":
+    def fit(self, features: np.ndarray, labels: Any = None) -> BlockStandardizer:
         data = self._checked(features, fitted=False)
         deviation = data.std(axis=0)
         deviation[deviation == 0.0] = 1.0  # a dead unit carries no information; leave it at 0
@@ -161,7 +169,7 @@ class BlockStandardizer(sklearn_base.TransformerMixin, sklearn_base.BaseEstimato
         return np.repeat(np.sqrt(widths * len(widths) / total), widths)
 
     @classmethod
-    def from_arrays(cls, widths: Sequence[int], mean: np.ndarray, scale: np.ndarray) -> "BlockStandardizer":
+    def from_arrays(cls, widths: Sequence[int], mean: np.ndarray, scale: np.ndarray) -> BlockStandardizer:
         """A fitted standardizer from saved statistics."""
         standardizer = cls(widths=tuple(int(width) for width in widths))
         standardizer.mean_ = np.asarray(mean, dtype=np.float64)
@@ -172,7 +180,7 @@ class BlockStandardizer(sklearn_base.TransformerMixin, sklearn_base.BaseEstimato
         save_arrays(path, widths=np.asarray(self.widths, dtype=np.int64), mean=self.mean_, scale=self.scale_)
 
     @classmethod
-    def load(cls, path: Path) -> "BlockStandardizer":
+    def load(cls, path: Path) -> BlockStandardizer:
         with np.load(path, allow_pickle=False) as arrays:
             return cls.from_arrays(arrays["widths"], arrays["mean"], arrays["scale"])
 
@@ -214,7 +222,10 @@ def description_for(
 ) -> HeadDescription:
     """The description of a head of kind ``head`` trained on ``features``, saved as ``file_names`` (role -> file)."""
     return HeadDescription(
-        head=head, class_names=features.class_names, blocks=features.blocks, settings=dict(settings),
+        head=head,
+        class_names=features.class_names,
+        blocks=features.blocks,
+        settings=dict(settings),
         files=dict(file_names),
     )
 

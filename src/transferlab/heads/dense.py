@@ -90,24 +90,45 @@ def train(
 
     base.check_trainable(train, val)
     if len(val) == 0:
-        raise ValueError("the dense head stops early on validation loss, but the validation split is empty; "
-                         "set split.val_fraction > 0 or use train_head.head=logistic")
+        raise ValueError(
+            "the dense head stops early on validation loss, but the validation split is empty; "
+            "set split.val_fraction > 0 or use train_head.head=logistic"
+        )
     keras_common.seed_everything(seed)
     standardizer = base.BlockStandardizer(widths=train.widths).fit(train.features)
-    model = build_model(standardizer=standardizer, classes=len(train.class_names), units=units, dropout=dropout, seed=seed)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model = build_model(
+        standardizer=standardizer, classes=len(train.class_names), units=units, dropout=dropout, seed=seed
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     history = model.fit(
-        train.features.astype(np.float32), train.labels.astype(np.int32),
+        train.features.astype(np.float32),
+        train.labels.astype(np.int32),
         validation_data=(val.features.astype(np.float32), val.labels.astype(np.int32)),
-        epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        verbose=0,
         class_weight=keras_common.keras_class_weight(class_weight, train),
         callbacks=[stopper, keras_common.epoch_logger(epochs, log_step)],
     )
-    settings = {"units": units, "dropout": dropout, "learning_rate": learning_rate, "epochs": epochs,
-                "batch_size": batch_size, "patience": patience, "class_weight": class_weight, "seed": seed}
-    description = base.description_for(NAME, train, settings, {"model": MODEL_FILE, "standardizer": base.STANDARDIZER_FILE})
+    settings = {
+        "units": units,
+        "dropout": dropout,
+        "learning_rate": learning_rate,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "patience": patience,
+        "class_weight": class_weight,
+        "seed": seed,
+    }
+    description = base.description_for(
+        NAME, train, settings, {"model": MODEL_FILE, "standardizer": base.STANDARDIZER_FILE}
+    )
     epochs_run = len(history.history["loss"])
     best_epoch = int(np.argmin(history.history["val_loss"])) + 1
     logger.info("best epoch %d of %d run (weights restored from it)", best_epoch, epochs_run)
@@ -122,7 +143,8 @@ def build_model(*, standardizer: base.BlockStandardizer, classes: int, units: in
     width = int(standardizer.mean_.shape[0])
     inputs = keras.Input(shape=(width,), name="features")
     scaled = keras.layers.Normalization(
-        mean=standardizer.mean_.astype(np.float32), variance=np.square(standardizer.scale_).astype(np.float32),
+        mean=standardizer.mean_.astype(np.float32),
+        variance=np.square(standardizer.scale_).astype(np.float32),
         name="block_standardize",
     )(inputs)
     hidden = keras.layers.Dense(units, activation="relu", name="hidden")(scaled)

@@ -75,8 +75,10 @@ class FinetuneHead:
             )
         if not self._engine:  # one traced function: model.predict costs 0.4 s per call
             self._engine.append(engines.KerasEngine(self.model))
-        parts = [self._engine[0].run(np.asarray(activations[start : start + PREDICT_BATCH_SIZE], dtype=np.float32))
-                 for start in range(0, len(activations), PREDICT_BATCH_SIZE)]
+        parts = [
+            self._engine[0].run(np.asarray(activations[start : start + PREDICT_BATCH_SIZE], dtype=np.float32))
+            for start in range(0, len(activations), PREDICT_BATCH_SIZE)
+        ]
         if not parts:
             return np.zeros((0, len(self.description.class_names)))
         probabilities = np.concatenate(parts).astype(np.float64)
@@ -149,19 +151,37 @@ def train(
     keras_common.seed_everything(seed)
     backbone = keras.models.load_model(tapped.backbone_file, compile=False)
     model = build_model(backbone=backbone, layer=layer, classes=len(train.class_names), dropout=dropout, seed=seed)
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     timer = _EpochTimer()
     history = model.fit(
         TapBatches(tapped.activations, train.labels, batch_size=batch_size, seed=seed, shuffle=True, flip=flip),
         validation_data=TapBatches(val.taps.activations, val.labels, batch_size=PREDICT_BATCH_SIZE, seed=seed),
-        epochs=epochs, verbose=0, class_weight=keras_common.keras_class_weight(class_weight, train),
-        callbacks=[keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
-                   keras_common.epoch_logger(epochs, log_step), timer],
+        epochs=epochs,
+        verbose=0,
+        class_weight=keras_common.keras_class_weight(class_weight, train),
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+            keras_common.epoch_logger(epochs, log_step),
+            timer,
+        ],
     )
-    settings = {"from_layer": layer, "block": tapped.block, "tap_shape": list(tapped.activations.shape[1:]),
-                "epochs": epochs, "learning_rate": learning_rate, "batch_size": batch_size, "dropout": dropout,
-                "flip": flip, "patience": patience, "class_weight": class_weight, "seed": seed}
+    settings = {
+        "from_layer": layer,
+        "block": tapped.block,
+        "tap_shape": list(tapped.activations.shape[1:]),
+        "epochs": epochs,
+        "learning_rate": learning_rate,
+        "batch_size": batch_size,
+        "dropout": dropout,
+        "flip": flip,
+        "patience": patience,
+        "class_weight": class_weight,
+        "seed": seed,
+    }
     description = base.description_for(NAME, train, settings, {"model": MODEL_FILE, "backbone": BACKBONE_FILE})
     head = FinetuneHead(description=description, model=model, backbone_file=Path(tapped.backbone_file))
     return base.TrainOutcome(head=head, report=_report(history.history, timer.seconds, model, layer))
@@ -171,8 +191,10 @@ def _checked_inputs(train: files.Features, val: files.Features, from_layer: str)
     """The training taps and the resolved layer; ``ValueError`` when the splits cannot be fine-tuned."""
     base.check_trainable(train, val)
     if len(val) == 0:
-        raise ValueError("the finetune head stops early on validation loss, but the validation split is empty; "
-                         "set split.val_fraction > 0")
+        raise ValueError(
+            "the finetune head stops early on validation loss, but the validation split is empty; "
+            "set split.val_fraction > 0"
+        )
     if len(train.blocks) != 1:
         raise ValueError(
             f"{train.source}: the finetune head fine-tunes one backbone, but the features come from the stack "
@@ -189,7 +211,9 @@ def _report(history: dict, epoch_seconds: list[float], model: Any, layer: str) -
     best_epoch = int(np.argmin(history["val_loss"])) + 1
     logger.info("best epoch %d of %d run (weights restored from it)", best_epoch, len(history["loss"]))
     return {
-        "best_epoch": best_epoch, "epochs_run": len(history["loss"]), "from_layer": layer,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history["loss"]),
+        "from_layer": layer,
         "epoch_seconds": [round(seconds, 2) for seconds in epoch_seconds],
         "trainable_parameters": int(sum(np.prod(weight.shape) for weight in model.trainable_weights)),
         "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),  # the process's, so far
@@ -212,8 +236,16 @@ class TapBatches(keras.utils.PyDataset):
     ``(seed, epoch, batch)``, so a run is the same however Keras schedules the batches.
     """
 
-    def __init__(self, activations: np.ndarray, labels: np.ndarray, *, batch_size: int, seed: int,
-                 shuffle: bool = False, flip: bool = False):
+    def __init__(
+        self,
+        activations: np.ndarray,
+        labels: np.ndarray,
+        *,
+        batch_size: int,
+        seed: int,
+        shuffle: bool = False,
+        flip: bool = False,
+    ):
         super().__init__()
         self.activations, self.labels = activations, np.asarray(labels, dtype=np.int32)
         self.batch_size, self.seed, self.shuffle, self.flip = int(batch_size), int(seed), shuffle, flip

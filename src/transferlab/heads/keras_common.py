@@ -56,13 +56,20 @@ def epoch_logger(epochs: int, log_step: base.StepLogger | None) -> Any:
         def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
             logs = logs or {}
             values = {
-                "train/loss": float(logs["loss"]), "train/accuracy": float(logs["accuracy"]),
-                "val/loss": float(logs["val_loss"]), "val/accuracy": float(logs["val_accuracy"]),
+                "train/loss": float(logs["loss"]),
+                "train/accuracy": float(logs["accuracy"]),
+                "val/loss": float(logs["val_loss"]),
+                "val/accuracy": float(logs["val_accuracy"]),
             }
             logger.info(
                 "epoch %d/%d: loss %.4f accuracy %.4f | val_loss %.4f val_accuracy %.4f (%.1f s)",
-                epoch + 1, epochs, values["train/loss"], values["train/accuracy"], values["val/loss"],
-                values["val/accuracy"], time.perf_counter() - self.started,
+                epoch + 1,
+                epochs,
+                values["train/loss"],
+                values["train/accuracy"],
+                values["val/loss"],
+                values["val/accuracy"],
+                time.perf_counter() - self.started,
             )
             if log_step is not None:
                 log_step(values)

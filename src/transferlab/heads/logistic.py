@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import threadpoolctl
@@ -86,13 +87,27 @@ def train(
     """
     base.check_trainable(train, val)
     grid = _checked_grid(c_grid, validation_rows=len(val), select_by=select_by)
-    model = pipeline.Pipeline([
-        ("standardize", base.BlockStandardizer(widths=train.widths)),
-        ("classify", linear_model.LogisticRegression(
-            max_iter=max_iter, class_weight=_sklearn_class_weight(class_weight), warm_start=True, random_state=seed
-        )),
-    ])
-    settings = {"c_grid": grid, "max_iter": max_iter, "select_by": select_by, "class_weight": class_weight, "seed": seed}
+    model = pipeline.Pipeline(
+        [
+            ("standardize", base.BlockStandardizer(widths=train.widths)),
+            (
+                "classify",
+                linear_model.LogisticRegression(
+                    max_iter=max_iter,
+                    class_weight=_sklearn_class_weight(class_weight),
+                    warm_start=True,
+                    random_state=seed,
+                ),
+            ),
+        ]
+    )
+    settings = {
+        "c_grid": grid,
+        "max_iter": max_iter,
+        "select_by": select_by,
+        "class_weight": class_weight,
+        "seed": seed,
+    }
     # One thread: each lbfgs step is a few small matrix products, and OpenMP/BLAS thread hand-offs
     # cost more than they save (measured on flower_photos, 2 cores: 0.3 s per C on one thread,
     # 0.5-3 s on two, worst when other processes share the cores).
@@ -101,14 +116,18 @@ def train(
     best = _select(candidates, select_by)
     if not best.converged:
         logger.warning("C=%g did not converge in %d iterations; raise train_head.logistic.max_iter", best.c, max_iter)
-    logger.info("chose C=%g %s", best.c, f"by validation {select_by}" if len(grid) > 1 else "(the only value in the grid)")
+    logger.info(
+        "chose C=%g %s", best.c, f"by validation {select_by}" if len(grid) > 1 else "(the only value in the grid)"
+    )
     head = LogisticHead(
         description=base.description_for(NAME, train, {**settings, "c": best.c}, _files()),
         standardizer=best.head.standardizer,
         coef=best.head.coef,
         intercept=best.head.intercept,
     )
-    return base.TrainOutcome(head=head, report={"c": best.c, "converged": best.converged, "iterations": best.iterations})
+    return base.TrainOutcome(
+        head=head, report={"c": best.c, "converged": best.converged, "iterations": best.iterations}
+    )
 
 
 def _checked_grid(c_grid: Sequence[float], *, validation_rows: int, select_by: str) -> list[float]:

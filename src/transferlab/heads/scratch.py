@@ -34,10 +34,11 @@ import dataclasses
 import logging
 import os
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -100,10 +101,14 @@ class ScratchHead:
         keys = [(str(folder), path, recipe) for path, recipe in zip(split.paths, split.recipes)]
         missing = sorted({key for key in keys if key not in self.views})
         if missing:
-            decoded = decode_views(images_directory=folder, paths=[key[1] for key in missing],
-                                   recipes=[key[2] for key in missing], size=self.image_size,
-                                   threads=threads or int(self.description.settings.get("decode_threads", 2)),
-                                   max_image_pixels=split.max_image_pixels)
+            decoded = decode_views(
+                images_directory=folder,
+                paths=[key[1] for key in missing],
+                recipes=[key[2] for key in missing],
+                size=self.image_size,
+                threads=threads or int(self.description.settings.get("decode_threads", 2)),
+                max_image_pixels=split.max_image_pixels,
+            )
             self.views.update(zip(missing, decoded))
         if not keys:
             return np.zeros((0, self.image_size, self.image_size, 3), dtype=np.uint8)
@@ -156,31 +161,60 @@ def train(
     originals = _checked_inputs(train, val, image_size=image_size)
     import keras  # after the checks: a wrong input fails before TensorFlow's 10 s start-up
 
-    settings = {"image_size": image_size, "augment": augment, "dropout": dropout, "epochs": epochs,
-                "batch_size": batch_size, "learning_rate": learning_rate, "patience": patience,
-                "decode_threads": decode_threads, "class_weight": class_weight, "seed": seed}
+    settings = {
+        "image_size": image_size,
+        "augment": augment,
+        "dropout": dropout,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "patience": patience,
+        "decode_threads": decode_threads,
+        "class_weight": class_weight,
+        "seed": seed,
+    }
     keras_common.seed_everything(seed)
-    model = build_model(classes=len(train.class_names), image_size=image_size, augment=augment, dropout=dropout, seed=seed)
+    model = build_model(
+        classes=len(train.class_names), image_size=image_size, augment=augment, dropout=dropout, seed=seed
+    )
     head = ScratchHead(description=base.description_for(NAME, train, settings, {"model": MODEL_FILE}), model=model)
     started = time.perf_counter()
     train_pixels, val_pixels = head.pixels(originals, decode_threads), head.pixels(val, decode_threads)
     decode_seconds = time.perf_counter() - started
-    logger.info("decoded %d images at %dx%d in %.1f s; training %s parameters", len(originals) + len(val),
-                image_size, image_size, decode_seconds, f"{model.count_params():,}")
-    model.compile(optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    logger.info(
+        "decoded %d images at %dx%d in %.1f s; training %s parameters",
+        len(originals) + len(val),
+        image_size,
+        image_size,
+        decode_seconds,
+        f"{model.count_params():,}",
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=learning_rate),
+        loss="sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+    )
     stopper = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     history = model.fit(
-        train_pixels, originals.labels.astype(np.int32), validation_data=(val_pixels, val.labels.astype(np.int32)),
-        epochs=epochs, batch_size=batch_size, shuffle=True, verbose=0,
+        train_pixels,
+        originals.labels.astype(np.int32),
+        validation_data=(val_pixels, val.labels.astype(np.int32)),
+        epochs=epochs,
+        batch_size=batch_size,
+        shuffle=True,
+        verbose=0,
         class_weight=keras_common.keras_class_weight(class_weight, originals),
         callbacks=[stopper, keras_common.epoch_logger(epochs, log_step)],
     )
     epochs_run = len(history.history["loss"])
     best_epoch = int(np.argmin(history.history["val_loss"])) + 1
     logger.info("best epoch %d of %d run (weights restored from it)", best_epoch, epochs_run)
-    report = {"best_epoch": best_epoch, "epochs_run": epochs_run, "trained_on": len(originals),
-              "parameters": int(model.count_params())}
+    report = {
+        "best_epoch": best_epoch,
+        "epochs_run": epochs_run,
+        "trained_on": len(originals),
+        "parameters": int(model.count_params()),
+    }
     return base.TrainOutcome(head=head, report=report)
 
 
@@ -188,8 +222,10 @@ def _checked_inputs(train: files.Features, val: files.Features, *, image_size: i
     """The training originals; ``ValueError`` when the splits cannot train this head."""
     base.check_trainable(train, val)
     if len(val) == 0:
-        raise ValueError("the scratch head stops early on validation loss, but the validation split is empty; "
-                         "set split.val_fraction > 0")
+        raise ValueError(
+            "the scratch head stops early on validation loss, but the validation split is empty; "
+            "set split.val_fraction > 0"
+        )
     if image_size < 2 ** len(CONV_FILTERS):
         raise ValueError(
             f"train_head.scratch.image_size must be at least {2 ** len(CONV_FILTERS)} (three 2x2 poolings), "
@@ -205,8 +241,11 @@ def subset(split: files.Features, keep: np.ndarray) -> files.Features:
     """The rows of ``split`` where the boolean mask ``keep`` is true (every per-row field)."""
     rows = np.flatnonzero(keep)
     return dataclasses.replace(
-        split, features=split.features[rows], labels=split.labels[rows],
-        paths=tuple(split.paths[i] for i in rows), sha256=tuple(split.sha256[i] for i in rows),
+        split,
+        features=split.features[rows],
+        labels=split.labels[rows],
+        paths=tuple(split.paths[i] for i in rows),
+        sha256=tuple(split.sha256[i] for i in rows),
         recipes=tuple(split.recipes[i] for i in rows),
     )
 
@@ -266,8 +305,10 @@ def decode_views(
         try:
             image = images.open_rgb(path, max_image_pixels=max_image_pixels)
         except FileNotFoundError:
-            raise ValueError(f"{path} not found; the features files list it: pass the dataset's image folder "
-                             "(--images data/raw/images) or re-run download") from None
+            raise ValueError(
+                f"{path} not found; the features files list it: pass the dataset's image folder "
+                "(--images data/raw/images) or re-run download"
+            ) from None
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
             raise ValueError(
                 f"{path} is too large ({error}); raise download.max_image_pixels or re-run download"
@@ -284,11 +325,15 @@ def decode_views(
 
 def _images_folder(split: files.Features) -> Path:
     if split.images_directory is None:
-        raise ValueError(f"{split.source}: the scratch head reads images, but no image folder was given; run the stage "
-                         "with --images data/raw/images (as dvc.yaml does)")
+        raise ValueError(
+            f"{split.source}: the scratch head reads images, but no image folder was given; run the stage "
+            "with --images data/raw/images (as dvc.yaml does)"
+        )
     if split.max_image_pixels is None:
-        raise ValueError(f"{split.source}: the scratch head opens images, but no image size limit was given; load the "
-                         "splits with max_image_pixels (params download.max_image_pixels)")
+        raise ValueError(
+            f"{split.source}: the scratch head opens images, but no image size limit was given; load the "
+            "splits with max_image_pixels (params download.max_image_pixels)"
+        )
     folder = Path(split.images_directory)
     if not folder.is_dir():
         raise ValueError(f"image folder {folder} not found; run the download stage first (dvc repro download)")

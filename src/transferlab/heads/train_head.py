@@ -12,8 +12,9 @@ import itertools
 import logging
 import os
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from transferlab import heads
 from transferlab.core import atomic
@@ -59,13 +60,23 @@ def train_head(
     """
     logger.info(
         "training the %s head on %d rows, validating on %d (%d features, %d classes)",
-        head, len(train), len(val), train.features.shape[1], len(train.class_names),
+        head,
+        len(train),
+        len(val),
+        train.features.shape[1],
+        len(train.class_names),
     )
     started = time.perf_counter()
-    outcome = heads.train(head, train=train, val=val, seed=seed, class_weight=class_weight, log_step=log_step, **options)
+    outcome = heads.train(
+        head, train=train, val=val, seed=seed, class_weight=class_weight, log_step=log_step, **options
+    )
     seconds = time.perf_counter() - started
-    metrics: dict[str, Any] = {"head": head, "seconds": round(seconds, 3), "classes": len(train.class_names),
-                               "feature_dim": int(train.features.shape[1])}
+    metrics: dict[str, Any] = {
+        "head": head,
+        "seconds": round(seconds, 3),
+        "classes": len(train.class_names),
+        "feature_dim": int(train.features.shape[1]),
+    }
     for name, split in (("train", train), ("val", val)):
         metrics[name] = {"examples": len(split)}
         if len(split):

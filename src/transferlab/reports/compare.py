@@ -15,9 +15,10 @@ import json
 import re
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 STACK_SEPARATOR = "+"
 
@@ -35,7 +36,10 @@ def backbone_override(candidate: str) -> str:
 def experiment_name(candidate: str, prefix: str = "cmp") -> str:
     """A DVC-safe experiment name for a candidate: ``cmp-mobilenet-mobilenet_v2`` for ``mobilenet+mobilenet_v2``."""
     members = [member.strip() for member in candidate.split(STACK_SEPARATOR) if member.strip()]
-    short = [Path(member.removeprefix("tflite:").split("#")[0]).stem if member.startswith("tflite:") else member for member in members]
+    short = [
+        Path(member.removeprefix("tflite:").split("#")[0]).stem if member.startswith("tflite:") else member
+        for member in members
+    ]
     slug = re.sub(r"[^A-Za-z0-9_]+", "-", "-".join(short)).strip("-")
     return f"{prefix}-{slug}"[:80]
 
@@ -106,14 +110,18 @@ def leaderboard_rows(exp_show: list[dict], names: Sequence[str], parameters: Cal
 
 def format_table(rows: Sequence[Row]) -> str:
     """A plain-text leaderboard."""
-    header = f"{'#':>2}  {'backbone':<40} {'test acc':>8} {'macro-F1':>8} {'val acc':>7} {'img/s':>7} {'ms/img':>7} {'head s':>6} {'params':>11}  experiment"
+    header = (
+        f"{'#':>2}  {'backbone':<40} {'test acc':>8} {'macro-F1':>8} {'val acc':>7} "
+        f"{'img/s':>7} {'ms/img':>7} {'head s':>6} {'params':>11}  experiment"
+    )
     lines = [header, "-" * len(header)]
     for rank, row in enumerate(rows, 1):
         speed = f"{1000 / row.milliseconds_per_image:7.1f}" if row.milliseconds_per_image else f"{'?':>7}"
         cost = f"{row.milliseconds_per_image:7.2f}" if row.milliseconds_per_image else f"{'?':>7}"
         label = row.backbone + (" (RANDOM INIT)" if row.random_init else "")
         lines.append(
-            f"{rank:>2}  {label[:40]:<40} {_percent(row.test_accuracy):>8} {_percent(row.macro_f1):>8} {_percent(row.val_accuracy):>7} "
+            f"{rank:>2}  {label[:40]:<40} {_percent(row.test_accuracy):>8} {_percent(row.macro_f1):>8} "
+            f"{_percent(row.val_accuracy):>7} "
             f"{speed} {cost} {_number(row.head_seconds, '.1f'):>6} {_number(row.parameters, ','):>11}  {row.experiment}"
         )
     return "\n".join(lines)
@@ -141,8 +149,20 @@ def plot(rows: Sequence[Row], path: Path) -> Path:
         if row.test_accuracy is None or row.milliseconds_per_image is None:
             continue
         stacked = STACK_SEPARATOR in row.backbone
-        axis.scatter(row.milliseconds_per_image, 100 * row.test_accuracy, s=60, marker="D" if stacked else "o", color="tab:red" if stacked else "tab:blue")
-        axis.annotate(row.backbone, (row.milliseconds_per_image, 100 * row.test_accuracy), textcoords="offset points", xytext=(6, 4), fontsize=8)
+        axis.scatter(
+            row.milliseconds_per_image,
+            100 * row.test_accuracy,
+            s=60,
+            marker="D" if stacked else "o",
+            color="tab:red" if stacked else "tab:blue",
+        )
+        axis.annotate(
+            row.backbone,
+            (row.milliseconds_per_image, 100 * row.test_accuracy),
+            textcoords="offset points",
+            xytext=(6, 4),
+            fontsize=8,
+        )
     axis.set_xlabel("extraction cost, ms per image (engine, this machine; a stack sums its members)")
     axis.set_ylabel("test accuracy, %")
     axis.set_title("Accuracy against extraction cost (o: one backbone, \u25c6: stack)")
@@ -177,7 +197,13 @@ def run_experiments(
         report(f"queued {name}: {candidate}")
     # `dvc queue start` may return at once (workers in the background) or only when the queue
     # is done: run it beside the polling, so progress lines come as experiments finish.
-    starter = subprocess.Popen([dvc, "queue", "start", "--jobs", str(jobs)], cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    starter = subprocess.Popen(
+        [dvc, "queue", "start", "--jobs", str(jobs)],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _wait(names, dvc=dvc, report=report, poll_seconds=poll_seconds, cwd=cwd)
     starter.communicate()
     return names
@@ -190,7 +216,9 @@ def _run(command: Sequence[str], cwd: Path | None) -> str:
     return result.stdout
 
 
-def _wait(names: Sequence[str], *, dvc: str, report: Callable[[str], None], poll_seconds: float, cwd: Path | None) -> None:
+def _wait(
+    names: Sequence[str], *, dvc: str, report: Callable[[str], None], poll_seconds: float, cwd: Path | None
+) -> None:
     started = time.monotonic()
     pending = list(names)
     while pending:

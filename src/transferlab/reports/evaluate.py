@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn import metrics as sklearn_metrics
@@ -27,7 +28,9 @@ TOP_K = 2
 logger = logging.getLogger(__name__)
 
 
-def classification_metrics(*, labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]) -> dict[str, Any]:
+def classification_metrics(
+    *, labels: np.ndarray, probabilities: np.ndarray, class_names: Sequence[str]
+) -> dict[str, Any]:
     """Accuracy, balanced accuracy, macro-F1, top-2 accuracy, log loss and per-class figures.
 
     Args:
@@ -50,11 +53,18 @@ def classification_metrics(*, labels: np.ndarray, probabilities: np.ndarray, cla
         "examples": int(len(labels)),
         "accuracy": float(sklearn_metrics.accuracy_score(labels, predictions)),
         "balanced_accuracy": float(sklearn_metrics.balanced_accuracy_score(labels, predictions)),
-        "macro_f1": float(sklearn_metrics.f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)),
+        "macro_f1": float(
+            sklearn_metrics.f1_score(labels, predictions, labels=classes, average="macro", zero_division=0)
+        ),
         f"top{TOP_K}_accuracy": top_k_accuracy(labels, probabilities, k=TOP_K),
         "log_loss": float(sklearn_metrics.log_loss(labels, probabilities, labels=classes)),
         "per_class": {
-            name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+            name: {
+                "precision": float(precision[i]),
+                "recall": float(recall[i]),
+                "f1": float(f1[i]),
+                "support": int(support[i]),
+            }
             for i, name in enumerate(class_names)
         },
     }
@@ -82,8 +92,14 @@ def provenance(
         extract_report: metrics/extract_features.json, when available (engine, image size).
     """
     if heads.reads_pixels(description.head):
-        return {"head": description.head, "head_settings": description.settings, "backbone": "none", "blocks": {},
-                "engine": "keras", "random_init": False}
+        return {
+            "head": description.head,
+            "head_settings": description.settings,
+            "backbone": "none",
+            "blocks": {},
+            "engine": "keras",
+            "random_init": False,
+        }
     reported = {
         entry.get("spec"): entry
         for entry in dict((extract_report or {}).get("backbones") or {}).values()
@@ -169,7 +185,9 @@ def describe(metrics: Mapping[str, Any]) -> str:
 
 def confusion_rows(*, labels: np.ndarray, predictions: np.ndarray, class_names: Sequence[str]) -> list[dict[str, str]]:
     """One ``{"actual", "predicted"}`` row of class names per image (DVC's confusion template)."""
-    return [{"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels.tolist(), predictions.tolist())]
+    return [
+        {"actual": class_names[a], "predicted": class_names[p]} for a, p in zip(labels.tolist(), predictions.tolist())
+    ]
 
 
 def prediction_rows(*, features: files.Features, probabilities: np.ndarray) -> list[dict[str, Any]]:

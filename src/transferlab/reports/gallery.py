@@ -10,9 +10,10 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -45,7 +46,9 @@ def confident_mistakes(*, features: files.Features, probabilities: np.ndarray, l
     names = features.class_names
     return [
         Mistake(
-            path=features.paths[i], actual=names[features.labels[i]], predicted=names[predictions[i]],
+            path=features.paths[i],
+            actual=names[features.labels[i]],
+            predicted=names[predictions[i]],
             confidence=float(probabilities[i, predictions[i]]),
             actual_probability=float(probabilities[i, features.labels[i]]),
         )
@@ -82,13 +85,15 @@ def render_gallery(
     for axis in axes:
         axis.set_axis_off()
     if not mistakes:
-        axes[0].text(0.5, 0.5, f"No misclassified images\namong {test_images} test images", ha="center", va="center",
-                     fontsize=13)
+        axes[0].text(
+            0.5, 0.5, f"No misclassified images\namong {test_images} test images", ha="center", va="center", fontsize=13
+        )
     for axis, mistake in zip(axes, mistakes):
         _draw_tile(axis, mistake, Path(images_directory), max_image_pixels)
     figure.suptitle(
         f"Most confidently wrong test images: {len(mistakes)} shown, of {test_images}\n"
-        "(predicted class and its probability; true class and its probability)", fontsize=12,
+        "(predicted class and its probability; true class and its probability)",
+        fontsize=12,
     )
     _save_png(figure, path)
 
@@ -115,15 +120,32 @@ def _draw_tile(axis: Any, mistake: Mistake, images_directory: Path, max_image_pi
         thumbnail = _thumbnail(images_directory / mistake.path, max_image_pixels)
         axis.imshow(np.asarray(thumbnail))
     except _UNOPENABLE as error:
-        axis.text(0.5, 0.5, f"cannot open image\n({type(error).__name__})", ha="center", va="center", fontsize=10,
-                  transform=axis.transAxes)
+        axis.text(
+            0.5,
+            0.5,
+            f"cannot open image\n({type(error).__name__})",
+            ha="center",
+            va="center",
+            fontsize=10,
+            transform=axis.transAxes,
+        )
     axis.set_title(
         f"predicted {mistake.predicted} ({mistake.confidence:.1%})\n"
         f"true {mistake.actual} ({mistake.actual_probability:.1%})",
-        fontsize=10, color="#b00020", fontweight="bold",
+        fontsize=10,
+        color="#b00020",
+        fontweight="bold",
     )
-    axis.text(0.5, -0.02, _shorten(mistake.path, 44), ha="center", va="top", fontsize=7, color="#555555",
-              transform=axis.transAxes)
+    axis.text(
+        0.5,
+        -0.02,
+        _shorten(mistake.path, 44),
+        ha="center",
+        va="top",
+        fontsize=7,
+        color="#555555",
+        transform=axis.transAxes,
+    )
 
 
 def _thumbnail(path: Path, max_image_pixels: int) -> Any:
@@ -133,4 +155,4 @@ def _thumbnail(path: Path, max_image_pixels: int) -> Any:
 
 
 def _shorten(text: str, width: int) -> str:
-    return text if len(text) <= width else "..." + text[-(width - 3):]
+    return text if len(text) <= width else "..." + text[-(width - 3) :]
