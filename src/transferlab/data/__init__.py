@@ -1,1 +1,1 @@
-"""data."""
+"""Data stages (download, split, augment) and the CSV contracts between stages."""

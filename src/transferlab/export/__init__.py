@@ -1,1 +1,1 @@
-"""export."""
+"""The export stage: the classifier as standalone files, checked against evaluate, and predict."""

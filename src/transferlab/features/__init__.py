@@ -1,1 +1,1 @@
-"""features."""
+"""The extract_features stage: engines, engine choice, the embedding cache, decoding, features files."""

@@ -1,1 +1,1 @@
-"""reports."""
+"""The evaluate stage and the reports built from metrics: evaluation, mistakes gallery, compare."""
