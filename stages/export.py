@@ -43,6 +43,11 @@ def main(paths, base, download, extract, settings):
         agreement = check.check_against_evaluate(
             folder, rows=rows, images_directory=paths.images, max_image_pixels=download.max_image_pixels
         )
+        # One format that disagrees never costs the user the others: drop it, keep what agrees.
+        dropped = check.dropped_reasons(agreement)
+        for name, reason in dropped.items():
+            logging.warning("export: dropping the %s format, it does not reproduce evaluate: %s", name, reason)
+        manifest = build.drop_formats(folder, manifest, dropped)
     atomic.write_json(paths.metrics, build.export_report(manifest, head, agreement))
     logging.info(check.describe(agreement))
 

@@ -2,7 +2,8 @@
 
 Each file is decoded and resized exactly as the pipeline does it, with the image size limit the
 model was trained with (``download.max_image_pixels``, recorded in the manifest). A file that is not a readable
-image gets one line on stderr and the others go on; the exit code is 1 when any file failed.
+image, or not a regular file (a FIFO is never opened: reading it would block), gets one line on stderr and the
+others go on; the exit code is 1 when any file failed.
 """
 
 from __future__ import annotations

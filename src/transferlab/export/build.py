@@ -5,20 +5,23 @@
 What is written (the folder's layouts and formats are described in :mod:`transferlab.export.predict`,
 which runs them):
 
-- Every backbone a Keras registry entry: ``model.keras``, one Keras model from a raw uint8 RGB
-  image batch of any size, ``(None, None, None, 3)``, to class probabilities. Inside: a cast to
-  float, ``keras.layers.Resizing(bilinear, antialias=True)`` per backbone input size, rounded
-  and clipped to 0..255 (Pillow's bilinear resize, which the pipeline uses, is an antialiased
-  triangle filter that outputs uint8: on 60 flower photos at 32, 160, 224 and 512 pixels this
-  agrees with it to at most 1 grey level, 83-93% of values exactly, mean 0.07-0.16 levels;
-  without antialiasing the difference reaches 184 levels), then the backbone(s) with their
+- Every backbone a Keras registry entry: ``model.keras``, one Keras model from uint8 RGB pixels
+  already resized to each backbone input size (one input ``pixels_S``, ``(None, S, S, 3)``, per
+  size S) to class probabilities. Inside: a cast to float, the backbone(s) with their
   ``preprocess_input``, the head (logistic: one softmax Dense whose weights fold in the per-block
   standardizer; dense: the trained head.keras, its standardizer included). A head that is a model
   of the pixels itself (``scratch``: the CNN; ``finetune``: frozen bottom + trained top, from
   :func:`transferlab.heads.finetune.full_model`) takes the backbones' place. Only built-in layers
   and Keras ops, no Lambda, so ``keras.saving.load_model(path, safe_mode=True)`` loads it with
-  plain Keras. With ``export.tflite``: ``model.tflite``, the same network after the resize
-  (one uint8 input per input size), converted with ``TFLiteConverter.from_keras_model``.
+  plain Keras. With ``export.tflite``: ``model.tflite``, the same network converted with
+  ``TFLiteConverter.from_keras_model``.
+- The resize is not inside either model: every format is fed the pipeline's own resize
+  (:func:`transferlab.export.predict.resize_all`, which is :func:`transferlab.data.augment.render_view`),
+  so the pixels are identical by construction, upscaling or downscaling, any aspect ratio. The
+  earlier in-graph ``Resizing(bilinear, antialias=True)`` was within 1 grey level of Pillow but
+  not equal to it: on 100x100 photos upscaled to 224 px it flipped 3 of 200 test predictions
+  (issue 14). Pillow's resize rounds to uint8 between its horizontal and vertical passes with
+  fixed-point weights, which no built-in Keras layer reproduces exactly for every input size.
 - A stack with a ``tflite:`` backbone and a head on embeddings (no Keras model can hold a TFLite
   file): ``backbones/NN_name.tflite`` for each member (TFLite files copied, Keras members
   converted), the head, and the manifest with each file's sha256, input size and dtype, resize
@@ -26,6 +29,9 @@ which runs them):
 - Always: ``labels.txt`` (one class per line, index order), ``head/`` (a copy of models/head),
   ``manifest.json``, which also records ``max_image_pixels`` (params ``download.max_image_pixels``),
   so that ``transferlab predict`` opens images with the limit the model was trained with.
+
+A format that fails the check against evaluate is removed again by :func:`drop_formats` (its file
+and its manifest entries), so the folder holds only formats that reproduce evaluate.
 """
 
 from __future__ import annotations
@@ -55,8 +61,8 @@ RESIZE_RULE = {
     "detail": (
         "decode with EXIF orientation to 8-bit RGB (transferlab.data.images.open_rgb), then resize the whole "
         "image to SxS with PIL.Image.resize(..., Image.BILINEAR), no crop (transferlab.data.augment.render_view "
-        "with the original recipe); model.keras does this inside with keras.layers.Resizing(bilinear, "
-        "antialias=True), rounded to uint8"
+        "with the original recipe); every format (model.keras, model.tflite, backbones/*.tflite) takes these "
+        "uint8 pixels, one input pixels_S per size S, and resizes nothing itself"
     ),
 }
 logger = logging.getLogger(__name__)
@@ -127,8 +133,10 @@ def head_model(head: base.TrainedHead) -> Any:
     return keras.Model(features, probabilities, name="logistic_head")
 
 
-def build_core(*, members: Sequence[Member], head: base.TrainedHead, head_folder: Path, seed: int) -> Any:
-    """The classifier after the resize: one uint8 input ``pixels_S`` per input size S -> probabilities.
+def build_classifier(*, members: Sequence[Member], head: base.TrainedHead, head_folder: Path, seed: int) -> Any:
+    """``model.keras``: one uint8 input ``pixels_S`` per input size S (pixels already resized) -> probabilities.
+
+    ``model.tflite`` is converted from this same model.
 
     Args:
         members: the stack (Keras members only, unless the head is a pixel head).
@@ -152,7 +160,9 @@ def build_core(*, members: Sequence[Member], head: base.TrainedHead, head_folder
         embeddings.append(backbone(pixels[member.image_size], training=False))
     joined = embeddings[0] if len(embeddings) == 1 else keras.layers.Concatenate(name="stack_features")(embeddings)
     probabilities = head_model(head)(joined)
-    return keras.Model([inputs[size] for size in sizes], probabilities, name="transferlab_classifier")
+    listed = [inputs[size] for size in sizes]
+    # One input is given bare, so that plain Keras takes a bare array without a structure warning.
+    return keras.Model(listed[0] if len(listed) == 1 else listed, probabilities, name="transferlab_classifier")
 
 
 def _pixel_core(head: base.TrainedHead, head_folder: Path) -> Any:
@@ -170,22 +180,6 @@ def _pixel_core(head: base.TrainedHead, head_folder: Path) -> Any:
     wanted = model.inputs[0].dtype
     fed = pixels if wanted == "uint8" else keras.ops.cast(pixels, wanted)
     return keras.Model(pixels, model(fed, training=False), name="transferlab_classifier")
-
-
-def build_image_model(core: Any) -> Any:
-    """``model.keras``: raw uint8 images (any size) -> Pillow-like resize per input size -> ``core``."""
-    import keras
-
-    image = keras.Input(shape=(None, None, 3), dtype="uint8", name="image")
-    floats = keras.ops.cast(image, "float32")
-    resized = []
-    for tensor in core.inputs:
-        size = int(tensor.shape[1])
-        scaled = keras.layers.Resizing(size, size, interpolation="bilinear", antialias=True, name=f"resize_{size}")(
-            floats
-        )
-        resized.append(keras.ops.cast(keras.ops.clip(keras.ops.round(scaled), 0.0, 255.0), "uint8"))
-    return keras.Model(image, core(resized), name="transferlab_image_classifier")
 
 
 # ---------------------------------------------------------------- writing the folder
@@ -255,12 +249,11 @@ def _write_classifier(
 ) -> dict[str, Any]:
     from transferlab.features import engines
 
-    core = build_core(members=members, head=head, head_folder=head_folder, seed=seed)
-    model = build_image_model(core)
+    model = build_classifier(members=members, head=head, head_folder=head_folder, seed=seed)
     model.save(folder / predict.KERAS_FILE)
     if tflite:
-        engines.convert_to_tflite(core, folder / predict.TFLITE_FILE)
-    inputs = [{"name": tensor.name, "image_size": int(tensor.shape[1]), "dtype": "uint8"} for tensor in core.inputs]
+        engines.convert_to_tflite(model, folder / predict.TFLITE_FILE)
+    inputs = [{"name": tensor.name, "image_size": int(tensor.shape[1]), "dtype": "uint8"} for tensor in model.inputs]
     return {
         "layout": "classifier",
         "keras_model": predict.KERAS_FILE,
@@ -327,6 +320,34 @@ def _file_table(folder: Path) -> dict[str, dict[str, Any]]:
         for path in sorted(folder.rglob("*"))
         if path.is_file() and path.name != predict.MANIFEST_FILE
     }
+
+
+def drop_formats(folder: Path, manifest: dict[str, Any], reasons: dict[str, str]) -> dict[str, Any]:
+    """Removes the formats that failed the check against evaluate; returns the rewritten manifest.
+
+    Each dropped format's model file is deleted and its manifest entries cleared (``keras_model`` or
+    ``tflite_model`` empty, its ``files`` row gone); ``dropped`` records why, so that ``transferlab
+    predict --format`` can say so. The folder then holds only formats that reproduce evaluate.
+
+    Args:
+        folder: the written export.
+        manifest: its manifest (as :func:`write_export` returned it).
+        reasons: format name (``keras``, ``tflite``) -> why it was dropped; empty: nothing changes.
+    """
+    if not reasons:
+        return manifest
+    if manifest["layout"] != "classifier":
+        raise ValueError(f"a {manifest['layout']} export has one format only; it cannot drop {', '.join(reasons)}")
+    files_table = dict(manifest["files"])
+    changed = {**manifest, "dropped": {**manifest.get("dropped", {}), **reasons}}
+    for name in reasons:
+        key = predict.FORMAT_KEYS[name]
+        (folder / manifest[key]).unlink()
+        files_table.pop(manifest[key])
+        changed[key] = ""
+    changed["files"] = files_table
+    atomic.write_json(folder / predict.MANIFEST_FILE, changed)
+    return changed
 
 
 def export_report(manifest: dict[str, Any], head: base.TrainedHead, check_report: dict[str, Any]) -> dict[str, Any]:

@@ -6,10 +6,11 @@ checked is what predict runs). The folder holds ``manifest.json``, ``labels.txt`
 the head (``head/``) and, by layout:
 
 - ``classifier`` (every backbone is a Keras registry entry, or the head is itself a model of the
-  pixels: ``scratch``, ``finetune``): ``model.keras``, one Keras model from a raw uint8 RGB
-  image of any size to class probabilities, resizing and preprocessing inside; and, with
-  ``export.tflite``, ``model.tflite``, the same network at fixed input size(s), one uint8 input
-  per backbone input size, fed after the pipeline's own resize.
+  pixels: ``scratch``, ``finetune``): ``model.keras`` and, with ``export.tflite``, ``model.tflite``:
+  one network in two formats, from uint8 pixels already resized to each backbone input size (one
+  input ``pixels_S`` per size S) to class probabilities, preprocessing inside. Neither resizes:
+  the pipeline's resize is done before either format (:func:`resize_all`), so training, evaluate
+  and every format see the same pixels, upscaled or downscaled, of any aspect ratio.
 - ``stack`` (a ``tflite:`` backbone, head on embeddings): one ``.tflite`` file per backbone under
   ``backbones/`` (TFLite backbones copied, Keras ones converted), run with LiteRT, and the head's
   ``predict_proba`` on the concatenated embeddings.
@@ -19,19 +20,27 @@ backbones). ``auto`` prefers ``tflite``: it resizes exactly as the pipeline does
 on LiteRT, and needs no TensorFlow import (8-10 s of start-up on this machine).
 
 Every image is decoded as training decodes it (:func:`transferlab.data.images.open_rgb`, with the
-decompression-bomb limit the manifest records: :func:`max_image_pixels_of`) and, outside
-``model.keras``, resized as training resizes it (:func:`transferlab.data.augment.render_view` with
-the original recipe: Pillow bilinear on the whole image, no crop).
+decompression-bomb limit the manifest records: :func:`max_image_pixels_of`) and resized as training
+resizes it (:func:`transferlab.data.augment.render_view` with the original recipe: Pillow bilinear
+on the whole image, no crop), for every format. An in-graph resize (Keras ``Resizing`` with
+antialiasing) was within 1 grey level of Pillow but not equal to it, and on 100x100 photos
+upscaled to 224 px that flipped 3 of 200 predictions; sharing the one implementation makes the
+formats' inputs identical by construction.
+
+The manifest is checked before anything is loaded (:func:`read_manifest`): every value has the
+type it should (a wrong one is a ``ValueError`` that names the key), every file the export runs
+is listed with its size and sha256, and no file entry may point outside the export folder.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -41,7 +50,7 @@ from transferlab.core import params
 from transferlab.data import augment, images
 
 EXPORT_FORMAT = "transferlab-export"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: model.keras takes resized pixels, like model.tflite (1 resized inside)
 MANIFEST_FILE = "manifest.json"
 LABELS_FILE = "labels.txt"
 KERAS_FILE = "model.keras"
@@ -50,6 +59,7 @@ HEAD_FOLDER = "head"
 BACKBONES_FOLDER = "backbones"
 LAYOUTS = ("classifier", "stack")
 FORMATS = ("auto", "keras", "tflite")
+FORMAT_KEYS = {"tflite": "tflite_model", "keras": "keras_model"}  # the manifest key naming each format's file
 DEFAULT_MODEL_FOLDER = Path("models") / "export"
 RUN_EXPORT = "run `dvc repro export` to write it (or give --model DIR)"
 
@@ -58,11 +68,12 @@ RUN_EXPORT = "run `dvc repro export` to write it (or give --model DIR)"
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
-    """Reads and checks ``folder/manifest.json``.
+    """Reads and checks ``folder/manifest.json`` (see :func:`check_manifest`).
 
     Raises:
-        ValueError: the folder or its manifest is missing, or the manifest is not a
-            transferlab export of this version; the message says to run ``dvc repro export``.
+        ValueError: the folder or its manifest is missing, the manifest is not a transferlab
+            export of this version, or a value in it is malformed (the message names the key);
+            the message says to run ``dvc repro export``.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -72,21 +83,173 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
         raise ValueError(f"{folder} holds no {MANIFEST_FILE}, so it is not an exported model: {RUN_EXPORT}")
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ValueError(f"{path} is not valid JSON ({error}); re-run `dvc repro export`") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+        raise ValueError(f"{path} is not valid JSON ({_short(error)}); re-run `dvc repro export`") from None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise ValueError(f"{path} is not a transferlab export manifest; {RUN_EXPORT}")
     if manifest.get("version") != EXPORT_VERSION:
         raise ValueError(
-            f"{path} has export version {manifest.get('version')!r}; this transferlab reads version "
+            f"{path} has export version {_short(manifest.get('version'))}; this transferlab reads version "
             f"{EXPORT_VERSION}: re-run `dvc repro export`"
         )
-    for key in ("layout", "class_names", "members", "files"):
-        if key not in manifest:
-            raise ValueError(f"{path} lacks '{key}'; re-run `dvc repro export`")
-    if manifest["layout"] not in LAYOUTS:
-        raise ValueError(f"{path}: unknown layout {manifest['layout']!r} (expected one of {', '.join(LAYOUTS)})")
+    check_manifest(manifest, where=path)
     return manifest
+
+
+def check_manifest(manifest: dict[str, Any], *, where: str | os.PathLike = MANIFEST_FILE) -> None:
+    """Checks the manifest's values before any of them is used; raises ``ValueError`` naming the key.
+
+    Every value has the type it should; every file the export runs (``labels``, ``keras_model``,
+    ``tflite_model``, each stack member's ``file``) is listed in ``files`` with its size and sha256,
+    so that :func:`verify_files` checks it; no file entry is absolute or climbs out with ``..``
+    (:func:`inside` also catches links that lead out).
+
+    Args:
+        manifest: the parsed manifest.json.
+        where: its path, for the messages.
+    """
+    key = _KeyCheck(where)
+    key.require(manifest, "layout", lambda value: value in LAYOUTS, f"one of {', '.join(LAYOUTS)}")
+    key.require(manifest, "class_names", _is_names, "a non-empty list of distinct class names")
+    key.require(
+        manifest, "files", lambda value: isinstance(value, dict), "a mapping from file name to bytes and sha256"
+    )
+    for name, entry in manifest["files"].items():
+        key.relative(name, f"files[{name!r}]")
+        key.mapping(entry, f"files[{name!r}]")
+        key.require(entry, "bytes", _is_count, "a whole number of bytes", f"files[{name!r}].")
+        key.require(entry, "sha256", _is_sha256, "a sha256 (64 hex digits)", f"files[{name!r}].")
+    for name in ("keras_model", "tflite_model"):
+        key.optional(manifest, name, lambda value: isinstance(value, str), "a file name or empty")
+    key.optional(manifest, "labels", lambda value: isinstance(value, str) and value != "", "a file name")
+    key.optional(manifest, "max_image_pixels", _is_positive, "a positive integer")
+    key.optional(manifest, "resize", lambda value: isinstance(value, dict), "a mapping")
+    key.optional(manifest, "dropped", _is_reasons, "a mapping from format to why it was dropped")
+    key.mapping(manifest.get("head", {}), "head")
+    key.relative(manifest.get("head", {}).get("folder", HEAD_FOLDER), "head.folder")
+    key.require(manifest, "members", lambda value: isinstance(value, list), "a list")
+    if manifest["layout"] == "stack":
+        key.require(manifest, "members", bool, "a non-empty list for a stack")
+        for index, member in enumerate(manifest["members"]):
+            _check_stack_member(key, member, f"members[{index}].")
+    else:
+        _check_inputs(key, manifest)
+    for name, path in referenced_files(manifest).items():
+        key.relative(path, name)
+        if path not in manifest["files"]:
+            raise ValueError(
+                f"{where}: '{name}' names {path}, which 'files' does not list (every file the export runs must be "
+                "listed with its size and sha256); re-run `dvc repro export`"
+            )
+
+
+def _check_stack_member(key: _KeyCheck, member: Any, prefix: str) -> None:
+    key.mapping(member, prefix[:-1])
+    key.require(member, "file", _is_text, "a file name", prefix)
+    key.require(member, "image_size", _is_positive, "a positive integer", prefix)
+    key.require(member, "width", _is_positive, "a positive integer", prefix)
+    key.optional(member, "tensor", lambda value: isinstance(value, str), "a tensor name or empty", prefix)
+
+
+def _check_inputs(key: _KeyCheck, manifest: dict[str, Any]) -> None:
+    if not (manifest.get("keras_model") or manifest.get("tflite_model")):
+        return
+    key.require(manifest, "inputs", lambda value: isinstance(value, list) and value, "a non-empty list")
+    for index, item in enumerate(manifest["inputs"]):
+        key.mapping(item, f"inputs[{index}]")
+        key.require(item, "image_size", _is_positive, "a positive integer", f"inputs[{index}].")
+
+
+def referenced_files(manifest: dict[str, Any]) -> dict[str, str]:
+    """The files an export runs, by manifest key: labels, the model file(s), each stack member's file."""
+    named = {"labels": manifest.get("labels", LABELS_FILE)}
+    if manifest["layout"] == "stack":
+        named.update({f"members[{index}].file": member["file"] for index, member in enumerate(manifest["members"])})
+    else:
+        named.update({key: manifest[key] for key in ("keras_model", "tflite_model") if manifest.get(key)})
+    return named
+
+
+class _KeyCheck:
+    """Raises one-line ``ValueError`` messages that name the manifest key at fault."""
+
+    def __init__(self, where: str | os.PathLike):
+        self.where = where
+
+    def require(self, mapping: Any, key: str, test: Callable[[Any], bool], wanted: str, prefix: str = "") -> None:
+        if not isinstance(mapping, dict) or key not in mapping:
+            self.fail(f"lacks '{prefix}{key}'")
+        if not test(mapping[key]):
+            self.fail(f"'{prefix}{key}' must be {wanted}, not {_short(mapping[key])}")
+
+    def optional(self, mapping: Any, key: str, test: Callable[[Any], bool], wanted: str, prefix: str = "") -> None:
+        if isinstance(mapping, dict) and key in mapping:
+            self.require(mapping, key, test, wanted, prefix)
+
+    def mapping(self, value: Any, key: str) -> None:
+        if not isinstance(value, dict):
+            self.fail(f"'{key}' must be a mapping, not {_short(value)}")
+
+    def relative(self, name: Any, key: str) -> None:
+        """``name`` must be a relative path that stays inside the export folder."""
+        if not _is_text(name):
+            self.fail(f"'{key}' must be a file name, not {_short(name)}")
+        parts = PurePosixPath(name).parts
+        if PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name or "\x00" in name:
+            self.fail(f"'{key}' ({_short(name)}) points outside the export folder; every file must be inside it")
+
+    def fail(self, problem: str) -> None:
+        raise ValueError(f"{self.where}: {problem}; re-run `dvc repro export`")
+
+
+def _is_text(value: Any) -> bool:
+    return isinstance(value, str) and value != ""
+
+
+def _is_names(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(map(_is_text, value)) and len(set(value)) == len(value)
+
+
+def _is_reasons(value: Any) -> bool:
+    return isinstance(value, dict) and all(name in FORMAT_KEYS and isinstance(why, str) for name, why in value.items())
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _is_positive(value: Any) -> bool:
+    return _is_count(value) and value > 0
+
+
+def _is_sha256(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """``repr`` of a value cut to ``limit`` characters (a manifest value may be huge)."""
+    text = repr(value) if not isinstance(value, BaseException) else str(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def inside(folder: Path, name: str, key: str = "files") -> Path:
+    """``folder / name``, refused when it leads outside ``folder`` (``..``, an absolute path, a link out).
+
+    Raises:
+        ValueError: naming ``key``, the manifest entry that gave ``name``.
+    """
+    path = folder / name
+    root = folder.resolve()
+    if (
+        PurePosixPath(name).is_absolute()
+        or ".." in PurePosixPath(name).parts
+        or not path.resolve().is_relative_to(root)
+    ):
+        raise ValueError(
+            f"{folder / MANIFEST_FILE}: '{key}' ({_short(name)}) points outside the export folder; "
+            "re-run `dvc repro export`"
+        )
+    return path
 
 
 def max_image_pixels_of(manifest: dict[str, Any]) -> int:
@@ -100,21 +263,26 @@ def max_image_pixels_of(manifest: dict[str, Any]) -> int:
     if "max_image_pixels" not in manifest:
         return params.DownloadParams().max_image_pixels
     recorded = manifest["max_image_pixels"]
-    if isinstance(recorded, bool) or not isinstance(recorded, int) or recorded < 1:
+    if not _is_positive(recorded):
         raise ValueError(
-            f"manifest max_image_pixels must be a positive integer, got {recorded!r}; re-run `dvc repro export`"
+            f"manifest max_image_pixels must be a positive integer, got {_short(recorded)}; re-run `dvc repro export`"
         )
     return recorded
 
 
 def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
-    """Checks every file the manifest lists: present, same size and sha256 (an incomplete copy fails)."""
+    """Checks every file the manifest lists: inside the folder, a regular file, same size and sha256.
+
+    An incomplete copy, a changed file or a file swapped for a FIFO or a link out of the folder fails.
+    """
     for name, expected in sorted(manifest["files"].items()):
-        path = folder / name
-        if not path.is_file():
+        path = inside(folder, name, f"files[{name!r}]")
+        if not path.exists():
             raise ValueError(
                 f"{path} is missing from the exported model; copy the whole folder, or re-run `dvc repro export`"
             )
+        if not path.is_file():
+            raise ValueError(f"{path} is not a regular file ({file_kind(path)}); re-run `dvc repro export`")
         if path.stat().st_size != expected["bytes"] or images.sha256_file(path) != expected["sha256"]:
             raise ValueError(
                 f"{path} differs from the file the export wrote (size or sha256); re-run `dvc repro export`"
@@ -125,7 +293,7 @@ def available_formats(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The formats the folder can run, preferred first (``tflite`` before ``keras``)."""
     if manifest["layout"] == "stack":
         return ("tflite",)
-    return tuple(name for name, key in (("tflite", "tflite_model"), ("keras", "keras_model")) if manifest.get(key))
+    return tuple(name for name, key in FORMAT_KEYS.items() if manifest.get(key))
 
 
 def choose_format(manifest: dict[str, Any], requested: str = "auto") -> str:
@@ -139,6 +307,8 @@ def choose_format(manifest: dict[str, Any], requested: str = "auto") -> str:
         return offered[0]
     if requested not in offered:
         hint = " (set export.tflite: true and re-run `dvc repro export`)" if requested == "tflite" else ""
+        if requested in manifest.get("dropped", {}):
+            hint = f" (the export stage dropped it: {manifest['dropped'][requested]})"
         raise ValueError(f"this export has no {requested} model{hint}; available: {', '.join(offered)}")
     return requested
 
@@ -186,23 +356,25 @@ def load(
         verify: check every file against the sha256 in the manifest first.
 
     Raises:
-        ValueError: missing or invalid folder (says to run ``dvc repro export``), a format the
-            folder does not hold, or files that differ from what the export wrote.
+        ValueError: missing or invalid folder or manifest (says to run ``dvc repro export``), a
+            format the folder does not hold, files that differ from what the export wrote, or a
+            file it would run that the manifest does not list or that lies outside the folder.
     """
     folder = Path(folder)
     manifest = read_manifest(folder)
     chosen = choose_format(manifest, format)
     if verify:
         verify_files(folder, manifest)
-    class_names = read_labels(folder / manifest.get("labels", LABELS_FILE))
+    paths = {key: inside(folder, name, key) for key, name in referenced_files(manifest).items()}
+    class_names = read_labels(paths["labels"])
     if list(class_names) != list(manifest["class_names"]):
-        raise ValueError(f"{folder / LABELS_FILE} disagrees with {MANIFEST_FILE}; re-run `dvc repro export`")
+        raise ValueError(f"{paths['labels']} disagrees with {MANIFEST_FILE}; re-run `dvc repro export`")
     if manifest["layout"] == "stack":
         runner = StackRunner(folder, manifest)
     elif chosen == "tflite":
-        runner = TFLiteClassifierRunner(folder / manifest["tflite_model"], manifest["inputs"])
+        runner = TFLiteClassifierRunner(paths["tflite_model"], manifest["inputs"])
     else:
-        runner = KerasClassifierRunner(folder / manifest["keras_model"])
+        runner = KerasClassifierRunner(paths["keras_model"], manifest["inputs"])
     return ExportedModel(folder=folder, manifest=manifest, format=chosen, class_names=class_names, runner=runner)
 
 
@@ -224,9 +396,9 @@ def resize_all(pictures: Sequence[Image.Image], sizes: Iterable[int]) -> dict[in
 
 
 class KerasClassifierRunner:
-    """``model.keras``: raw uint8 images of any size, one call per image (sizes differ)."""
+    """``model.keras``: one uint8 input per backbone input size, fed the pipeline's resize (as model.tflite)."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, inputs: Sequence[dict[str, Any]]):
         import keras
         import tensorflow as tf
 
@@ -234,16 +406,27 @@ class KerasClassifierRunner:
             self.model = keras.saving.load_model(path, safe_mode=True, compile=False)
         except Exception as error:  # noqa: BLE001 - Keras raises many types for a damaged archive
             raise ValueError(
-                f"cannot load {path} ({type(error).__name__}: {error}); re-run `dvc repro export`"
+                f"cannot load {path} ({type(error).__name__}: {_short(error, 200)}); re-run `dvc repro export`"
             ) from error
-        # One trace for every image size: (None, None, None, 3) uint8.
+        shapes = [tuple(tensor.shape) for tensor in self.model.inputs]
+        self._sizes = [shape[1] for shape in shapes]
+        expected = sorted(int(item["image_size"]) for item in inputs)
+        if any(shape[1:] != (size, size, 3) for shape, size in zip(shapes, self._sizes)) or (
+            sorted(self._sizes) != expected
+        ):
+            raise ValueError(
+                f"{path} takes inputs of shapes {shapes}, the manifest says image sizes {expected}; "
+                "re-run `dvc repro export`"
+            )
+        # One trace for every batch size.
         self._call = tf.function(
-            lambda pixels: self.model(pixels, training=False),
-            input_signature=[tf.TensorSpec((None, None, None, 3), tf.uint8)],
+            lambda *pixels: self.model(list(pixels) if len(pixels) > 1 else pixels[0], training=False),
+            input_signature=[tf.TensorSpec((None, size, size, 3), tf.uint8) for size in self._sizes],
         )
 
     def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
-        return np.concatenate([self._call(np.asarray(picture, dtype=np.uint8)[None]).numpy() for picture in pictures])
+        pixels = resize_all(pictures, self._sizes)
+        return self._call(*(pixels[size] for size in self._sizes)).numpy()
 
 
 class TFLiteClassifierRunner:
@@ -289,11 +472,18 @@ class StackRunner:
         from transferlab import heads
         from transferlab.features import engines
 
+        head_folder = _listed_head_folder(folder, manifest)  # refused before any file in it is read
         self.members = manifest["members"]
-        self.engines = [
-            engines.TFLiteEngine(folder / member["file"], tensor=member.get("tensor", "")) for member in self.members
-        ]
-        self.head = heads.load_head(folder / manifest.get("head", {}).get("folder", HEAD_FOLDER))
+        self.engines = []
+        for index, member in enumerate(self.members):
+            path = inside(folder, member["file"], f"members[{index}].file")
+            try:
+                self.engines.append(engines.TFLiteEngine(path, tensor=member.get("tensor", "")))
+            except (RuntimeError, ValueError) as error:
+                raise ValueError(
+                    f"LiteRT cannot load {path} ({_short(error, 200)}); re-run `dvc repro export`"
+                ) from None
+        self.head = heads.load_head(head_folder)
         widths = [int(member["width"]) for member in self.members]
         if sum(widths) != self.head.description.feature_dim:
             raise ValueError(
@@ -305,6 +495,18 @@ class StackRunner:
         pixels = resize_all(pictures, {int(member["image_size"]) for member in self.members})
         blocks = [engine.run(pixels[int(member["image_size"])]) for engine, member in zip(self.engines, self.members)]
         return self.head.predict_proba(np.concatenate(blocks, axis=1))
+
+
+def _listed_head_folder(folder: Path, manifest: dict[str, Any]) -> Path:
+    """The stack's head folder, refused unless the manifest lists (and so verifies) every file in it."""
+    head_folder = inside(folder, manifest.get("head", {}).get("folder", HEAD_FOLDER), "head.folder")
+    present = sorted(path for path in head_folder.rglob("*") if not path.is_dir()) if head_folder.is_dir() else []
+    unlisted = [path.relative_to(folder).as_posix() for path in present]
+    unlisted = [name for name in unlisted if name not in manifest["files"]]
+    if not present or unlisted:
+        problem = f"holds {', '.join(unlisted[:3])}, which 'files' does not list" if present else "is missing or empty"
+        raise ValueError(f"{folder / MANIFEST_FILE}: the head folder {problem}; re-run `dvc repro export`")
+    return head_folder
 
 
 # ---------------------------------------------------------------- image files
@@ -327,20 +529,47 @@ class Result:
 def collect_files(paths: Sequence[str | os.PathLike]) -> tuple[list[Path], list[Result]]:
     """Expands files and folders (recursively, sorted; hidden files and folders skipped).
 
+    Only regular files are opened: a FIFO would block the reader forever, and a device or socket
+    is no image. Those, given or met in a folder, are reported as not regular files.
+
     Returns:
-        The files to classify, and a failed :class:`Result` for each path that does not exist.
+        The files to classify, and a failed :class:`Result` for each path that does not exist or
+        is not a regular file.
     """
     files: list[Path] = []
-    missing: list[Result] = []
+    failed: list[Result] = []
     for given in paths:
         path = Path(given)
         if path.is_dir():
-            files.extend(sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path))))
+            found = sorted(p for p in path.rglob("*") if not p.is_dir() and not _hidden(p.relative_to(path)))
+            files.extend(p for p in found if p.is_file())
+            failed.extend(_not_regular(p) for p in found if p.exists() and not p.is_file())
         elif path.is_file():
             files.append(path)
+        elif path.exists():
+            failed.append(_not_regular(path))
         else:
-            missing.append(Result(path=str(path), error="no such file or folder"))
-    return files, missing
+            failed.append(Result(path=str(path), error="no such file or folder"))
+    return files, failed
+
+
+def _not_regular(path: Path) -> Result:
+    return Result(path=str(path), error=f"not a regular file ({file_kind(path)}); give image files or folders")
+
+
+def file_kind(path: Path) -> str:
+    """What a path that exists but is no regular file is, in words (a FIFO, a socket, ...)."""
+    mode = path.stat().st_mode
+    for test, kind in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return kind
+    return "neither a file nor a folder"
 
 
 def _hidden(relative: Path) -> bool:
