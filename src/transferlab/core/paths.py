@@ -8,7 +8,9 @@ the main root is the folder that holds that ``.dvc``. ``TRANSFERLAB_ROOT`` overr
 
 from __future__ import annotations
 
+import errno
 import os
+import tempfile
 from pathlib import Path
 
 import platformdirs
@@ -47,3 +49,47 @@ def default_cache_directory() -> Path:
     if override:
         return Path(override).expanduser()
     return Path(platformdirs.user_cache_dir("transferlab"))
+
+
+def unwritable_reason(folder: str | os.PathLike) -> str | None:
+    """Why files cannot be created in ``folder`` (made if missing), or None when they can.
+
+    Asks the file system itself, by creating (and removing) a small file: permission bits say
+    nothing for root, and a read-only mount, ``/proc`` or a file in the folder's place only
+    show themselves when something is written.
+
+    Args:
+        folder: the folder to check, e.g. the embedding cache's.
+
+    Returns:
+        None, or a short reason such as ``"it is a file, not a folder"`` or
+        ``"cannot create files there: [Errno 30] Read-only file system"``.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        return "it is a file, not a folder"
+    except OSError as error:
+        if error.errno == errno.ENOTDIR:
+            return "a part of its path is a file, not a folder"
+        return f"cannot create it: {_describe(error)}"
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".write-probe-", dir=folder)
+    except OSError as error:
+        return f"cannot create files there: {_describe(error)}"
+    try:
+        os.write(handle, b"probe")
+    except OSError as error:
+        return f"cannot write files there: {_describe(error)}"
+    finally:
+        os.close(handle)
+        try:
+            os.unlink(probe)
+        except OSError:
+            pass  # a folder that lets us create but not delete is still usable for a cache
+    return None
+
+
+def _describe(error: OSError) -> str:
+    return f"[Errno {error.errno}] {error.strerror}" if error.strerror else str(error)

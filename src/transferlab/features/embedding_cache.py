@@ -2,7 +2,8 @@
 
 TF Hub's retrain.py called these "bottlenecks". One SQLite database per *namespace*, the sha256
 of everything that changes the numbers (backbone spec, weights identity, input size, engine,
-tap layer, cache format), at ``<directory>/<namespace[:2]>/<namespace>.sqlite``. Inside, one row
+tap layer, cache format, and for TFLite engines the sha256 of the exact model bytes run), at
+``<directory>/<namespace[:2]>/<namespace>.sqlite``. Inside, one row
 per (image sha256, recipe) holds the array's raw bytes, dtype, shape and a blake2b digest that is
 checked on every read: a row that fails the check is deleted, counted and reported as a miss, so
 the caller recomputes it; it is never served.
@@ -12,6 +13,9 @@ Crash and concurrency safety come from SQLite itself: WAL journal, one transacti
 busy timeout so two processes filling one namespace wait for each other instead of failing, and
 ``INSERT OR REPLACE`` so they may write the same entries (with the same bytes) in any order. A
 database file that is not readable SQLite is moved aside with a warning and a fresh one started.
+A folder where no database can be kept (read-only, ``/proc``, a file in its place) raises
+:class:`CacheUnavailable`, a ``ValueError`` with one line that names it; :func:`unusable_reason`
+asks the same question up front, so a run can go on without the cache instead.
 
 Values may be any numeric array: float32 pooled embeddings (5 KB for 1280 values) or float16
 intermediate activations (38 KB for a 14x14x96 map). ``read_batches`` and ``export_memmap``
@@ -26,6 +30,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import sqlite3
 import threading
 import time
@@ -36,6 +41,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from transferlab.core import atomic, paths
+from transferlab.features import cache_files
 
 LOGGER = logging.getLogger(__name__)
 
@@ -77,8 +83,21 @@ class _ForeignDatabase(Exception):
     """A readable SQLite file that is not this namespace's cache (wrong format or namespace)."""
 
 
+class CacheUnavailable(ValueError):
+    """The cache's folder or database cannot be used (not damaged: unwritable, missing, locked, full).
+
+    A ``ValueError``, so a stage that cannot go on without the cache reports it in one line.
+    """
+
+
 def namespace_fields(
-    *, backbone: str, weights_identity: str, image_size: int | Sequence[int], engine: str, tap: str = ""
+    *,
+    backbone: str,
+    weights_identity: str,
+    image_size: int | Sequence[int],
+    engine: str,
+    tap: str = "",
+    model_sha256: str = "",
 ) -> dict[str, Any]:
     """The validated fields a namespace key is made of (also a good ``description``).
 
@@ -89,6 +108,10 @@ def namespace_fields(
         image_size: Input size in pixels: one int for a square input, or (height, width).
         engine: The engine that computes the arrays, e.g. ``keras`` or ``tflite``.
         tap: Layer whose output is cached; empty for the backbone's pooled embedding.
+        model_sha256: sha256 of the exact model bytes the engine runs (a converted or given
+            TFLite file, after any rewrite); empty for Keras, whose weights identity already
+            names its numbers. Rows computed by a damaged model so land in another namespace
+            than the good model's. Left out of the key when empty, so Keras keys never changed.
 
     Returns:
         A dict with the normalized fields and the cache format version.
@@ -101,7 +124,9 @@ def namespace_fields(
             raise ValueError(f"Embedding cache namespace needs a non-empty {name}; got {value!r}.")
     if not isinstance(tap, str):
         raise ValueError(f"Embedding cache tap must be a layer name or ''; got {tap!r}.")
-    return {
+    if model_sha256 != "" and not (isinstance(model_sha256, str) and _SHA256.fullmatch(model_sha256)):
+        raise ValueError(f"Embedding cache model_sha256 must be 64 lowercase hex digits or ''; got {model_sha256!r}.")
+    fields = {
         "backbone": backbone,
         "weights_identity": weights_identity,
         "image_size": _normalize_image_size(image_size),
@@ -109,17 +134,31 @@ def namespace_fields(
         "tap": tap,
         "format": CACHE_FORMAT_VERSION,
     }
+    if model_sha256:
+        fields["model_sha256"] = model_sha256
+    return fields
 
 
 def namespace_key(
-    *, backbone: str, weights_identity: str, image_size: int | Sequence[int], engine: str, tap: str = ""
+    *,
+    backbone: str,
+    weights_identity: str,
+    image_size: int | Sequence[int],
+    engine: str,
+    tap: str = "",
+    model_sha256: str = "",
 ) -> str:
     """The sha256 hex digest of the canonical JSON of :func:`namespace_fields`.
 
     ``image_size=224`` and ``image_size=(224, 224)`` give the same key.
     """
     fields = namespace_fields(
-        backbone=backbone, weights_identity=weights_identity, image_size=image_size, engine=engine, tap=tap
+        backbone=backbone,
+        weights_identity=weights_identity,
+        image_size=image_size,
+        engine=engine,
+        tap=tap,
+        model_sha256=model_sha256,
     )
     canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
@@ -145,6 +184,35 @@ def cache_directory(cache_dir: str | os.PathLike = "") -> Path:
     return paths.resolve_param_path(cache_dir)
 
 
+def unusable_reason(directory: str | os.PathLike) -> str | None:
+    """Why no embedding cache can be kept in ``directory``, or None when one can.
+
+    Creates the folder if needed, then a small file and a small SQLite database in WAL mode
+    (removed again): a read-only mount, ``/proc``, a file in the folder's place or a file
+    system SQLite cannot lock all fail here, in a few milliseconds, before any work.
+    """
+    reason = paths.unwritable_reason(directory)
+    if reason is not None:
+        return reason
+    probe = Path(directory) / f".sqlite-probe-{os.getpid()}-{secrets.token_hex(4)}.sqlite"
+    try:
+        connection = sqlite3.connect(probe, timeout=1.0, isolation_level=None)
+        try:
+            connection.execute("PRAGMA synchronous = OFF")  # a throwaway file: 1 ms instead of 10-50 ms of fsyncs
+            connection.execute("PRAGMA journal_mode = WAL")
+            connection.execute("CREATE TABLE probe (value INTEGER)")
+            connection.execute("INSERT INTO probe VALUES (1)")
+        finally:
+            connection.close()
+    except sqlite3.Error as error:
+        return f"SQLite cannot keep a database there: {error}"
+    finally:
+        for suffix in ("", "-wal", "-shm", "-journal"):
+            with contextlib.suppress(OSError):
+                os.unlink(f"{probe}{suffix}")
+    return None
+
+
 def database_path(directory: str | os.PathLike, namespace: str) -> Path:
     """Where a namespace's database lives: ``<directory>/<namespace[:2]>/<namespace>.sqlite``."""
     if not isinstance(namespace, str) or not _SHA256.fullmatch(namespace):
@@ -163,6 +231,7 @@ def open_cache(
     image_size: int | Sequence[int],
     engine: str,
     tap: str = "",
+    model_sha256: str = "",
     extra_description: Mapping[str, Any] | None = None,
 ) -> EmbeddingCache | DisabledCache:
     """Opens the cache for one backbone identity, or a :class:`DisabledCache` when disabled.
@@ -170,18 +239,25 @@ def open_cache(
     Args:
         enabled: ``extract_features.cache``; False gives a cache that stores nothing.
         cache_dir: ``extract_features.cache_dir`` (see :func:`cache_directory`).
-        backbone, weights_identity, image_size, engine, tap: The namespace fields
+        backbone, weights_identity, image_size, engine, tap, model_sha256: The namespace fields
             (see :func:`namespace_fields`).
         extra_description: More facts to record in the database's meta table (e.g. versions).
+
+    Raises:
+        CacheUnavailable: the folder cannot hold the database (see :func:`unusable_reason`).
     """
-    fields = namespace_fields(
-        backbone=backbone, weights_identity=weights_identity, image_size=image_size, engine=engine, tap=tap
-    )
+    identity = {
+        "backbone": backbone,
+        "weights_identity": weights_identity,
+        "image_size": image_size,
+        "engine": engine,
+        "tap": tap,
+        "model_sha256": model_sha256,
+    }
+    fields = namespace_fields(**identity)
     if not enabled:
         return DisabledCache()
-    namespace = namespace_key(
-        backbone=backbone, weights_identity=weights_identity, image_size=image_size, engine=engine, tap=tap
-    )
+    namespace = namespace_key(**identity)
     description = {**dict(extra_description or {}), **fields}
     return EmbeddingCache(cache_directory(cache_dir), namespace, description=description)
 
@@ -262,6 +338,7 @@ def _enable_wal(connection: sqlite3.Connection) -> None:
     deadline = time.monotonic() + BUSY_TIMEOUT_SECONDS
     while True:
         try:
+            connection.execute("PRAGMA synchronous = OFF")  # a throwaway file: 1 ms instead of 10-50 ms of fsyncs
             connection.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as error:
@@ -312,12 +389,22 @@ class EmbeddingCache:
 
     def _open(self) -> None:
         try:
-            self._connection = self._connect()
-        except (sqlite3.DatabaseError, _ForeignDatabase) as error:
-            if not _is_corruption(error):
-                raise
-            self._move_aside(error)
-            self._connection = self._connect()
+            try:
+                self._connection = self._connect()
+            except (sqlite3.DatabaseError, _ForeignDatabase) as error:
+                if not _is_corruption(error):
+                    raise
+                self._move_aside(error)
+                self._connection = self._connect()
+        except (sqlite3.Error, OSError) as error:  # not damage: the folder cannot hold a database
+            raise self._unavailable(error) from error
+
+    def _unavailable(self, error: BaseException) -> CacheUnavailable:
+        return CacheUnavailable(
+            f"the embedding cache database {self.path} cannot be used ({type(error).__name__}: {error}); "
+            "make its folder writable, or set extract_features.cache_dir to another folder "
+            "(or extract_features.cache: false)"
+        )
 
     def _connect(self) -> sqlite3.Connection:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -389,7 +476,7 @@ class EmbeddingCache:
                 return operation(self._require_connection())
             except sqlite3.DatabaseError as error:
                 if not _is_corruption(error):
-                    raise
+                    raise self._unavailable(error) from error  # read-only, full, locked for too long
                 self._connection.close()
                 self._connection = None
                 self._move_aside(error)
@@ -620,10 +707,15 @@ class EmbeddingCache:
         return {"hits": self.hits, "misses": self.misses, "writes": self.writes, "corrupt": self.corrupt}
 
     def record_speed(self, images: int, seconds: float) -> None:
-        """Remembers the engine's measured speed, so a run served from the cache can still report it."""
+        """Remembers the engine's measured speed, so a run served from the cache can still report it.
+
+        The record carries a checksum (:func:`transferlab.features.cache_files.record_checksum`),
+        checked by :meth:`measured_images_per_second`.
+        """
         if images <= 0 or seconds <= 0:
             return
-        value = json.dumps({"images": images, "seconds": seconds})
+        speed = {"images": int(images), "seconds": float(seconds)}
+        value = json.dumps({**speed, cache_files.CHECKSUM_FIELD: cache_files.record_checksum(speed)})
 
         def write(connection: sqlite3.Connection) -> None:
             with self._transaction(connection):
@@ -632,14 +724,32 @@ class EmbeddingCache:
         self._guarded(write)
 
     def measured_images_per_second(self) -> float | None:
-        """The engine speed recorded by the last run that embedded images here, if any."""
+        """The engine speed recorded by the last run that embedded images here, if any.
+
+        A record that is damaged (unparsable, no checksum or a wrong one, not positive) is
+        deleted with a warning and reported as None; the next run that embeds images records it anew.
+        """
         row = self._guarded(
             lambda connection: connection.execute("SELECT value FROM meta WHERE name = 'speed'").fetchone()
         )
         if not row:
             return None
-        speed = json.loads(row[0])
-        return speed["images"] / speed["seconds"]
+        speed, problem = _parse_speed(row[0])
+        if problem is None:
+            return speed["images"] / speed["seconds"]
+        LOGGER.warning(
+            "Embedding cache %s: its remembered engine speed %s; ignoring it (the next run that embeds "
+            "images here measures it again)",
+            self.path,
+            problem,
+        )
+
+        def forget(connection: sqlite3.Connection) -> None:
+            with self._transaction(connection):
+                connection.execute("DELETE FROM meta WHERE name = 'speed' AND value IS ?", (row[0],))
+
+        self._guarded(forget)
+        return None
 
     def close(self) -> None:
         """Closes the database (the last connection folds the write-ahead log into it)."""
@@ -656,6 +766,24 @@ class EmbeddingCache:
 
     def __repr__(self) -> str:
         return f"EmbeddingCache({str(self.path)!r})"
+
+
+def _parse_speed(value: Any) -> tuple[dict, str | None]:
+    """The speed record and None, or ``({}, what is wrong with it)``."""
+    try:
+        speed = json.loads(value)
+    except (TypeError, ValueError) as error:
+        return {}, f"is not valid JSON ({error})"
+    if not isinstance(speed, dict):
+        return {}, "is not a JSON object"
+    if cache_files.CHECKSUM_FIELD not in speed:
+        return {}, "has no checksum (damaged, or written by an older transferlab)"
+    if speed[cache_files.CHECKSUM_FIELD] != cache_files.record_checksum(speed):
+        return {}, "does not match its checksum"
+    images, seconds = speed.get("images"), speed.get("seconds")
+    if not all(isinstance(number, (int, float)) and number > 0 for number in (images, seconds)):
+        return {}, "holds no positive images and seconds"
+    return speed, None
 
 
 def _stack(keys: Sequence[Key], found: Mapping[Key, np.ndarray], path: Path) -> np.ndarray:

@@ -16,6 +16,13 @@ that pass, uses the fastest, and the verdict is remembered per file (by sha256) 
 cache's conversion folder. Each rewrite has its own engine name, part of the embedding cache key,
 so embeddings of different paths never mix.
 
+Nothing read back from the conversion folder is trusted (see :mod:`transferlab.features.cache_files`):
+verdicts carry a checksum, a converted model's sha256 is recorded in its verdict, and a damaged
+or unrecorded file is recomputed with a warning. Every TFLite choice also names the sha256 of
+the exact bytes its engine will run (:attr:`ConvertedEngine.content_sha256`, part of the
+embedding cache's namespace), and the engine, when built, runs only bytes with that sha256: a
+damaged model can never place embeddings under the key of the good one.
+
 This module sits above :mod:`transferlab.features.engines` (running an engine) and
 :mod:`transferlab.tflite.rewrites` (rewriting bytes), which import nothing from it.
 """
@@ -23,7 +30,6 @@ This module sits above :mod:`transferlab.features.engines` (running an engine) a
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -35,13 +41,13 @@ import numpy as np
 
 from transferlab.backbones.stack import Member
 from transferlab.core import atomic
-from transferlab.features import engines
+from transferlab.features import cache_files, engines
 from transferlab.tflite import rewrites
 
 LOGGER = logging.getLogger(__name__)
 MINIMUM_COSINE = 0.9999  # the agreement a converted Keras backbone must reach with Keras to be used
 VERIFICATION_IMAGES = 16  # real photos that a converted engine must reproduce Keras on
-VERDICT_VERSION = 1
+VERDICT_VERSION = 2  # 2: verdicts carry a checksum and the sha256 of the model bytes to run
 SPEED_SECONDS = 1.0  # per candidate; the differences it looks for are 2x, not 10%
 SPEED_BATCH = 8
 NOISE_SEED = 0
@@ -49,11 +55,21 @@ NOISE_SEED = 0
 
 @dataclass
 class ConvertedEngine:
-    """The outcome of choosing an engine for a backbone: its name and how it is built."""
+    """The outcome of choosing an engine for a backbone: its name and how it is built.
+
+    Attributes:
+        name: the engine name (part of the embedding cache's namespace).
+        build: builds the engine (called on the first cache miss only).
+        verdict: why this engine (``reason``) and what was measured.
+        content_sha256: the sha256 of the exact model bytes a TFLite engine runs (the converted
+            or given file, after any rewrite); empty for Keras, whose weights identity names
+            its numbers. Part of the embedding cache's namespace.
+    """
 
     name: str
     build: Callable[[], Any]
     verdict: dict
+    content_sha256: str = ""
 
 
 def verification_pixels(
@@ -112,15 +128,16 @@ def choose_keras_engine(
             "keras", lambda: engines.KerasEngine(build_model()), {"engine": "keras", "reason": "requested"}
         )
     key = hashlib.sha256(identity.encode()).hexdigest()
-    tflite_path = conversion_directory / f"{key}.tflite"
     verdict_path = conversion_directory / f"{key}.json"
-    verdict = json.loads(verdict_path.read_text()) if verdict_path.exists() else None
-    if verdict is None or (verdict["agrees"] and not tflite_path.exists()):
-        verdict = _convert_and_verify(build_model, tflite_path, sample_pixels)
-        verdict["identity"] = identity
-        atomic.write_json(verdict_path, verdict)
+    verdict = _keras_verdict(verdict_path, identity)
+    if verdict is None:
+        (conversion_directory / f"{key}.tflite").unlink(missing_ok=True)  # an unchecked model of an older version
+        verdict = _convert_and_verify(build_model, conversion_directory, key, sample_pixels)
+        verdict.update(version=VERDICT_VERSION, identity=identity)
+        verdict = cache_files.write_record(verdict_path, verdict)  # after the model: it vouches for it
     if verdict["agrees"]:
-        return ConvertedEngine("tflite", lambda: engines.TFLiteEngine(tflite_path), verdict)
+        tflite_path = converted_model_path(verdict_path, verdict["tflite_sha256"])
+        return _checked_engine("tflite", tflite_path, verdict, verdict_path, expected=verdict["tflite_sha256"])
     if requested == "tflite":
         raise ValueError(
             f"the TFLite conversion of {identity} does not agree with Keras ({verdict['reason']}); "
@@ -130,18 +147,82 @@ def choose_keras_engine(
     return ConvertedEngine("keras", lambda: engines.KerasEngine(build_model()), verdict)
 
 
+def converted_model_path(verdict_path: Path, sha256: str) -> Path:
+    """Where a converted model lives: ``<identity key>-<first 16 hex digits of its sha256>.tflite``.
+
+    Content-addressed, because conversion is not byte-for-byte reproducible: two runs converting
+    one backbone at once each keep their own file, and whichever verdict is written last names an
+    intact one (with one shared name, a verdict could vouch for the other run's bytes).
+    """
+    return verdict_path.with_name(f"{verdict_path.stem}-{sha256[:16]}.tflite")
+
+
+def _keras_verdict(verdict_path: Path, identity: str) -> dict | None:
+    """The remembered verdict if it and the converted model it vouches for are intact, else None."""
+    verdict = cache_files.read_record(verdict_path, consequence="converting and checking the backbone again")
+    if verdict is None or verdict.get("version") != VERDICT_VERSION or verdict.get("identity") != identity:
+        return None  # absent, damaged (warned), or of another format: convert again
+    if not verdict.get("agrees"):
+        return verdict
+    sha256 = verdict.get("tflite_sha256")
+    tflite_path = converted_model_path(verdict_path, sha256 if isinstance(sha256, str) else "")
+    if not cache_files.file_matches(tflite_path, sha256, record=verdict_path, consequence="reconverting"):
+        tflite_path.unlink(missing_ok=True)  # damaged: of no use to anyone, and never to be loaded
+        return None
+    return verdict
+
+
 def _convert_and_verify(
-    build_model: Callable[[], Any], tflite_path: Path, sample_pixels: Callable[[], np.ndarray]
+    build_model: Callable[[], Any], directory: Path, key: str, sample_pixels: Callable[[], np.ndarray]
 ) -> dict:
     model = build_model()
     try:
-        engines.convert_to_tflite(model, tflite_path)
+        content = engines.converted_content(model)
     except Exception as error:  # the converter raises many types; any failure means "use Keras"
         return {"agrees": False, "reason": f"conversion failed: {type(error).__name__}: {error}"[:500], "cosine": None}
-    cosine = verify_against_keras(engines.TFLiteEngine(tflite_path), engines.KerasEngine(model), sample_pixels())
+    sha256 = cache_files.content_sha256(content)
+    tflite_path = converted_model_path(directory / f"{key}.json", sha256)
+    with atomic.atomic_path(tflite_path) as temporary:
+        temporary.write_bytes(content)
+    converted = engines.TFLiteEngine(tflite_path, content=content)  # the bytes checked are the bytes recorded
+    cosine = verify_against_keras(converted, engines.KerasEngine(model), sample_pixels())
     agrees = cosine >= MINIMUM_COSINE
     reason = f"lowest cosine {cosine:.6f} on real photos (needs >= {MINIMUM_COSINE})"
-    return {"agrees": agrees, "reason": reason, "cosine": cosine}
+    return {"agrees": agrees, "reason": reason, "cosine": cosine, "tflite_sha256": sha256}
+
+
+def _checked_engine(
+    name: str,
+    path: Path,
+    verdict: dict,
+    verdict_path: Path | None,
+    *,
+    expected: str,
+    tensor: str = "",
+    rewrite: str = rewrites.AS_GIVEN,
+) -> ConvertedEngine:
+    """An engine that runs ``path`` (after ``rewrite``) only if those bytes have the sha256 ``expected``.
+
+    The choice was keyed by ``expected`` before any bytes were loaded (a warm run never loads
+    them), so the bytes loaded later for the misses are checked again: a file changed in between
+    must not place embeddings under that key.
+    """
+
+    def build() -> engines.TFLiteEngine:
+        content = Path(path).read_bytes()
+        if rewrite:
+            content = rewrites.rewritten_content(content, rewrite)
+        if cache_files.content_sha256(content) != expected:
+            if verdict_path is not None:
+                verdict_path.unlink(missing_ok=True)  # the next run measures (or converts) afresh
+            raise ValueError(
+                f"the model bytes from {path}{f' ({rewrite} rewrite)' if rewrite else ''} no longer have the sha256 "
+                f"{expected[:12]}... this run chose them by (the file changed during the run"
+                f"{', or the rewrite changed' if rewrite else ''}); run extract_features again"
+            )
+        return engines.TFLiteEngine(path, tensor=tensor, content=content)
+
+    return ConvertedEngine(name, build, verdict, content_sha256=expected)
 
 
 # ---------------------------------------------------------------- TFLite files
@@ -173,29 +254,37 @@ def choose_tflite_engine(
             if requested == "keras"
             else "requested: the file as given"
         )
-        return _engine(path, tensor, rewrites.AS_GIVEN, {"reason": note})
+        return _checked_engine(
+            rewrites.engine_name(rewrites.AS_GIVEN), path, {"reason": note}, None, expected=sha256, tensor=tensor
+        )
     verdict_path = conversion_directory / f"{sha256}-tflite.json"
-    verdict = _read_verdict(verdict_path)
+    verdict = _tflite_verdict(verdict_path, sha256)
     if verdict is None:
-        verdict = measure(Path(path).read_bytes(), sample_pixels())
+        content = Path(path).read_bytes()
+        if cache_files.content_sha256(content) != sha256:
+            raise ValueError(f"{path} changed since this run read it (its sha256 is no longer {sha256}); run again")
+        verdict = measure(content, sample_pixels())
         verdict["sha256"] = sha256
-        atomic.write_json(verdict_path, verdict)
-    return _engine(path, tensor, verdict["rewrite"], verdict)
+        verdict = cache_files.write_record(verdict_path, verdict)
+    return _checked_engine(
+        rewrites.engine_name(verdict["rewrite"]),
+        path,
+        verdict,
+        verdict_path,
+        expected=verdict["content_sha256"],
+        tensor=tensor,
+        rewrite=verdict["rewrite"],
+    )
 
 
-def _engine(path: Path, tensor: str, rewrite: str, verdict: dict) -> ConvertedEngine:
-    def build() -> engines.TFLiteEngine:
-        return engines.TFLiteEngine(path, tensor=tensor, rewrite=rewrite)
-
-    return ConvertedEngine(rewrites.engine_name(rewrite), build, verdict)
-
-
-def _read_verdict(path: Path) -> dict | None:
-    try:
-        verdict = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+def _tflite_verdict(path: Path, sha256: str) -> dict | None:
+    """The remembered verdict for the file with this sha256 if it is intact, else None."""
+    verdict = cache_files.read_record(path, consequence="measuring the rewrites again")
+    if verdict is None or verdict.get("version") != VERDICT_VERSION or verdict.get("sha256") != sha256:
+        return None  # absent, damaged (warned), or of another format: measure again
+    if verdict.get("rewrite") not in (rewrites.AS_GIVEN, *rewrites.REWRITES) or not verdict.get("content_sha256"):
         return None
-    return verdict if isinstance(verdict, dict) and verdict.get("version") == VERDICT_VERSION else None
+    return verdict
 
 
 def measure(content: bytes, pixels: np.ndarray) -> dict:
@@ -206,7 +295,8 @@ def measure(content: bytes, pixels: np.ndarray) -> dict:
     floor (see the module docstring); the fastest of the file and the qualifying rewrites wins.
 
     Returns:
-        ``rewrite`` (the choice, ``""`` for the file as given), ``reason``, and per path:
+        ``rewrite`` (the choice, ``""`` for the file as given), ``content_sha256`` (of the
+        chosen bytes: the file after that rewrite), ``reason``, and per path:
         ``images_per_second``, ``lowest_cosine`` (to the reference kernels), ``exact``,
         ``qualifies``; ``noise_floor``; ``not_applicable`` (rewrite: why).
     """
@@ -215,6 +305,7 @@ def measure(content: bytes, pixels: np.ndarray) -> dict:
     verdict: dict[str, Any] = {
         "version": VERDICT_VERSION,
         "rewrite": rewrites.AS_GIVEN,
+        "content_sha256": cache_files.content_sha256(content),
         "not_applicable": {k: v for k, v in problems.items() if v},
     }
     if not applicable:
@@ -228,11 +319,13 @@ def measure(content: bytes, pixels: np.ndarray) -> dict:
     noisy = np.clip(pixels.astype(np.int16) + np.random.default_rng(NOISE_SEED).integers(-1, 2, pixels.shape), 0, 255)
     floor = _lowest_cosine(_outputs(content, noisy.astype(np.uint8), delegate=False), reference)
     paths = {rewrites.AS_GIVEN: _path_report(content, pixels, reference, floor, exact=True)}
+    hashes = {rewrites.AS_GIVEN: verdict["content_sha256"]}
     for rewrite in applicable:
         try:
             rewritten = rewrites.rewritten_content(content, rewrite)
             exact = bool(np.array_equal(_outputs(rewritten, pixels, delegate=False), reference))
             paths[rewrite] = _path_report(rewritten, pixels, reference, floor, exact=exact)
+            hashes[rewrite] = cache_files.content_sha256(rewritten)
         except (RuntimeError, ValueError) as error:  # LiteRT refuses the rewritten file: keep the others
             verdict["not_applicable"][rewrite] = f"failed: {error}"[:300]
     chosen = max(
@@ -241,6 +334,7 @@ def measure(content: bytes, pixels: np.ndarray) -> dict:
     )
     verdict.update(
         rewrite=chosen,
+        content_sha256=hashes[chosen],
         noise_floor=round(floor, 6),
         paths={name or "as_given": report for name, report in paths.items()},
     )

@@ -76,16 +76,31 @@ class TFLiteEngine:
         threads: LiteRT's CPU threads.
         rewrite: run the file rewritten in memory for XNNPACK (``static-shapes`` or ``int8``,
             see :mod:`transferlab.tflite.rewrites`), or as given (empty).
+        content: the exact model bytes to run (already read, rewritten and checked by the
+            caller, see :mod:`transferlab.features.engine_choice`); ``path`` then only names
+            them in messages and ``rewrite`` must be empty.
     """
 
     name = "tflite"
 
-    def __init__(self, path: str | os.PathLike, *, tensor: str = "", threads: int = ENGINE_THREADS, rewrite: str = ""):
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        tensor: str = "",
+        threads: int = ENGINE_THREADS,
+        rewrite: str = "",
+        content: bytes | None = None,
+    ):
         from ai_edge_litert.interpreter import Interpreter
 
         self.path = Path(path)
         source = {"model_path": str(self.path)}
-        if rewrite:
+        if content is not None:
+            if rewrite:
+                raise ValueError(f"{self.path}: pass the rewritten bytes as content, not a rewrite to apply")
+            source = {"model_content": content}
+        elif rewrite:
             from transferlab.tflite import rewrites
 
             source = {"model_content": rewrites.rewritten_content(self.path.read_bytes(), rewrite)}
@@ -128,13 +143,22 @@ class TFLiteEngine:
         return pool_and_flatten(output)
 
 
-def convert_to_tflite(model: Any, destination: Path) -> Path:
-    """Converts a Keras model to a float32 TFLite file, written atomically."""
+def converted_content(model: Any) -> bytes:
+    """Converts a Keras model to a float32 TFLite model, returned as bytes.
+
+    Not byte-for-byte reproducible: tensor names carry Keras' per-process name counters, so two
+    conversions of one model may differ in a few bytes (never in the weights).
+    """
     import tensorflow as tf
 
     converter = tf.lite.TFLiteConverter.from_keras_model(model)
     with contextlib.redirect_stdout(io.StringIO()):  # the converter prints every captured variable
-        content = converter.convert()
+        return converter.convert()
+
+
+def convert_to_tflite(model: Any, destination: Path) -> Path:
+    """Converts a Keras model to a float32 TFLite file, written atomically."""
+    content = converted_content(model)
     with atomic.atomic_path(destination) as temporary:
         temporary.write_bytes(content)
     return destination

@@ -9,6 +9,11 @@ for every member that needs it. Which engine runs each member is chosen by
 
 For the ``finetune`` head it also caches and exports *tap activations* of the stack's Keras
 member, from the same decoded pixels (see :mod:`transferlab.features.tap_jobs`).
+
+The cache only ever saves work, so a cache folder that cannot be used (read-only, ``/proc``, a
+file in its place, a disk that fills up during the run) never stops the stage: one warning
+names the folder and why, and the run goes on computing what it would have read, with the
+same features (see :func:`usable_cache_directory`).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 
 from transferlab.backbones import stack
 from transferlab.backbones.stack import Member
+from transferlab.core import paths
 from transferlab.features import decode, embedding_cache, engine_choice, files, mirror, tap_jobs
 
 LOGGER = logging.getLogger(__name__)
@@ -61,7 +67,7 @@ def embed(
     members: list[Member],
     items: list[decode.Item],
     *,
-    open_cache: Callable[[Member, str], embedding_cache.EmbeddingCache],
+    open_cache: Callable[[Member, engine_choice.ConvertedEngine], embedding_cache.EmbeddingCache],
     choose_engine: Callable[[Member, Callable[[], np.ndarray]], engine_choice.ConvertedEngine],
     render_one: Callable[[decode.Item, int], np.ndarray],
     batch_size: int,
@@ -73,7 +79,8 @@ def embed(
     Args:
         members: the stack.
         items: the distinct views to embed.
-        open_cache: (member, engine name) -> an open cache for that member's namespace.
+        open_cache: (member, chosen engine) -> an open cache for that member's namespace (keyed by
+            the engine's name and the sha256 of the model bytes it runs).
         choose_engine: (member, sample pixels) -> the engine to run (may convert, once).
         render_one: (item, size) -> uint8 pixels.
         batch_size: images per inference batch.
@@ -84,20 +91,21 @@ def embed(
     active = []
     for member in members:
         choice = choose_engine(member, engine_choice.verification_pixels(items, render_one, member.image_size))
-        cache = open_cache(member, choice.name)
+        cache = open_cache(member, choice)
         run = MemberRun(member=member, engine=choice.name, engine_note=choice.verdict.get("reason", ""))
-        run.vectors = cache.get_many([item.key for item in items])
-        run.hits, run.corrupt = len(run.vectors), cache.corrupt
-        active.append(_Active(run, cache, choice))
+        entry = _Active(run, cache, choice)
+        try:
+            run.vectors = cache.get_many([item.key for item in items])
+        except embedding_cache.CacheUnavailable as error:  # e.g. locked by a stuck process: compute instead
+            entry.give_up_cache(error)
+        run.hits, run.corrupt = len(run.vectors), entry.cache.corrupt
+        active.append(entry)
     jobs = [*active, *extra_jobs]
     for size in sorted({job.size for job in jobs}):
         group = [job for job in jobs if job.size == size]
         decode.fill_misses(group, items, size=size, render_one=render_one, batch_size=batch_size, threads=threads)
     for entry in active:
-        entry.cache.record_speed(entry.run.computed, entry.run.seconds)
-        entry.run.measured_speed = entry.cache.measured_images_per_second()
-        entry.run.cache_bytes = entry.cache.disk_bytes()
-        entry.cache.close()
+        entry.finish()
     return [entry.run for entry in active]
 
 
@@ -130,9 +138,29 @@ class _Active:
         vectors = self.embed(pixels)
         run.seconds += time.perf_counter() - started
         new = {item.key: vector for item, vector in zip(chunk, vectors, strict=True)}
-        self.cache.put_many(new)  # one transaction per batch: a killed run loses only this batch
+        try:
+            self.cache.put_many(new)  # one transaction per batch: a killed run loses only this batch
+        except embedding_cache.CacheUnavailable as error:  # e.g. the disk filled up: go on without it
+            self.give_up_cache(error)
         run.vectors.update(new)
         run.computed += len(new)
+
+    def give_up_cache(self, error: Exception) -> None:
+        """Warns once and goes on without the cache: it only ever saves work."""
+        LOGGER.warning("%s goes on without the embedding cache, storing nothing more: %s", self.label, error)
+        with contextlib.suppress(Exception):
+            self.cache.close()
+        self.cache = embedding_cache.DisabledCache()
+
+    def finish(self) -> None:
+        """Remembers the engine's speed in the cache, reads back the figures and closes it."""
+        try:
+            self.cache.record_speed(self.run.computed, self.run.seconds)
+            self.run.measured_speed = self.cache.measured_images_per_second()
+            self.run.cache_bytes = self.cache.disk_bytes()
+        except (embedding_cache.CacheUnavailable, OSError) as error:
+            self.give_up_cache(error)
+        self.cache.close()
 
 
 def assemble(rows: list[dict], runs: list[MemberRun], class_names: list[str]) -> files.FeatureSet:
@@ -213,6 +241,7 @@ def extract_features(
     def fill(job: tap_jobs.TapJob) -> None:  # computes again what a tap job lost (a corrupt cache row)
         decode.fill_misses([job], items, size=job.size, render_one=render_one, batch_size=batch_size, threads=threads)
 
+    requested_cache, cache_directory = cache_directory, usable_cache_directory(cache_directory)
     builders = {member.name: _backbone_builder(member, seed) for member in members if member.kind == "keras"}
     with (
         _conversion_directory(cache_directory) as converted,
@@ -233,7 +262,7 @@ def extract_features(
         runs = embed(
             members,
             views,
-            open_cache=lambda member, engine_name: _open_cache(cache_directory, member, engine_name),
+            open_cache=lambda member, choice: _open_cache(cache_directory, member, choice),
             choose_engine=lambda member, sample: _choose_engine(
                 member, sample, engine, converted, builders.get(member.name)
             ),
@@ -253,6 +282,8 @@ def extract_features(
     class_names = sorted({row["label"] for rows in rows_by_split.values() for row in rows})
     feature_sets = {split: assemble(rows, runs, class_names) for split, rows in rows_by_split.items()}
     report = _report(runs, rows_by_split, views, cache_directory, time.perf_counter() - started)
+    if requested_cache is not None and cache_directory is None:
+        report["cache"] = f"unusable: {requested_cache}"
     if tap_report is not None:
         report["taps"] = {**tap_report, "cache_bytes": tap_report["cache_bytes"] if cache_directory else 0}
     return feature_sets, report
@@ -298,31 +329,65 @@ def _choose_engine(
     )
 
 
-def _open_cache(cache_directory: Path | None, member: Member, engine_name: str):
+def usable_cache_directory(cache_directory: Path | None) -> Path | None:
+    """``cache_directory`` if an embedding cache can be kept there, else None (with one warning).
+
+    Working without the cache gives the same features, only slower, so an unusable folder
+    (read-only, ``/proc``, a file in its place) is reported and skipped, never fatal.
+    """
+    if cache_directory is None:
+        return None
+    reason = embedding_cache.unusable_reason(cache_directory)
+    if reason is None:
+        return cache_directory
+    LOGGER.warning(
+        "The embedding cache folder %s cannot be used (%s); running without the cache: every embedding is "
+        "computed and none is remembered. Set extract_features.cache_dir to a writable folder "
+        "(or extract_features.cache: false to run without it quietly)",
+        cache_directory,
+        reason,
+    )
+    return None
+
+
+def _open_cache(cache_directory: Path | None, member: Member, choice: engine_choice.ConvertedEngine):
     if cache_directory is None:
         return embedding_cache.DisabledCache()
     namespace = embedding_cache.namespace_key(
         backbone=member.identity,
         weights_identity=member.weights_identity,
         image_size=member.image_size,
-        engine=engine_name,
+        engine=choice.name,
+        model_sha256=choice.content_sha256,
     )
     description = {
         "spec": member.spec,
         "name": member.name,
         "weights": member.weights_identity,
         "image_size": member.image_size,
-        "engine": engine_name,
+        "engine": choice.name,
+        "model_sha256": choice.content_sha256,
     }
-    return embedding_cache.EmbeddingCache(cache_directory, namespace, description=description)
+    try:
+        return embedding_cache.EmbeddingCache(cache_directory, namespace, description=description)
+    except embedding_cache.CacheUnavailable as error:
+        LOGGER.warning("%s; embedding %s without the cache", error, member.name)
+        return embedding_cache.DisabledCache()
 
 
 @contextlib.contextmanager
 def _conversion_directory(cache_directory: Path | None) -> Iterator[Path]:
-    # Converted TFLite models live beside the embeddings; without a cache, in a temporary folder.
+    # Converted TFLite models live beside the embeddings; without a cache (or when the cache's
+    # converted/ cannot be written), in a temporary folder: converting again costs seconds.
     if cache_directory is not None:
-        yield cache_directory / "converted"
-        return
+        converted = cache_directory / "converted"
+        reason = paths.unwritable_reason(converted)
+        if reason is None:
+            yield converted
+            return
+        LOGGER.warning(
+            "The conversion folder %s cannot be used (%s); converting into a temporary folder", converted, reason
+        )
     with tempfile.TemporaryDirectory(prefix="transferlab-converted-") as temporary:
         yield Path(temporary)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from transferlab.backbones import taps
 from transferlab.backbones.stack import Member
-from transferlab.features import decode, embedding_cache, engine_choice
+from transferlab.features import cache_files, decode, embedding_cache, engine_choice
 
 TAP_DTYPE = np.float16  # half the bytes of float32; the fine-tuned top does not notice the rounding
 
@@ -155,6 +155,7 @@ def open_tap_job(
         image_size=member.image_size,
         engine=choice.name,
         tap=layer,
+        model_sha256=choice.content_sha256,
     )
     description = {
         "spec": member.spec,
@@ -163,6 +164,7 @@ def open_tap_job(
         "image_size": member.image_size,
         "engine": choice.name,
         "tap": layer,
+        "model_sha256": choice.content_sha256,
     }
     cache = embedding_cache.EmbeddingCache(cache_directory, namespace, description=description)
     job = TapJob(member=member, layer=layer, cache=cache, choice=choice, build_backbone=build_backbone)
@@ -198,7 +200,7 @@ def write_taps(
                     raise
                 job.forget_missing(keys)
                 fill(job)
-    shutil.copyfile(_saved_backbone(job, converted), directory / taps.BACKBONE_FILE)
+    _copy_backbone(job, converted, directory / taps.BACKBONE_FILE)
     shape = list(np.load(directory / f"{next(iter(rows_by_split))}.npy", mmap_mode="r").shape[1:])
     description = {
         "member": job.member.name,
@@ -249,16 +251,30 @@ def _cached_shape(job: TapJob) -> tuple[int, ...]:
     return tuple(job.cache.read_batch([next(iter(job.present))]).shape[1:])
 
 
-def _saved_backbone(job: TapJob, converted: Path) -> Path:
-    """The member's frozen backbone as a .keras file, saved once in the conversion folder."""
+def _saved_backbone(job: TapJob, converted: Path) -> tuple[Path, str]:
+    """The member's frozen backbone as a .keras file, saved once in the conversion folder, and its sha256.
+
+    Its sha256 is recorded beside it once it is in place, and checked whenever it is reused: a
+    damaged copy is saved again (with a warning), never handed to the finetune head.
+    """
     path = converted / _file_key(engine_choice.conversion_identity(job.member), ".keras")
-    if not path.exists():
+    sha256 = cache_files.intact_file_sha256(path, consequence="saving the backbone again")
+    if sha256 is None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=path.parent, prefix=".backbone-") as temporary:
             staged = Path(temporary) / taps.BACKBONE_FILE  # Keras insists on the .keras suffix
             job.build_backbone().save(staged)
             os.replace(staged, path)
-    return path
+        sha256 = cache_files.record_file(path)
+    return path, sha256
+
+
+def _copy_backbone(job: TapJob, converted: Path, destination: Path) -> None:
+    """Copies the saved backbone out of the cache folder; the copy must have the checked sha256."""
+    source, sha256 = _saved_backbone(job, converted)
+    shutil.copyfile(source, destination)
+    if cache_files.file_sha256(destination) != sha256:
+        raise ValueError(f"{source} changed while it was copied to {destination}; run extract_features again")
 
 
 def _file_key(identity: str, suffix: str) -> str:
