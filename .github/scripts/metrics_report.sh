@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Runs the pipeline on a capped subset twice, on BASE (in a temporary git worktree) and on the
-# checked-out code, and writes `dvc metrics diff` and `dvc params diff` between them as Markdown.
+# checked-out code, then `transferlab gate` between them: OUTPUT.md gets the gate's report (checks,
+# headline metrics, per-class deltas, error diff, `dvc metrics diff`, `dvc params diff`, timing
+# apart), gate-report/ its files (error_diff.csv, error_diff.png).
 #
 #   usage: metrics_report.sh BASE_REV CAP_PER_CLASS OUTPUT.md [extra `dvc exp run -S` overrides...]
 #
-# Both runs use the same subset (split.max_images_per_class=CAP) and the same embedding cache,
-# so the comparison is like for like and the second run embeds only what changed.
+# Exits with the gate's status: 0 passed, 1 a threshold failed (params.yaml `gate:`), 2 missing
+# metrics. Both runs use the same subset (split.max_images_per_class=CAP) and the same embedding
+# cache, so the comparison is like for like and the second run embeds only what changed.
 set -euo pipefail
 base_rev=$1 cap=$2 output=$3
 shift 3
@@ -24,15 +27,16 @@ git worktree add --detach --quiet "$worktree" "$base_rev"
 baseline=$(git -C "$worktree" rev-parse HEAD)
 
 dvc exp run "${overrides[@]}"
+status=0
+transferlab gate --baseline "$baseline" --out gate-report || status=$?
 {
-  echo "## transferlab: metrics on the CI subset (${cap} images per class)"
+  echo "Base: \`${base_rev}\` (${baseline:0:8}); this change: the workspace; both on the CI subset (${cap} images per class)."
   echo
-  echo "Base: \`${base_rev}\` (${baseline:0:8}); this change: the workspace."
-  echo
-  echo "### Metrics"
-  dvc metrics diff "$baseline" --md --precision 4 || true
-  echo
-  echo "### Params"
-  dvc params diff "$baseline" --md || true
+  if [[ -f gate-report/report.md ]]; then
+    cat gate-report/report.md
+  else
+    echo "## transferlab gate: could not run (exit ${status}); see the job's log"
+  fi
 } > "$output"
 cat "$output"
+exit "$status"

@@ -17,7 +17,9 @@ WORKFLOW = REPOSITORY_ROOT / ".github" / "workflows" / "pull-request-metrics.yml
 
 def check_workflow(path: Path) -> subprocess.CompletedProcess:
     checker = Path(sys.executable).parent / "check-jsonschema"
-    return subprocess.run([str(checker), "--builtin-schema", "vendor.github-workflows", str(path)], capture_output=True, text=True)
+    return subprocess.run(
+        [str(checker), "--builtin-schema", "vendor.github-workflows", str(path)], capture_output=True, text=True
+    )
 
 
 def test_the_pull_request_workflow_is_a_valid_github_workflow(tmp_path):
@@ -26,7 +28,8 @@ def test_the_pull_request_workflow_is_a_valid_github_workflow(tmp_path):
     broken.write_text(WORKFLOW.read_text().replace("runs-on: ubuntu-latest", "runs_on: ubuntu-latest"))
     assert check_workflow(broken).returncode != 0, "the schema check must catch a misspelt key"
     text = WORKFLOW.read_text()
-    assert "metrics_report.sh" in text and "gh pr comment" in text and "pull_request" in text
+    assert "metrics_report.sh" in text and "upsert_comment.py" in text and "pull_request" in text
+    assert "steps.gate.outputs.status != '0'" in text, "the job must fail when the gate fails"
 
 
 @pytest.mark.slow
@@ -37,9 +40,14 @@ def test_metrics_diff_between_two_commits_shows_the_change_in_accuracy(dvc_proje
     # A head that cannot learn (one epoch at a tiny learning rate): accuracy must fall.
     project.set_params(train_head={"head": "dense", "dense": {"epochs": 1, "learning_rate": 0.000001}})
     project.commit("worse head")
-    result = project.run("bash", ".github/scripts/metrics_report.sh", "HEAD~1", "8", "report.md")
+    result = project.run("bash", ".github/scripts/metrics_report.sh", "HEAD~1", "8", "report.md", check=False)
     report = (project.root / "report.md").read_text()
-    accuracy_rows = [line for line in report.splitlines() if "test.accuracy" in line and "metrics/evaluate.json" in line]
+    # the gate fails the worse head (exit 1) and its report says which metric fell
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "## transferlab gate: FAILED" in report and "FAIL" in result.stderr
+    accuracy_rows = [
+        line for line in report.splitlines() if "test.accuracy" in line and "metrics/evaluate.json" in line
+    ]
     assert accuracy_rows, result.stdout[-3000:]
     cells = [cell.strip() for cell in accuracy_rows[0].strip("|").split("|")]
     old, new = float(cells[2]), float(cells[3])
@@ -52,10 +60,21 @@ def test_compare_runs_one_experiment_per_backbone_and_prints_a_leaderboard(dvc_p
     project = dvc_project
     project.commit("baseline")
     transferlab = str(Path(sys.executable).parent / "transferlab")
-    result = project.run(transferlab, "compare", "mobilenet_v2", "mobilenet", "-S", "extract_features.alpha={mobilenet_v2: 0.35, mobilenet: 0.25}")
+    result = project.run(
+        transferlab,
+        "compare",
+        "mobilenet_v2",
+        "mobilenet",
+        "-S",
+        "extract_features.alpha={mobilenet_v2: 0.35, mobilenet: 0.25}",
+    )
     assert "[2/2]" in result.stdout, result.stdout
-    assert "queued cmp-mobilenet_v2: mobilenet_v2" in result.stdout and "queued cmp-mobilenet: mobilenet" in result.stdout
-    leaderboard = [line for line in result.stdout.splitlines() if line.rstrip().endswith(("cmp-mobilenet", "cmp-mobilenet_v2"))]
+    assert (
+        "queued cmp-mobilenet_v2: mobilenet_v2" in result.stdout and "queued cmp-mobilenet: mobilenet" in result.stdout
+    )
+    leaderboard = [
+        line for line in result.stdout.splitlines() if line.rstrip().endswith(("cmp-mobilenet", "cmp-mobilenet_v2"))
+    ]
     assert len(leaderboard) == 2, result.stdout
     assert (project.root / "metrics" / "compare.png").stat().st_size > 0
 
@@ -67,9 +86,25 @@ def test_compare_runs_one_experiment_per_backbone_and_prints_a_leaderboard(dvc_p
         for revision in group["revs"]
     }
     assert {"cmp-mobilenet_v2", "cmp-mobilenet"} <= set(experiments)
-    stacks = {name: data["metrics"]["metrics/extract_features.json"]["data"]["stack"] for name, data in experiments.items()}
+    stacks = {
+        name: data["metrics"]["metrics/extract_features.json"]["data"]["stack"] for name, data in experiments.items()
+    }
     assert stacks["cmp-mobilenet_v2"] == "mobilenet_v2@0.35" and stacks["cmp-mobilenet"] == "mobilenet@0.25"
-    widths = {name: data["metrics"]["metrics/train_head.json"]["data"]["feature_dim"] for name, data in experiments.items()}
+    widths = {
+        name: data["metrics"]["metrics/train_head.json"]["data"]["feature_dim"] for name, data in experiments.items()
+    }
     assert widths["cmp-mobilenet_v2"] == 1280 and widths["cmp-mobilenet"] == 256
-    for data in experiments.values():
-        assert 0.0 <= data["metrics"]["metrics/evaluate.json"]["data"]["test"]["accuracy"] <= 1.0
+    # Each leaderboard line shows its own experiment's metrics/evaluate.json, read from the experiment's commit.
+    references = project.run("git", "for-each-ref", "--format=%(refname)", "refs/exps").stdout.split()
+    accuracies = []
+    for line in leaderboard:
+        name = line.split()[-1]
+        reference = next(reference for reference in references if reference.endswith(f"/{name}"))
+        evaluation = json.loads(project.run("git", "show", f"{reference}:metrics/evaluate.json").stdout)
+        assert evaluation["test"] == experiments[name]["metrics"]["metrics/evaluate.json"]["data"]["test"]
+        shown_percentages = [cell for cell in line.split() if cell.endswith("%")]  # test acc, macro-F1, val acc
+        expected = [evaluation["test"]["accuracy"], evaluation["test"]["macro_f1"], evaluation["val"]["accuracy"]]
+        assert shown_percentages == [f"{100 * value:.1f}%" for value in expected], line
+        assert stacks[name] in line
+        accuracies.append(evaluation["test"]["accuracy"])
+    assert accuracies == sorted(accuracies, reverse=True), leaderboard

@@ -14,6 +14,14 @@ import sys
 COMMANDS = {
     "backbones": ("transferlab.cli.backbones", "list the registered backbones, or describe a TFLite file"),
     "compare": ("transferlab.cli.compare", "run one experiment per backbone or stack and print a leaderboard"),
+    "gate": (
+        "transferlab.cli.gate",
+        "fail (exit 1) when the workspace's metrics fell past the params' gate thresholds against a baseline",
+    ),
+    "error-diff": (
+        "transferlab.cli.error_diff",
+        "test images a change fixed, newly got wrong and still gets wrong, against a baseline",
+    ),
     "predict": ("transferlab.cli.predict", "classify image files or folders with the exported model (models/export)"),
     "imagenet": (
         "transferlab.cli.imagenet",

@@ -9,7 +9,10 @@ drift apart:
   extract_features reads val and test);
 - the recipes, ``data/augmented/train.csv`` (augment writes it, extract_features reads it);
 - the test predictions, ``metrics/evaluate/test_predictions.csv`` (evaluate writes it, export
-  checks its model against it).
+  checks its model against it, ``transferlab gate`` diffs it with a baseline's);
+- the error diff, ``<gate folder>/error_diff.csv`` (``transferlab gate`` and ``error-diff`` write it);
+- the suspected label errors, ``metrics/label_issues.csv`` (``transferlab label-issues`` writes it,
+  the user copies confirmed rows' sha256 into ``split.exclude``).
 
 Writers are atomic (a file is complete or absent) and write ``\\n`` line ends in UTF-8. Readers
 raise ``ValueError`` naming the stage to run when a file or a column is missing.
@@ -31,6 +34,19 @@ RECIPE_COLUMNS = (*SPLIT_COLUMNS, "recipe")
 PREDICTION_COLUMNS = ("path", "sha256", "actual", "predicted", "confidence")
 # What export needs of the predictions: ``actual`` is for people reading the file.
 PREDICTION_REQUIRED_COLUMNS = ("path", "sha256", "predicted", "confidence")
+# The error diff: one row per test image whose prediction is wrong in the baseline, the change, or both.
+ERROR_DIFF_COLUMNS = (
+    "kind",  # fixed, newly_wrong, wrong_in_both
+    "path",
+    "sha256",
+    "actual",
+    "baseline_predicted",
+    "baseline_confidence",
+    "predicted",
+    "confidence",
+)
+# Suspected label errors, most suspicious first; score = cleanlab's label quality (0..1, low = suspicious).
+LABEL_ISSUE_COLUMNS = ("rank", "path", "split", "sha256", "given_label", "suggested_label", "score")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,6 +171,49 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, str]]:
     if not rows:
         raise ValueError(f"{path} has no rows; evaluate needs test images (split.test_fraction > 0)")
     return rows
+
+
+# ------------------------------------------------------------------------------ error diff
+
+
+def write_error_diff(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Writes the error diff CSV atomically (columns :data:`ERROR_DIFF_COLUMNS`, confidences to 6 decimals)."""
+    _write(
+        path,
+        ERROR_DIFF_COLUMNS,
+        (
+            {
+                **row,
+                "confidence": f"{row['confidence']:.6f}",
+                "baseline_confidence": f"{row['baseline_confidence']:.6f}",
+            }
+            for row in rows
+        ),
+    )
+
+
+def read_error_diff(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Reads an error diff CSV (:data:`ERROR_DIFF_COLUMNS`); raises ``ValueError`` when it is missing."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found; run `transferlab error-diff --baseline REV` first")
+    return _read(path, ERROR_DIFF_COLUMNS, rerun="run `transferlab error-diff` again")
+
+
+# ------------------------------------------------------------------------------ label issues
+
+
+def write_label_issues(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
+    """Writes metrics/label_issues.csv atomically (columns :data:`LABEL_ISSUE_COLUMNS`, score to 6 decimals)."""
+    _write(path, LABEL_ISSUE_COLUMNS, ({**row, "score": f"{row['score']:.6f}"} for row in rows))
+
+
+def read_label_issues(path: str | os.PathLike) -> list[dict[str, str]]:
+    """Reads metrics/label_issues.csv; raises ``ValueError`` when it is missing (run the command)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} not found; run `transferlab label-issues` first")
+    return _read(path, LABEL_ISSUE_COLUMNS, rerun="run `transferlab label-issues` again")
 
 
 # ------------------------------------------------------------------------------ shared
