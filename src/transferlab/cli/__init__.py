@@ -18,6 +18,10 @@ COMMANDS = {
         "transferlab.cli.gate",
         "fail (exit 1) when the workspace's metrics fell past the params' gate thresholds against a baseline",
     ),
+    "promote": (
+        "transferlab.cli.promote",
+        "rank the experiments by a metric, apply the best (or a named one), optionally as a branch",
+    ),
     "error-diff": (
         "transferlab.cli.error_diff",
         "test images a change fixed, newly got wrong and still gets wrong, against a baseline",
