@@ -22,6 +22,7 @@ def main(paths, base, split_params):
         test_fraction=split_params.test_fraction,
         seed=base.seed,
         max_images_per_class=split_params.max_images_per_class,
+        exclude=split_params.exclude,
     )
     tables.write_splits(result.splits(), paths.out)
     atomic.write_json(paths.metrics, result.report)

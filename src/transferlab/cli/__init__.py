@@ -22,6 +22,10 @@ COMMANDS = {
         "transferlab.cli.promote",
         "rank the experiments by a metric, apply the best (or a named one), optionally as a branch",
     ),
+    "label-issues": (
+        "transferlab.cli.label_issues",
+        "images whose label looks wrong (cleanlab on out-of-sample predictions from the cached embeddings)",
+    ),
     "error-diff": (
         "transferlab.cli.error_diff",
         "test images a change fixed, newly got wrong and still gets wrong, against a baseline",

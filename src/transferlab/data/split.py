@@ -20,6 +20,11 @@ How an index becomes three splits:
    above 0. Without duplicate groups this is within one image of the target.
 6. ``max_images_per_class`` (0 = no cap) keeps, before splitting, the first groups of each
    class in the same hash order that still fit under the cap.
+7. ``exclude`` (params ``split.exclude``) drops images before anything else: an entry of 64
+   hexadecimal characters drops every file with those bytes, any other entry the file at that
+   path. Confirmed label errors (``transferlab label-issues``) go there, versioned with the
+   params; the report lists every excluded file, and entries that matched nothing (a typo, or
+   an image since removed) under ``exclude_unmatched``.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import collections
 import dataclasses
 import hashlib
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -58,6 +64,7 @@ def split_index(
     test_fraction: float,
     seed: int,
     max_images_per_class: int = 0,
+    exclude: Sequence[str] = (),
 ) -> SplitResult:
     """Splits the index rows into train, val and test (rules in the module docstring).
 
@@ -67,6 +74,7 @@ def split_index(
         test_fraction: share of each class for test, in [0, 1); the sum with val must be < 1.
         seed: keys the hash that ranks images; another seed gives another split.
         max_images_per_class: use at most this many images of each class (0 = all).
+        exclude: sha256 digests (every copy of those bytes) or paths of images to leave out.
 
     Returns:
         The splits and a JSON-ready report for ``metrics/split.json``.
@@ -77,6 +85,7 @@ def split_index(
     _check_arguments(val_fraction, test_fraction, seed, max_images_per_class)
     rows = [_checked_row(row) for row in rows]
     _check_unique_paths(rows)
+    rows, excluded, unmatched = _exclude(rows, exclude)
     usable = [row for row in rows if row["status"] == "ok"]
     conflicts = _label_conflicts(usable)
     usable = [row for row in usable if row["sha256"] not in conflicts]
@@ -107,8 +116,11 @@ def split_index(
             "not_ok": _not_ok_counts(rows),
             "label_conflict": sum(len(item["paths"]) for item in conflicts.values()),
             "over_cap": over_cap,
+            "excluded": len(excluded),
         },
         "duplicate_groups": _duplicate_groups(chosen),
+        "excluded": excluded,
+        "exclude_unmatched": unmatched,
     }
     return SplitResult(train=splits["train"], val=splits["val"], test=splits["test"], report=report)
 
@@ -119,8 +131,36 @@ def describe(report: Mapping[str, Any]) -> str:
     return (
         f"train {totals['train']}, val {totals['val']}, test {totals['test']} images in {len(report['classes'])} "
         f"classes; dropped: {dropped['label_conflict']} label conflict(s), {dropped['over_cap']} over cap, "
-        f"{sum(dropped['not_ok'].values())} not ok"
+        f"{sum(dropped['not_ok'].values())} not ok, {dropped.get('excluded', 0)} excluded (split.exclude)"
+        + (
+            f"; {len(report['exclude_unmatched'])} exclude entries matched no image"
+            if report.get("exclude_unmatched")
+            else ""
+        )
     )
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _exclude(
+    rows: Sequence[dict[str, str]], exclude: Sequence[str]
+) -> tuple[list[dict[str, str]], list[dict[str, str]], list[str]]:
+    """Drops the rows named by ``exclude`` (sha256 digests or paths).
+
+    Returns:
+        The rows kept, the excluded ones (path, label, sha256; sorted by path), and the entries
+        that matched no row.
+    """
+    digests = {entry.lower() for entry in exclude if _SHA256.match(entry.lower())}
+    paths = {entry for entry in exclude if entry.lower() not in digests}
+    kept, excluded = [], []
+    for row in rows:
+        (excluded if row["sha256"] in digests or row["path"] in paths else kept).append(row)
+    matched = {row["sha256"] for row in excluded} | {row["path"] for row in excluded}
+    unmatched = sorted(entry for entry in exclude if entry.lower() not in matched and entry not in matched)
+    listed = [{column: row[column] for column in ("path", "label", "sha256")} for row in excluded]
+    return kept, sorted(listed, key=_path), unmatched
 
 
 def _split_classes(
@@ -188,7 +228,10 @@ def _checked_row(row: Mapping[str, Any]) -> dict[str, str]:
             f"index row {dict(row)!r} lacks column(s) {', '.join(missing)}; "
             f"required: {', '.join(tables.INDEX_REQUIRED_COLUMNS)}"
         )
-    clean = {column: str(row[column]).strip() for column in tables.INDEX_REQUIRED_COLUMNS}
+    # Paths and labels are taken exactly as download wrote them: stripping them here would name
+    # files that do not exist (download refuses class names with spaces at either end instead).
+    clean = {column: str(row[column]) for column in tables.INDEX_REQUIRED_COLUMNS}
+    clean["status"], clean["sha256"] = clean["status"].strip(), clean["sha256"].strip()
     if clean["status"] == "ok":
         empty = [column for column in tables.SPLIT_COLUMNS if not clean[column]]
         if empty:
