@@ -4,12 +4,19 @@ Every stage loads its own section (and ``base``) once, through :func:`load_secti
 type, an unknown key or an out-of-range value raises ``ValueError`` naming the key and what is
 allowed, before any work starts. The comments on each key live in params.yaml; the README's
 params reference is the long form.
+
+The file is read defensively, since a params file is input like any other: YAML aliases may
+add at most :data:`MAX_ALIAS_VALUES` values to what the file writes out (a few hundred bytes of
+nested aliases otherwise expand to gigabytes during validation), rejected values are shown shortened,
+and every message names the file actually read (``--params OTHER.yaml``), not "params.yaml".
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import re
+import reprlib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,12 +42,15 @@ class BaseParams(Section):
 class DownloadParams(Section):
     source: Annotated[str, Field(min_length=1)] = OFFICIAL_FLOWERS_URL
     sha256: str = OFFICIAL_FLOWERS_SHA256
-    min_image_side: Annotated[int, Field(ge=1, le=4096)] = 32
+    min_image_side: Annotated[int, Field(ge=1, le=4096)] = 8  # 28x28 digits and 32x32 icons are datasets too
     min_images_per_class: Annotated[int, Field(ge=2, le=100_000)] = 5
     max_files: Annotated[int, Field(ge=1)] = 1_000_000
     max_total_bytes: Annotated[int, Field(ge=1)] = 20 * 2**30
+    # flower_photos unpacks to 1.02 times its .tgz; a bomb of zeros to about 1000 times.
+    max_expansion_ratio: Annotated[float, Field(ge=1.0)] = 100.0
     max_image_pixels: Annotated[int, Field(ge=1)] = 89_478_485
-    retries: Annotated[int, Field(ge=0, le=20)] = 3
+    retries: Annotated[int, Field(ge=0, le=10)] = 3
+    deadline_seconds: Annotated[int, Field(ge=1, le=7 * 24 * 3600)] = 3600
 
     @field_validator("sha256")
     @classmethod
@@ -55,6 +65,17 @@ class SplitParams(Section):
     val_fraction: Fraction = 0.1
     test_fraction: Fraction = 0.2
     max_images_per_class: Annotated[int, Field(ge=0)] = 0
+    # Images the user confirmed as mislabelled (or unwanted): sha256 digests or paths relative to
+    # data/raw/images. Versioned with the params, so `dvc params diff` shows what was dropped.
+    exclude: Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=100_000)] = []
+
+    @field_validator("exclude")
+    @classmethod
+    def _distinct_entries(cls, value: list[str]) -> list[str]:
+        repeated = sorted(entry for entry, count in collections.Counter(value).items() if count > 1)
+        if repeated:
+            raise ValueError(f"entries must be distinct; listed more than once: {', '.join(repeated[:5])}")
+        return value
 
     @model_validator(mode="after")
     def _fractions_leave_training_data(self) -> SplitParams:
@@ -178,6 +199,18 @@ class ExportParams(Section):
     check_images: Annotated[int, Field(ge=0)] = 200  # 0 = every test image
 
 
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class GateParams(Section):
+    """`transferlab gate`: the thresholds a change must meet against its baseline (flags override)."""
+
+    min_test_accuracy: Share = 0.0  # 0 = no absolute floor
+    max_macro_f1_drop: Share = 0.01  # 1 = never fails
+    max_class_f1_drop: Share = 0.05
+    min_export_agreement: Share = 0.99  # 0 = export not gated (metrics/export.json not required)
+
+
 # The heads train_head can train; transferlab.heads maps each to its module (and refuses others).
 HEAD_NAMES = ("dense", "finetune", "logistic", "scratch")
 
@@ -195,15 +228,17 @@ SECTIONS: dict[str, type[Section]] = {
     "train_head": TrainHeadParams,
     "evaluate": EvaluateParams,
     "export": ExportParams,
+    "gate": GateParams,
 }
 
 
-def parse_section(name: str, raw: Any) -> Section:
+def parse_section(name: str, raw: Any, *, source: str | os.PathLike = "params.yaml") -> Section:
     """Validates one section's raw mapping; raises ``ValueError`` that names the key.
 
     Args:
         name: the section name, one of :data:`SECTIONS`.
         raw: the mapping read from params.yaml (``None`` means all defaults).
+        source: the file ``raw`` came from, as messages should name it.
     """
     if name not in SECTIONS:
         raise ValueError(f"Unknown params section '{name}'; choose one of: {', '.join(sorted(SECTIONS))}")
@@ -211,25 +246,41 @@ def parse_section(name: str, raw: Any) -> Section:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ValueError(f"params.yaml: section '{name}' must be a mapping of keys to values, got {type(raw).__name__}")
+        raise ValueError(f"{source}: section '{name}' must be a mapping of keys to values, got {type(raw).__name__}")
     try:
         return model.model_validate(raw)
     except ValidationError as error:
-        raise ValueError(_describe(name, model, error)) from None
+        raise ValueError(_describe(name, model, error, source=source)) from None
 
 
-def _describe(name: str, model: type[Section], error: ValidationError) -> str:
-    lines = [f"params.yaml: invalid '{name}' section:"]
+# Rejected values are shown this long at most: enough to recognise, never megabytes.
+MAX_SHOWN_CHARACTERS = 200
+_SHORT_REPR = reprlib.Repr()
+_SHORT_REPR.maxlevel, _SHORT_REPR.maxstring, _SHORT_REPR.maxother, _SHORT_REPR.maxlong = 3, 120, 120, 60
+_SHORT_REPR.maxlist = _SHORT_REPR.maxtuple = _SHORT_REPR.maxdict = _SHORT_REPR.maxset = 8
+
+
+def shown(value: Any) -> str:
+    """``repr(value)``, bounded: nested and long values are elided to :data:`MAX_SHOWN_CHARACTERS`."""
+    return _shorten(_SHORT_REPR.repr(value))
+
+
+def _shorten(text: str, limit: int = MAX_SHOWN_CHARACTERS) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 16]}... (shortened)"
+
+
+def _describe(name: str, model: type[Section], error: ValidationError, *, source: str | os.PathLike) -> str:
+    lines = [f"{source}: invalid '{name}' section:"]
     seen: set[str] = set()
     for item in error.errors():
         location = [str(part) for part in item["loc"] if not _is_union_tag(part)]
-        key = ".".join([name, *location]) if location else name
+        key = _shorten(".".join([name, *location]) if location else name)
         if item["type"] == "extra_forbidden":
             message = f"unknown key; allowed keys: {', '.join(_fields_at(model, location[:-1]))}"
         elif item["type"] == "value_error":
-            message = item["msg"].removeprefix("Value error, ")
+            message = _shorten(item["msg"].removeprefix("Value error, "), 2 * MAX_SHOWN_CHARACTERS)
         else:
-            message = f"{item['msg']} (got {item.get('input')!r})"
+            message = f"{_shorten(item['msg'])} (got {shown(item.get('input'))})"
         line = f"  {key}: {message}"
         if line not in seen:
             seen.add(line)
@@ -253,8 +304,62 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and ("[" in part or "-" in part or part in {"str", "int", "float", "bool"})
 
 
+# Values (scalars, lists, mappings) that YAML aliases may add to those a params file writes
+# out; a long list written out in full (download.exclude) is fine. Nested aliases grow
+# exponentially: 471 bytes of them made a 351 MB error message before this bound.
+MAX_ALIAS_VALUES = 10_000
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader that also reads YAML 1.2 floats without a dot (``1e-3``) as floats."""
+    """PyYAML's safe loader that reads YAML 1.2 floats without a dot (``1e-3``) as floats and
+    refuses documents whose aliases add more than :data:`MAX_ALIAS_VALUES` values."""
+
+    def construct_document(self, node: yaml.Node) -> Any:
+        # The composed graph shares each anchored node, so it is as small as the file; counting
+        # its expanded size here stops a bomb before any Python object is expanded.
+        _check_expanded_size(node, MAX_ALIAS_VALUES)
+        return super().construct_document(node)
+
+
+class _TooLarge(ValueError):
+    """A document whose aliases expand past the bound, or refer to themselves."""
+
+
+def _check_expanded_size(root: yaml.Node, limit: int) -> None:
+    """Raises :class:`_TooLarge` when expanding the aliases of ``root`` would add more than ``limit`` values.
+
+    Iterative depth-first count, memoized per node, so shared (aliased) nodes cost once to count.
+    ``sizes`` holds one entry per node written out, so a subtree that already expands to more than
+    ``len(sizes) + limit`` values proves the bound broken before the whole document is counted.
+    """
+    sizes: dict[int, int] = {}
+    in_progress: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_counted = stack.pop()
+        children = _children(node)
+        if children_counted:
+            in_progress.discard(id(node))
+            sizes[id(node)] = 1 + sum(sizes[id(child)] for child in children)
+            if sizes[id(node)] > len(sizes) + limit:
+                raise _TooLarge(
+                    f"its YAML aliases (*name) add more than {limit} values to those written out, far more than "
+                    "any params file needs (an alias bomb?); write the values out instead of nesting aliases"
+                )
+        elif id(node) in in_progress:
+            raise _TooLarge("a YAML alias (*name) refers to a value that contains it; remove the self-reference")
+        elif id(node) not in sizes:
+            in_progress.add(id(node))
+            stack.append((node, True))
+            stack.extend((child, False) for child in children if id(child) not in sizes)
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
 
 
 _Loader.add_implicit_resolver(
@@ -272,15 +377,21 @@ def read_params_file(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     try:
         content = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader) or {}
     except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from None
+        raise ValueError(f"{path} is not valid YAML: {_shorten(str(error), 2 * MAX_SHOWN_CHARACTERS)}") from None
+    except _TooLarge as error:
+        raise ValueError(f"{path}: {error}") from None
+    except RecursionError:
+        raise ValueError(f"{path} nests its values too deeply to be a params file; flatten it") from None
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); save it as UTF-8") from None
     if not isinstance(content, dict):
         raise ValueError(f"{path} must be a mapping of sections, got {type(content).__name__}")
-    unknown = sorted(set(content) - set(SECTIONS))
+    unknown = sorted(shown(key) for key in set(content) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{path}: unknown section(s) {', '.join(unknown)}; allowed: {', '.join(SECTIONS)}")
     return content
 
 
 def load_section(name: str, path: str | os.PathLike = "params.yaml") -> Section:
-    """Loads and validates one section of params.yaml."""
-    return parse_section(name, read_params_file(path).get(name))
+    """Loads and validates one section of a params file (``params.yaml`` unless told otherwise)."""
+    return parse_section(name, read_params_file(path).get(name), source=path)
