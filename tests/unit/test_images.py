@@ -237,6 +237,18 @@ def test_bomb_limit_is_ours_and_pillows_globals_are_restored(tmp_path, pixels):
     assert list(warnings.filters) == before_filters
 
 
+@pytest.mark.parametrize("pixels", [6_000, 12_000])  # Pillow would say "limit of 10000" beyond 2x
+def test_bomb_message_states_the_configured_limit_and_its_param(tmp_path, pixels):
+    path = tmp_path / "big.png"
+    Image.new("L", (100, pixels // 100), 0).save(path)
+    result = check(path, max_image_pixels=5_000)
+    assert result.status == "too-large"
+    assert f"100x{pixels // 100} = {pixels} pixels, more than download.max_image_pixels=5000" in result.detail
+    assert "10000" not in result.detail
+    with pytest.raises(Image.DecompressionBombError, match=r"download\.max_image_pixels=5000\b"):
+        images.open_rgb(path, max_image_pixels=5_000)
+
+
 def test_missing_file_is_reported_not_raised(tmp_path):
     result = check(tmp_path / "gone.jpg")
     assert result.status == "corrupt" and "cannot read" in result.detail and result.sha256 == ""

@@ -11,7 +11,8 @@ that training can read, with the same orientation and colours:
   clipped (a 16-bit value v becomes round(v / 257): 65535 -> 255, 32768 -> 128).
 - Animated GIF and WebP: the first frame.
 - Decompression bombs (more than ``max_image_pixels`` pixels) are refused from the header alone,
-  before any pixel is decoded.
+  before any pixel is decoded, with a message that names the configured limit and its param
+  (``download.max_image_pixels``), not Pillow's own (which raises only at twice its setting).
 
 The module needs only Pillow and numpy, so it stays cheap to import in worker processes.
 """
@@ -23,7 +24,6 @@ import dataclasses
 import hashlib
 import os
 import threading
-import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,6 +43,7 @@ _SIXTEEN_BIT_MAX = 65535
 # Pillow reads its bomb limit from a module global; this lock keeps our temporary override of it
 # (held only while a header is parsed, never while pixels are decoded) from racing other threads.
 _PILLOW_LIMIT_LOCK = threading.Lock()
+MAX_IMAGE_PIXELS_PARAM = "download.max_image_pixels"  # where every caller's limit comes from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,14 +103,15 @@ def open_header(path: str | os.PathLike, *, max_image_pixels: int) -> Iterator[I
         PIL.UnidentifiedImageError: not an image format Pillow can read.
         PIL.Image.DecompressionBombError: more than ``max_image_pixels`` pixels.
     """
-    with _bomb_limit(max_image_pixels):
+    with _pillow_limit_off():
         image = Image.open(path)
     try:
         pixels = image.width * image.height
         if pixels > max_image_pixels:
             raise Image.DecompressionBombError(
-                f"{image.width}x{image.height} = {pixels} pixels exceeds max_image_pixels={max_image_pixels} "
-                "(a possible decompression bomb)"
+                f"{image.width}x{image.height} = {pixels} pixels, more than {MAX_IMAGE_PIXELS_PARAM}="
+                f"{max_image_pixels} (a possible decompression bomb); raise {MAX_IMAGE_PIXELS_PARAM} "
+                "if such images are genuine"
             )
         yield image
     finally:
@@ -117,13 +119,13 @@ def open_header(path: str | os.PathLike, *, max_image_pixels: int) -> Iterator[I
 
 
 @contextlib.contextmanager
-def _bomb_limit(max_image_pixels: int) -> Iterator[None]:
-    # Pillow only warns between its limit and twice its limit; make that warning an error and
-    # put our limit in place of Pillow's, then restore both (Pillow's globals stay as they were).
-    with _PILLOW_LIMIT_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
+def _pillow_limit_off() -> Iterator[None]:
+    # Pillow's own check warns above its limit and raises only above twice it, with its own
+    # numbers in the message; :func:`open_header` checks the header against ours instead, right
+    # after Pillow has read it. Pillow's global is restored afterwards.
+    with _PILLOW_LIMIT_LOCK:
         previous = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_image_pixels
+        Image.MAX_IMAGE_PIXELS = None
         try:
             yield
         finally:
@@ -205,7 +207,7 @@ def inspect_image(path: str | os.PathLike, *, min_image_side: int, max_image_pix
     except Exception as error:  # noqa: BLE001 - any decoder failure means a damaged file
         return ImageCheck(digest, None, None, CORRUPT, f"cannot decode: {_describe(error)}")
     if min(width, height) < min_image_side:
-        detail = f"{width}x{height} pixels: the shorter side is below min_image_side={min_image_side}"
+        detail = f"{width}x{height} pixels: the shorter side is below download.min_image_side={min_image_side}"
         return ImageCheck(digest, width, height, TOO_SMALL, detail)
     return ImageCheck(digest, width, height, OK, "")
 

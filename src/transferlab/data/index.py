@@ -7,7 +7,18 @@ hidden entries and ``__MACOSX`` at the root are dropped. Every file under a clas
 (recursively) gets one row (:class:`transferlab.data.tables.IndexRow`) with a status: hidden
 files (``.DS_Store``) and files in hidden folders are ``not-an-image``, links are ``link``, and
 the others are checked with :func:`transferlab.data.images.inspect_image` in worker processes
-(``ok``, ``corrupt``, ``not-an-image``, ``too-small``, ``too-large``).
+(``ok``, ``corrupt``, ``not-an-image``, ``too-small``, ``too-large``); files with unusable names
+are ``bad-name`` (below).
+
+Names, one rule for every stage: a class folder name becomes a label in the index, the splits,
+the features files and the exported ``labels.txt``, and is printed by every stage, so the
+download stage refuses (with one message naming each folder, escaped) a class folder whose
+name is not valid UTF-8, holds control characters (newline, tab, terminal escape codes) or
+line separators, or starts or ends with whitespace; the user renames it. A *file* whose path
+below its class folder is not valid UTF-8 or holds control characters is excluded with status
+``bad-name`` (its index path escaped as ``\\xNN``), the rest of the dataset still downloads.
+No stage strips or otherwise normalizes names after this, and messages print names with
+:func:`printable` so no escape code reaches a terminal.
 """
 
 from __future__ import annotations
@@ -16,6 +27,7 @@ import collections
 import concurrent.futures
 import functools
 import os
+import unicodedata
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -24,7 +36,14 @@ from tqdm import tqdm
 from transferlab.data import images, tables
 
 LINK = "link"
-EXCLUDED_STATUSES = (images.CORRUPT, images.NOT_AN_IMAGE, images.TOO_SMALL, images.TOO_LARGE, LINK)
+BAD_NAME = "bad-name"
+EXCLUDED_STATUSES = (images.CORRUPT, images.NOT_AN_IMAGE, images.TOO_SMALL, images.TOO_LARGE, LINK, BAD_NAME)
+# The param that decides each exclusion, for messages that tell the user what to change.
+STATUS_PARAMS = {images.TOO_SMALL: "download.min_image_side", images.TOO_LARGE: "download.max_image_pixels"}
+# Characters a name may not hold: C0/C1 controls (newline, tab, ESC of terminal escape codes),
+# line and paragraph separators (they split labels.txt lines), and the surrogates by which
+# Python carries the bytes of a name that is not valid UTF-8.
+_FORBIDDEN_CATEGORIES = frozenset({"Cc", "Zl", "Zp", "Cs"})
 IGNORED_ROOT_ENTRIES = frozenset({"__MACOSX"})
 _HIDDEN_DETAIL = "hidden file or folder (name starts with '.'): not used as an image"
 
@@ -85,6 +104,81 @@ def skipped_row(file: Path, relative: str) -> tables.IndexRow:
 
 
 # --------------------------------------------------------------------------------------------
+# Names
+
+
+def name_problem(name: str, *, whole: bool = True) -> str | None:
+    """What makes ``name`` unusable as a class or file name, or ``None`` when it is fine.
+
+    Args:
+        name: a folder or file name (or a relative path), as the file system gave it.
+        whole: also refuse leading or trailing whitespace (class names, which become labels).
+    """
+    if name.isprintable():  # the common case, in C: no control character, separator or stray byte
+        return "starts or ends with whitespace" if whole and name != name.strip() else None
+    categories = {unicodedata.category(character) for character in name}
+    if "Cs" in categories:
+        return "is not valid UTF-8"
+    if categories & _FORBIDDEN_CATEGORIES:
+        return "holds control characters (newline, tab, terminal escape codes) or line separators"
+    if whole and name != name.strip():
+        return "starts or ends with whitespace"
+    return None
+
+
+def printable(text: str) -> str:
+    """``text`` with everything a terminal could act on escaped, like ``repr`` without the quotes.
+
+    Bytes of a name that is not valid UTF-8 show as ``\\xNN``, control and other invisible
+    characters as ``\\xNN``/``\\uNNNN``, a backslash as ``\\\\``; ordinary text is unchanged.
+    """
+    return "".join(_printable_character(character) for character in text)
+
+
+def _printable_character(character: str) -> str:
+    code = ord(character)
+    if 0xDC80 <= code <= 0xDCFF:  # surrogateescape: one undecodable byte of the name
+        return f"\\x{code - 0xDC00:02x}"
+    if character == "\\":
+        return "\\\\"
+    if character.isprintable():
+        return character
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def check_class_names(classes: Sequence[Path]) -> None:
+    """Refuses class folders whose names later stages cannot carry (see the module docstring).
+
+    Raises:
+        ValueError: naming every such folder (escaped) and why, and what to do.
+    """
+    refused = [(folder.name, problem) for folder in classes if (problem := name_problem(folder.name))]
+    if refused:
+        described = ", ".join(f"'{printable(name)}' ({problem})" for name, problem in refused[:10])
+        more = f" and {len(refused) - 10} more" if len(refused) > 10 else ""
+        raise ValueError(
+            f"class folder name(s) that later stages cannot use: {described}{more}. A class folder's name becomes "
+            "its label in the index, the splits and the exported labels.txt; rename the folder(s) (UTF-8, no "
+            "control characters, no spaces at either end) and run download again"
+        )
+
+
+def _bad_name_row(relative: str, problem: str) -> tables.IndexRow:
+    detail = f"the file name {problem}: not used; rename the file to include it"
+    return tables.IndexRow(printable(relative), relative.split("/")[0], "", None, None, BAD_NAME, detail)
+
+
+def _escaped_row(row: tables.IndexRow) -> tables.IndexRow:
+    # A link or special file from a folder source: its name or link target may hold the same
+    # characters; the index (a UTF-8 CSV) gets them escaped, the status stays what it was.
+    if name_problem(row.path, whole=False) is None and name_problem(row.detail, whole=False) is None:
+        return row
+    return tables.IndexRow(
+        printable(row.path), row.label, row.sha256, row.width, row.height, row.status, printable(row.detail)
+    )
+
+
+# --------------------------------------------------------------------------------------------
 # The index
 
 
@@ -100,39 +194,34 @@ def index_dataset(
     """One row per file under each class folder of ``root``, sorted by path.
 
     Raises:
-        ValueError: ``root`` has no class folders, or more than ``max_files`` files.
+        ValueError: ``root`` has no class folders, a class folder name later stages cannot use
+            (:func:`check_class_names`), or more than ``max_files`` files.
     """
     root = Path(root)
     classes = class_folders(root)
     if not classes:
-        found = ", ".join(entry.name for entry in visible_entries(root)[:10]) or "nothing"
+        found = ", ".join(printable(entry.name) for entry in visible_entries(root)[:10]) or "nothing"
         raise ValueError(
             f"no class folders found (found: {found}). The images must sit in one sub-folder per class, "
             "e.g. flower_photos/daisy/1.jpg and flower_photos/roses/2.jpg; put them in class folders"
         )
+    check_class_names(classes)
     relatives = [file.relative_to(root).as_posix() for folder in classes for file in walk_files(folder)]
     if len(relatives) > max_files:
         raise ValueError(f"{len(relatives)} files in the class folders, more than download.max_files={max_files}")
+    problems = {relative: name_problem(relative, whole=False) for relative in relatives}
+    named = [relative for relative in relatives if problems[relative] is None]
     checks = _check_files(
-        root, relatives, min_image_side=min_image_side, max_image_pixels=max_image_pixels, workers=workers
+        root, named, min_image_side=min_image_side, max_image_pixels=max_image_pixels, workers=workers
     )
-    rows = [_index_row(relative, check) for relative, check in zip(relatives, checks, strict=True)]
-    return sorted([*rows, *extra_rows], key=lambda row: row.path)
+    rows = [_index_row(relative, check) for relative, check in zip(named, checks, strict=True)]
+    rows += [_bad_name_row(relative, problem) for relative, problem in problems.items() if problem is not None]
+    return sorted([*rows, *(_escaped_row(row) for row in extra_rows)], key=lambda row: row.path)
 
 
 def _index_row(relative: str, check: images.ImageCheck) -> tables.IndexRow:
-    _require_utf8(relative)
     label = relative.split("/")[0]
     return tables.IndexRow(relative, label, check.sha256, check.width, check.height, check.status, check.detail)
-
-
-def _require_utf8(relative: str) -> None:
-    try:
-        relative.encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError(
-            f"file name {relative!r} is not valid UTF-8 and cannot be written to the index; rename it"
-        ) from None
 
 
 def _check_files(
@@ -168,37 +257,88 @@ def check_classes(
     min_images_per_class: int,
     classes: Iterable[str] = (),
     source: str = "the dataset",
+    min_image_side: int | None = None,
+    max_image_pixels: int | None = None,
 ) -> None:
     """Stops a dataset that cannot be split: under two usable classes, or a class too small.
+
+    The message names, per class, its usable images and why the others were excluded (most
+    frequent reason first), and for the most frequent reason what decides it: a 28x28 dataset
+    refused as ``too-small`` names ``download.min_image_side`` and its value.
 
     Args:
         rows: the index rows.
         min_images_per_class: least number of ``ok`` images a class needs.
         classes: class folder names, so that an empty class folder counts too.
         source: what to call the dataset in messages.
+        min_image_side: the value of ``download.min_image_side``, quoted in the advice.
+        max_image_pixels: the value of ``download.max_image_pixels``, quoted in the advice.
 
     Raises:
-        ValueError: naming the classes, their usable counts and their exclusions.
+        ValueError: naming the classes, their usable counts, their exclusions and what to change.
     """
     usable = collections.Counter(row.label for row in rows if row.status == images.OK)
+    excluded: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+    for row in rows:
+        if row.status != images.OK:
+            excluded[row.label][row.status] += 1
     labels = sorted({row.label for row in rows} | set(classes))
+    limits = {images.TOO_SMALL: min_image_side, images.TOO_LARGE: max_image_pixels}
     if sum(1 for label in labels if usable[label]) < 2:
-        found = ", ".join(f"{label} ({usable[label]})" for label in labels) or "none"
+        found = "; ".join(_class_counts(label, usable[label], excluded[label]) for label in labels[:MAX_CLASSES_LISTED])
+        more = f" and {len(labels) - MAX_CLASSES_LISTED} more" if len(labels) > MAX_CLASSES_LISTED else ""
         raise ValueError(
-            f"{source} has fewer than 2 classes with usable images (class folders and usable images: {found}). "
-            "A classifier needs at least 2 class folders, each holding its images: <root>/<class>/<image>"
+            f"{printable(source)} has fewer than 2 classes with usable images. Usable images per class folder: "
+            f"{found or 'no class folders'}{more}.{_advice(excluded.values(), limits)} A classifier needs at least "
+            "2 class folders, each holding its images: <root>/<class>/<image>"
         )
     small = [label for label in labels if usable[label] < min_images_per_class]
     if small:
-        described = "; ".join(_describe_class(rows, label, usable[label]) for label in small)
+        described = "; ".join(_describe_class(label, usable[label], excluded[label]) for label in small)
+        advice = _advice([excluded[label] for label in small], limits)
         raise ValueError(
-            f"too few usable images to split: {described}. Each class needs at least "
+            f"too few usable images to split: {described}.{advice} Each class needs at least "
             f"download.min_images_per_class={min_images_per_class}; add images, remove the class folder, "
             "or lower download.min_images_per_class"
         )
 
 
-def _describe_class(rows: Sequence[tables.IndexRow], label: str, usable: int) -> str:
-    excluded = collections.Counter(row.status for row in rows if row.label == label and row.status != images.OK)
-    reasons = ", ".join(f"{count} {status}" for status, count in sorted(excluded.items()))
-    return f"class '{label}' has {usable} usable image(s)" + (f" (excluded: {reasons})" if reasons else "")
+MAX_CLASSES_LISTED = 20
+# Why files of each status were excluded and what to do; {param} and {value} name the setting.
+_ADVICE = {
+    images.TOO_SMALL: "their shorter side is below {param}{value}; lower {param} to use them "
+    "(backbones upscale small images anyway)",
+    images.TOO_LARGE: "they have more pixels than {param}{value}; raise {param} if they are genuine",
+    images.CORRUPT: "the files are damaged or truncated; replace them",
+    images.NOT_AN_IMAGE: "they are not images Pillow can read, or are hidden files",
+    LINK: "symbolic links are not followed; copy the files into the class folders",
+    BAD_NAME: "their names are not valid UTF-8 or hold control characters; rename them",
+}
+
+
+def _by_count(excluded: collections.Counter[str]) -> list[tuple[str, int]]:
+    return sorted(excluded.items(), key=lambda item: (-item[1], item[0]))
+
+
+def _class_counts(label: str, usable: int, excluded: collections.Counter[str]) -> str:
+    reasons = ", ".join(f"{count} {status}" for status, count in _by_count(excluded))
+    return f"{printable(label)}: {usable}" + (f" (excluded: {reasons})" if reasons else "")
+
+
+def _describe_class(label: str, usable: int, excluded: collections.Counter[str]) -> str:
+    reasons = ", ".join(f"{count} {status}" for status, count in _by_count(excluded))
+    return f"class '{printable(label)}' has {usable} usable image(s)" + (f" (excluded: {reasons})" if reasons else "")
+
+
+def _advice(counters: Iterable[collections.Counter[str]], limits: dict[str, int | None]) -> str:
+    """ " Most excluded files (N of M) are <status>: <why and what to do>." or "" when none were excluded."""
+    total: collections.Counter[str] = collections.Counter()
+    for counter in counters:
+        total.update(counter)
+    if not total:
+        return ""
+    status, count = _by_count(total)[0]
+    param = STATUS_PARAMS.get(status, "")
+    value = "" if limits.get(status) is None else f"={limits[status]}"
+    advice = _ADVICE.get(status, "see the detail column of the index").format(param=param, value=value)
+    return f" Most excluded files ({count} of {total.total()}) are {status}: {advice}."
