@@ -7,20 +7,39 @@ shared embedding cache, so a stack of backbones that were compared alone embeds 
 
 A stack's extraction cost is the sum of its members' costs (each member's engine speed is
 measured when it embeds, and remembered by the cache for runs served from it).
+
+**One embedder, then the queue.** Before queuing, :func:`prefetch` embeds, in this one process
+and one candidate after another, every row of every candidate that the cache lacks (the rows of
+the workspace's data stages, brought up to date with ``dvc repro augment``; each candidate's
+params are params.yaml with the ``-S`` overrides applied as DVC applies them). The queued
+experiments then find every embedding in the cache: TensorFlow and the engines load once, not
+once per experiment, and no two experiments ever embed at once. When the prefetch cannot be
+complete (an override changes the data stages, or a candidate fails to prefetch) the queue runs
+one experiment at a time instead, whatever ``--jobs`` says.
+
+**A failed experiment keeps its log.** As soon as the queue reports an experiment failed, its
+``dvc queue logs`` output is saved to ``<logs>/<name>.log`` (DVC may not keep it: dvc#8192,
+vscode-dvc#4332), and the leaderboard prints that path in the experiment's row.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 STACK_SEPARATOR = "+"
+# Sections whose overrides change the rows to embed (images, splits, recipes): the workspace's
+# data stages then differ from the experiments', and a prefetch from them cannot be complete.
+DATA_SECTIONS = ("base", "download", "split", "augment")
 
 
 def backbone_override(candidate: str) -> str:
@@ -108,8 +127,8 @@ def leaderboard_rows(exp_show: list[dict], names: Sequence[str], parameters: Cal
     return sorted(rows, key=lambda row: -(row.test_accuracy or 0.0))
 
 
-def format_table(rows: Sequence[Row]) -> str:
-    """A plain-text leaderboard."""
+def format_table(rows: Sequence[Row], failed: Mapping[str, Path | None] | None = None) -> str:
+    """A plain-text leaderboard; each failed experiment gets a row with the path of its saved log."""
     header = (
         f"{'#':>2}  {'backbone':<40} {'test acc':>8} {'macro-F1':>8} {'val acc':>7} "
         f"{'img/s':>7} {'ms/img':>7} {'head s':>6} {'params':>11}  experiment"
@@ -124,6 +143,9 @@ def format_table(rows: Sequence[Row]) -> str:
             f"{_percent(row.val_accuracy):>7} "
             f"{speed} {cost} {_number(row.head_seconds, '.1f'):>6} {_number(row.parameters, ','):>11}  {row.experiment}"
         )
+    for name, log in sorted((failed or {}).items()):
+        where = f"FAILED, log: {log}" if log else "FAILED (no log: see `dvc queue logs`)"
+        lines.append(f"{'--':>2}  {where[:100]:<100}  {name}")
     return "\n".join(lines)
 
 
@@ -184,8 +206,14 @@ def run_experiments(
     poll_seconds: float = 3.0,
     cwd: Path | None = None,
     prefix: str = "cmp",
-) -> list[str]:
-    """Queues one experiment per candidate, runs the queue, and reports each as it finishes."""
+    logs: Path = Path("logs/compare"),
+) -> tuple[list[str], dict[str, Path | None]]:
+    """Queues one experiment per candidate, runs the queue, and reports each as it finishes.
+
+    Returns:
+        The experiment names, and for each failed one the file its log was saved to (None when
+        DVC had no log for it).
+    """
     names = [experiment_name(candidate, prefix) for candidate in candidates]
     if len(set(names)) != len(names):
         raise ValueError(f"two candidates give the same experiment name: {names}; list each candidate once")
@@ -204,9 +232,9 @@ def run_experiments(
         stderr=subprocess.PIPE,
         text=True,
     )
-    _wait(names, dvc=dvc, report=report, poll_seconds=poll_seconds, cwd=cwd)
+    failed = _wait(names, dvc=dvc, report=report, poll_seconds=poll_seconds, cwd=cwd, logs=logs)
     starter.communicate()
-    return names
+    return names, failed
 
 
 def _run(command: Sequence[str], cwd: Path | None) -> str:
@@ -217,10 +245,17 @@ def _run(command: Sequence[str], cwd: Path | None) -> str:
 
 
 def _wait(
-    names: Sequence[str], *, dvc: str, report: Callable[[str], None], poll_seconds: float, cwd: Path | None
-) -> None:
+    names: Sequence[str],
+    *,
+    dvc: str,
+    report: Callable[[str], None],
+    poll_seconds: float,
+    cwd: Path | None,
+    logs: Path,
+) -> dict[str, Path | None]:
     started = time.monotonic()
     pending = list(names)
+    failed: dict[str, Path | None] = {}
     while pending:
         states = queue_states(_run([dvc, "queue", "status"], cwd))
         for name in list(pending):
@@ -230,9 +265,24 @@ def _wait(
                 done = len(names) - len(pending)
                 report(f"[{done}/{len(names)}] {name}: {state} after {time.monotonic() - started:.0f} s")
                 if state == "failed":
-                    report(f"  see its log: {dvc} queue logs {name}")
+                    failed[name] = save_log(name, dvc=dvc, cwd=cwd, logs=logs)
+                    report(f"  its log: {failed[name] or f'{dvc} queue logs {name} (DVC kept none)'}")
         if pending:
             time.sleep(poll_seconds)
+    return failed
+
+
+def save_log(name: str, *, dvc: str, cwd: Path | None, logs: Path) -> Path | None:
+    """Saves ``dvc queue logs NAME`` to ``logs/NAME.log`` at once, before DVC can drop it; None if empty."""
+    from transferlab.core import atomic
+
+    result = subprocess.run([dvc, "queue", "logs", name], cwd=cwd, capture_output=True, text=True)
+    text = (result.stdout + result.stderr).strip()
+    if not text:
+        return None
+    path = (Path(cwd) if cwd else Path()) / logs / f"{name}.log"
+    atomic.write_text(path, text + "\n")
+    return logs / f"{name}.log"
 
 
 def queue_states(status_output: str) -> dict[str, str]:
@@ -262,3 +312,102 @@ def backbone_parameters(extract_report: dict) -> int | None:
         else:
             total += registry.parameter_count(name, member.get("alpha"))
     return total or None
+
+
+# ---------------------------------------------------------------- prefetch: one embedder before the queue
+
+
+def apply_overrides(params: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """params.yaml's mapping with ``KEY=VALUE`` overrides applied as ``dvc exp run -S`` does (YAML values)."""
+    result = copy.deepcopy(dict(params))
+    for override in overrides:
+        key, separator, text = override.partition("=")
+        parts = [part for part in key.strip().lstrip("+").split(".") if part]
+        if not separator or not parts:
+            raise ValueError(f"-S {override!r} is not KEY=VALUE (e.g. -S extract_features.batch_size=16)")
+        node = result
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"-S {override!r}: '{part}' is a value, not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(text)
+        except yaml.YAMLError as error:
+            raise ValueError(f"-S {override!r}: the value is not valid YAML ({error})") from None
+    return result
+
+
+def data_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides that change what is embedded (sections in :data:`DATA_SECTIONS`)."""
+    return [item for item in overrides if item.partition("=")[0].strip().lstrip("+").split(".")[0] in DATA_SECTIONS]
+
+
+def prefetch(
+    candidates: Sequence[str],
+    *,
+    overrides: Sequence[str],
+    params_path: Path,
+    images: Path,
+    splits: Path,
+    augmented: Path,
+    report: Callable[[str], None],
+) -> bool:
+    """Embeds, in this process and one candidate at a time, every row the cache lacks.
+
+    Args:
+        candidates: the candidates (backbone specs, ``a+b`` stacks).
+        overrides: the ``-S`` overrides every experiment gets.
+        params_path: params.yaml.
+        images, splits, augmented: the workspace's data stage outputs (data/raw/images,
+            data/splits, data/augmented/train.csv), up to date.
+        report: called with one line per candidate.
+
+    Returns:
+        Whether the cache now holds every row every experiment will embed: False when an
+        override changes the data stages or a candidate could not be embedded.
+    """
+    from transferlab.backbones import stack
+    from transferlab.core import params as params_module
+    from transferlab.data import tables
+    from transferlab.features import embedding_cache, extract_features
+
+    complete = not data_overrides(overrides)
+    if not complete:
+        report(f"prefetch: {', '.join(data_overrides(overrides))} change the data stages; experiments embed the rest")
+    raw = params_module.read_params_file(params_path)
+    rows_by_split = {"train": tables.read_views(augmented)}
+    rows_by_split.update({split: tables.read_views(splits / f"{split}.csv") for split in ("val", "test")})
+    for candidate in candidates:
+        try:
+            merged = apply_overrides(raw, [*overrides, backbone_override(candidate)])
+            sections = {
+                name: params_module.parse_section(name, merged.get(name), source=params_path)
+                for name in ("base", "extract_features", "download")
+            }
+            settings = sections["extract_features"]
+            if not settings.cache:
+                report(f"prefetch {candidate}: extract_features.cache is off; its experiment embeds on its own")
+                complete = False
+                continue
+            started = time.monotonic()
+            _, summary = extract_features.extract_features(
+                members=stack.resolve_members(settings, seed=sections["base"].seed),
+                rows_by_split=rows_by_split,
+                images_directory=images,
+                cache_directory=embedding_cache.cache_directory(settings.cache_dir),
+                engine=settings.engine,
+                batch_size=settings.batch_size,
+                threads=settings.decode_threads,
+                seed=sections["base"].seed,
+                max_image_pixels=sections["download"].max_image_pixels,
+                mirror_average=settings.mirror_average,
+            )
+        except ValueError as error:
+            complete = False
+            report(f"prefetch {candidate}: failed ({str(error).splitlines()[0]}); its experiment will fail too")
+            continue
+        report(
+            f"prefetch {candidate}: {summary['embedded']} embedded, {summary['cache_hits']} already cached "
+            f"({time.monotonic() - started:.0f} s)"
+        )
+    return complete
