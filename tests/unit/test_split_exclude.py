@@ -7,7 +7,6 @@ import pytest
 from transferlab.core import params
 from transferlab.data import split
 
-
 PREFIX = {"daisy": "d", "roses": "e"}  # hexadecimal, as sha256 digests are
 
 
