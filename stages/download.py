@@ -26,8 +26,10 @@ def main(paths, base, download_params):
             min_images_per_class=download_params.min_images_per_class,
             max_files=download_params.max_files,
             max_total_bytes=download_params.max_total_bytes,
+            max_expansion_ratio=download_params.max_expansion_ratio,
             max_image_pixels=download_params.max_image_pixels,
             retries=download_params.retries,
+            deadline_seconds=download_params.deadline_seconds,
         )
         tables.write_index(result.rows, index)
     atomic.write_json(paths.metrics, result.metrics)

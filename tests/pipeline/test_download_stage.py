@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -92,12 +93,17 @@ class Workspace:
         root.mkdir(parents=True, exist_ok=True)
         (root / "dvc.yaml").write_text("stages: {}\n")
 
-    def run(self, **download) -> subprocess.CompletedProcess:
+    def start(self, **download) -> subprocess.Popen:
         settings = {"min_image_side": 16, "min_images_per_class": 5, "max_image_pixels": 500_000, "retries": 0, **download}
         (self.root / "params.yaml").write_text(yaml.safe_dump({"base": {"seed": 1}, "download": settings}))
         command = [sys.executable, str(STAGE), "--images", "data/raw/images", "--index", "data/raw/index.csv",
                    "--metrics", "metrics/download.json"]
-        return subprocess.run(command, cwd=self.root, capture_output=True, text=True, timeout=300)
+        return subprocess.Popen(command, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def run(self, **download) -> subprocess.CompletedProcess:
+        with self.start(**download) as process:
+            stdout, stderr = process.communicate(timeout=300)
+        return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
     @property
     def images(self) -> Path:
@@ -154,7 +160,8 @@ def test_stage_indexes_an_archive(tmp_path, flowers, workspace):
     metrics = workspace.metrics()
     assert metrics["images"] == 16 and metrics["classes"] == 2
     assert metrics["images_per_class"] == {"roses": 8, "tulips": 8}
-    assert metrics["excluded"] == {"corrupt": 2, "not-an-image": 2, "too-small": 1, "too-large": 1, "link": 0}
+    assert metrics["excluded"] == {"corrupt": 2, "not-an-image": 2, "too-small": 1, "too-large": 1, "link": 0,
+                                   "bad-name": 0}
     assert {f["path"] for f in metrics["excluded_files"]} == {p for p, s in status.items() if s != "ok"}
     assert metrics["archive_sha256"] == sha256(archive) and metrics["source"] == str(archive)
     assert metrics["duplicate_groups"] == 0 and metrics["label_conflicts"] == []
@@ -232,7 +239,7 @@ def bad_source(case: str, tmp_path: Path, flowers: Path) -> tuple[dict, str]:
         return {"source": str(archive), "sha256": sha256(archive)}, r"no class folders found \(found: t0\.jpg, .*one sub-folder per class"
     if case == "one-class":
         archive = make_tgz(tmp_path / "f.tgz", flowers / "tulips", "data/tulips")
-        return {"source": str(archive), "sha256": sha256(archive)}, r"fewer than 2 classes with usable images .*tulips \(8\)"
+        return {"source": str(archive), "sha256": sha256(archive)}, r"fewer than 2 classes with usable images\. Usable images per class folder: tulips: 8 \("
     if case == "too-few":
         for index in range(6):
             (flowers / "tulips" / f"t{index}.jpg").unlink()
@@ -243,13 +250,27 @@ def bad_source(case: str, tmp_path: Path, flowers: Path) -> tuple[dict, str]:
         )
     if case == "missing":
         return {"source": "nowhere/flowers.tgz", "sha256": "0" * 64}, r"nowhere/flowers\.tgz does not exist"
+    if case == "dot-source":  # the repository itself: it contains data/raw, the stage's output
+        expected = r"download\.source \. \(.*\) contains the folder the dataset is copied into"
+        return {"source": ".", "sha256": ""}, expected
+    if case == "bomb":  # far below the absolute 20 GiB bound, refused by the default expansion ratio
+        archive = tmp_path / "f.tgz"
+        with tarfile.open(archive, "w:gz") as tarball:
+            tarball.add(flowers, arcname="flowers")
+            info = tarfile.TarInfo("flowers/roses/zeros.bmp")
+            info.size = 20 * 2**20
+            tarball.addfile(info, io.BytesIO(bytes(info.size)))
+        return {"source": str(archive), "sha256": sha256(archive), "max_total_bytes": 21474836480}, (
+            r"refusing to extract .*f\.tgz: its \d+ bytes unpack to \d+ bytes, \d+ times as many, more than "
+            r"download\.max_expansion_ratio=100"
+        )
     if case == "unreachable":
         return {"source": closed_port_url(), "sha256": "0" * 64}, r"could not download http://127\.0\.0\.1:.* after 1 attempt"
     raise AssertionError(case)
 
 
 BAD_CASES = ["checksum", "empty-sha256", "traversal", "absolute", "symlink", "no-class-folders", "one-class",
-             "too-few", "missing", "unreachable"]
+             "too-few", "missing", "unreachable", "dot-source", "bomb"]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -278,6 +299,47 @@ def test_a_failed_run_keeps_the_previous_outputs(tmp_path, flowers, workspace):
     assert after == before
     assert (workspace.root / "metrics" / "download.json").read_text() == metrics_before
     assert workspace.leftovers() == []
+
+
+def test_sigterm_during_a_download_exits_143_and_leaves_nothing(workspace):
+    stop = threading.Event()
+
+    class Drip(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's naming
+            self.send_response(200)
+            self.send_header("Content-Length", "1000000")
+            self.end_headers()
+            self.wfile.write(bytes(100_000))  # a first part that reaches archive.part at once
+            while not stop.wait(0.05):  # then a slow server: the download is still running when SIGTERM comes
+                try:
+                    self.wfile.write(b"x")
+                    self.wfile.flush()
+                except OSError:
+                    return
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True).start()
+    raw = workspace.root / "data" / "raw"
+    try:
+        with workspace.start(source=f"http://127.0.0.1:{server.server_address[1]}/f.tgz", sha256="0" * 64) as process:
+            ends = time.monotonic() + 120
+            while not any(p.stat().st_size for p in raw.glob(".download.*/archive.part")):
+                assert process.poll() is None, process.communicate()[1]
+                assert time.monotonic() < ends, "the download never started"
+                time.sleep(0.1)
+            process.send_signal(signal.SIGTERM)
+            _, stderr = process.communicate(timeout=60)
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+    assert process.returncode == 143, stderr
+    assert "download: terminated" in stderr and "Traceback" not in stderr
+    assert workspace.leftovers() == []  # no .download.* (archive.part), .images.*.tmp or .index.csv.*.tmp
+    assert not workspace.images.exists() and not workspace.index.exists()
 
 
 @pytest.mark.slow

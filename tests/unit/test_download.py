@@ -23,7 +23,8 @@ from PIL import Image
 
 from transferlab.data import archive, download, fetch, index, tables
 
-LIMITS = dict(max_files=1000, max_total_bytes=10**8)
+LIMITS = dict(max_files=1000, max_total_bytes=10**8, max_expansion_ratio=100.0)
+URL_LIMITS = dict(max_bytes=10**8, deadline_seconds=30.0)  # for download_url
 CHECKS = dict(min_image_side=16, max_image_pixels=10**7)
 
 
@@ -120,7 +121,12 @@ def test_extracts_tgz_and_zip(tmp_path):
         out = tmp_path / f"out-{name}"
         archive.extract_archive(tmp_path / name, out, **LIMITS)
         assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*.jpg")) == [
-            "pets/cats/0.jpg", "pets/cats/1.jpg", "pets/cats/2.jpg", "pets/dogs/0.jpg", "pets/dogs/1.jpg", "pets/dogs/2.jpg",
+            "pets/cats/0.jpg",
+            "pets/cats/1.jpg",
+            "pets/cats/2.jpg",
+            "pets/dogs/0.jpg",
+            "pets/dogs/1.jpg",
+            "pets/dogs/2.jpg",
         ]
         assert (out / "pets/dogs/1.jpg").read_bytes() == (dataset / "dogs/1.jpg").read_bytes()
 
@@ -130,8 +136,14 @@ def test_extracts_tgz_and_zip(tmp_path):
     [
         (file_member("pets/../../escape.txt"), r"'pets/\.\./\.\./escape\.txt' has a '\.\.' component"),
         (file_member("/tmp/absolute.txt"), r"'/tmp/absolute\.txt' has an absolute path"),
-        (special_member("pets/cats/link.jpg", tarfile.SYMTYPE, "/etc/passwd"), r"'pets/cats/link\.jpg' is a symbolic link \(to '/etc/passwd'\)"),
-        (special_member("pets/cats/hard.jpg", tarfile.LNKTYPE, "pets/cats/0.jpg"), r"'pets/cats/hard\.jpg' is a hard link"),
+        (
+            special_member("pets/cats/link.jpg", tarfile.SYMTYPE, "/etc/passwd"),
+            r"'pets/cats/link\.jpg' is a symbolic link \(to '/etc/passwd'\)",
+        ),
+        (
+            special_member("pets/cats/hard.jpg", tarfile.LNKTYPE, "pets/cats/0.jpg"),
+            r"'pets/cats/hard\.jpg' is a hard link",
+        ),
         (special_member("pets/cats/tty", tarfile.CHRTYPE), r"'pets/cats/tty' is a device file or FIFO"),
         (special_member("pets/cats/pipe", tarfile.FIFOTYPE), r"'pets/cats/pipe' is a device file or FIFO"),
     ],
@@ -173,11 +185,43 @@ def test_extraction_bounds(tmp_path):
     members = [file_member(f"pets/cats/{i}.bin", bytes(1000)) for i in range(5)]
     tarball = tar_with(tmp_path / "big.tar", *members)
     with pytest.raises(ValueError, match=r"5 members, more than download.max_files=4"):
-        archive.extract_archive(tarball, tmp_path / "a", max_files=4, max_total_bytes=10**6)
+        archive.extract_archive(tarball, tmp_path / "a", max_files=4, max_total_bytes=10**6, max_expansion_ratio=100)
     with pytest.raises(ValueError, match=r"unpacks to 5000 bytes, more than download.max_total_bytes=4999"):
-        archive.extract_archive(tarball, tmp_path / "b", max_files=10, max_total_bytes=4999)
-    archive.extract_archive(tarball, tmp_path / "c", max_files=5, max_total_bytes=5000)
+        archive.extract_archive(tarball, tmp_path / "b", max_files=10, max_total_bytes=4999, max_expansion_ratio=100)
+    archive.extract_archive(tarball, tmp_path / "c", max_files=5, max_total_bytes=5000, max_expansion_ratio=100)
     assert len(list((tmp_path / "c").rglob("*.bin"))) == 5
+
+
+def test_expansion_ratio_refuses_a_small_bomb_below_the_absolute_bound(tmp_path):
+    # 4 MB of zeros packs into a few kB: about 1000 times, like the 2.9 MB -> 2 GiB archive.
+    bomb = tmp_path / "bomb.tgz"
+    with tarfile.open(bomb, "w:gz") as tarball:
+        info = tarfile.TarInfo("pets/cats/zeros.jpg")
+        info.size = 4 * 2**20
+        tarball.addfile(info, io.BytesIO(bytes(info.size)))
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", compression=zipfile.ZIP_DEFLATED) as zipped:
+        zipped.writestr("pets/cats/zeros.jpg", bytes(4 * 2**20))
+    for name in ("bomb.tgz", "bomb.zip"):
+        ratio = 4 * 2**20 / (tmp_path / name).stat().st_size
+        assert ratio > 300
+        out = tmp_path / f"out-{name}"
+        with pytest.raises(
+            ValueError,
+            match=r"refusing to extract .*bytes unpack to 4194304 bytes, \d+ times as many, "
+            r"more than download\.max_expansion_ratio=100 .*raise download\.max_expansion_ratio",
+        ):
+            archive.extract_archive(tmp_path / name, out, max_files=10, max_total_bytes=10**9, max_expansion_ratio=100)
+        assert list(out.rglob("*")) == []  # far below the absolute bound, and still nothing written
+        archive.extract_archive(
+            tmp_path / name, out, max_files=10, max_total_bytes=10**9, max_expansion_ratio=2 * ratio
+        )
+        assert (out / "pets" / "cats" / "zeros.jpg").stat().st_size == 4 * 2**20
+
+
+def test_photos_pass_the_expansion_ratio(tmp_path):
+    tarball = make_tgz(tmp_path / "pets.tgz", make_dataset(tmp_path / "src", per_class=5))
+    archive.extract_archive(tarball, tmp_path / "out", max_files=100, max_total_bytes=10**8, max_expansion_ratio=1.5)
+    assert len(list((tmp_path / "out").rglob("*.jpg"))) == 10  # JPEGs barely compress (flower_photos: 1.02)
 
 
 def test_not_an_archive_and_damaged_archive(tmp_path):
@@ -259,7 +303,9 @@ def test_index_errors(tmp_path):
 
 
 def row(path: str, status: str = "ok", sha: str = "") -> tables.IndexRow:
-    return tables.IndexRow(path, path.split("/")[0], sha or hashlib.sha256(path.encode()).hexdigest(), 40, 40, status, "")
+    return tables.IndexRow(
+        path, path.split("/")[0], sha or hashlib.sha256(path.encode()).hexdigest(), 40, 40, status, ""
+    )
 
 
 def test_check_classes():
@@ -273,7 +319,9 @@ def test_check_classes():
     assert "class 'empty' has 0 usable image(s)" in message and "class 'a'" not in message
     assert "download.min_images_per_class=3" in message
     index.check_classes(rows[:5], min_images_per_class=2, classes=["a", "b"])
-    with pytest.raises(ValueError, match=r"fewer than 2 classes with usable images .*a \(3\), c \(0\)"):
+    with pytest.raises(
+        ValueError, match=r"fewer than 2 classes with usable images\. Usable images per class folder: a: 3; c: 0 \("
+    ):
         index.check_classes(rows[:3] + rows[-1:], min_images_per_class=2, classes=["a", "c"])
 
 
@@ -283,7 +331,14 @@ def test_summarize_duplicates_conflicts_and_exclusions():
     metrics = download.summarize(rows, source="src", archive_sha256="abc", seconds=1.23456)
     assert metrics["images"] == 5 and metrics["classes"] == 2
     assert metrics["images_per_class"] == {"a": 3, "b": 2}
-    assert metrics["excluded"] == {"corrupt": 1, "not-an-image": 1, "too-small": 0, "too-large": 0, "link": 0}
+    assert metrics["excluded"] == {
+        "corrupt": 1,
+        "not-an-image": 1,
+        "too-small": 0,
+        "too-large": 0,
+        "link": 0,
+        "bad-name": 0,
+    }
     assert [f["path"] for f in metrics["excluded_files"]] == ["b/6.jpg", "b/7.txt"]
     assert metrics["duplicate_groups"] == 2  # s3 has one ok copy only: the corrupt one does not count
     assert metrics["duplicates"] == [["a/1.jpg", "a/2.jpg"], ["a/4.jpg", "b/3.jpg"]]
@@ -317,12 +372,22 @@ def test_folder_source_copies_and_records_links(tmp_path):
     destination = tmp_path / "raw" / "images"
     destination.mkdir(parents=True)
     result = download.prepare_dataset(
-        source=str(source), sha256="", destination=destination, min_images_per_class=5, retries=0, workers=1, **CHECKS, **LIMITS
+        source=str(source),
+        sha256="",
+        destination=destination,
+        min_images_per_class=5,
+        retries=0,
+        deadline_seconds=30,
+        workers=1,
+        **CHECKS,
+        **LIMITS,
     )
     links = {r.path: r for r in result.rows if r.status == "link"}
     assert sorted(links) == ["cats/alias.jpg", "dogs/linked"]
     assert "symbolic link to" in links["cats/alias.jpg"].detail
-    assert not os.path.lexists(destination / "cats" / "alias.jpg") and not os.path.lexists(destination / "dogs" / "linked")
+    assert not os.path.lexists(destination / "cats" / "alias.jpg") and not os.path.lexists(
+        destination / "dogs" / "linked"
+    )
     assert (destination / "README.md").read_text() == "kept"
     assert result.metrics["images"] == 10 and result.metrics["excluded"]["link"] == 2
     assert result.metrics["archive_sha256"] is None
@@ -336,8 +401,16 @@ def test_archive_source_moves_the_dataset_root(tmp_path):
     destination = tmp_path / "raw" / "images"
     destination.mkdir(parents=True)
     result = download.prepare_dataset(
-        source="pets.tgz", root=tmp_path, sha256=sha256(tarball), destination=destination,
-        min_images_per_class=5, retries=0, workers=1, **CHECKS, **LIMITS,
+        source="pets.tgz",
+        root=tmp_path,
+        sha256=sha256(tarball),
+        destination=destination,
+        min_images_per_class=5,
+        retries=0,
+        deadline_seconds=30,
+        workers=1,
+        **CHECKS,
+        **LIMITS,
     )
     assert sorted(p.name for p in destination.iterdir()) == ["LICENSE.txt", "cats", "dogs"]
     assert result.metrics["images_per_class"] == {"cats": 5, "dogs": 5}
@@ -406,7 +479,7 @@ def payload() -> bytes:
 
 def test_download_url(tmp_path, payload):
     with ArchiveServer(payload) as server:
-        path = fetch.download_url(server.url, tmp_path / "a.part", retries=0)
+        path = fetch.download_url(server.url, tmp_path / "a.part", **URL_LIMITS, retries=0)
     assert path.read_bytes() == payload
     assert server.requests[0].get("Accept-Encoding") == "identity"
 
@@ -414,7 +487,9 @@ def test_download_url(tmp_path, payload):
 def test_download_resumes_a_dropped_transfer_with_range(tmp_path, payload):
     waits = []
     with ArchiveServer(payload, drop_first=True) as server:
-        fetch.download_url(server.url, tmp_path / "a.part", retries=2, backoff_seconds=0.25, sleep=waits.append)
+        fetch.download_url(
+            server.url, tmp_path / "a.part", **URL_LIMITS, retries=2, backoff_seconds=0.25, sleep=waits.append
+        )
     assert (tmp_path / "a.part").read_bytes() == payload
     assert len(server.requests) == 2 and waits == [0.25]
     assert "Range" not in server.requests[0]
@@ -424,7 +499,7 @@ def test_download_resumes_a_dropped_transfer_with_range(tmp_path, payload):
 
 def test_download_starts_over_when_the_server_ignores_range(tmp_path, payload):
     with ArchiveServer(payload, drop_first=True, ranges=False) as server:
-        fetch.download_url(server.url, tmp_path / "a.part", retries=1, sleep=lambda s: None)
+        fetch.download_url(server.url, tmp_path / "a.part", **URL_LIMITS, retries=1, sleep=lambda s: None)
     assert (tmp_path / "a.part").read_bytes() == payload
     assert len(server.requests) == 2
 
@@ -433,14 +508,16 @@ def test_download_backs_off_exponentially_then_gives_up(tmp_path, payload):
     waits = []
     with ArchiveServer(payload, status=503) as server:
         with pytest.raises(ValueError, match=r"could not download .* after 4 attempt\(s\): HTTP 503.*download.retries"):
-            fetch.download_url(server.url, tmp_path / "a.part", retries=3, backoff_seconds=1.0, sleep=waits.append)
+            fetch.download_url(
+                server.url, tmp_path / "a.part", **URL_LIMITS, retries=3, backoff_seconds=1.0, sleep=waits.append
+            )
     assert waits == [1.0, 2.0, 4.0] and len(server.requests) == 4
 
 
 def test_download_does_not_retry_a_missing_file(tmp_path, payload):
     with ArchiveServer(payload, status=404) as server:
         with pytest.raises(ValueError, match=r"HTTP 404.*Check download.source"):
-            fetch.download_url(server.url, tmp_path / "a.part", retries=3, sleep=lambda s: None)
+            fetch.download_url(server.url, tmp_path / "a.part", **URL_LIMITS, retries=3, sleep=lambda s: None)
     assert len(server.requests) == 1
 
 
@@ -449,14 +526,25 @@ def test_download_unreachable_host(tmp_path):
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(ValueError, match=r"could not download .* after 2 attempt\(s\)"):
-        fetch.download_url(f"http://127.0.0.1:{port}/a.tgz", tmp_path / "a.part", retries=1, sleep=lambda s: None)
+        fetch.download_url(
+            f"http://127.0.0.1:{port}/a.tgz", tmp_path / "a.part", **URL_LIMITS, retries=1, sleep=lambda s: None
+        )
 
 
 def test_prepare_dataset_from_url_verifies_then_extracts(tmp_path):
     tarball = make_tgz(tmp_path / "pets.tgz", make_dataset(tmp_path / "src", per_class=5))
     destination = tmp_path / "raw" / "images"
     destination.mkdir(parents=True)
-    settings = dict(destination=destination, min_images_per_class=5, retries=1, workers=1, backoff_seconds=0, **CHECKS, **LIMITS)
+    settings = dict(
+        destination=destination,
+        min_images_per_class=5,
+        retries=1,
+        deadline_seconds=30,
+        workers=1,
+        backoff_seconds=0,
+        **CHECKS,
+        **LIMITS,
+    )
     with ArchiveServer(tarball.read_bytes(), drop_first=True) as server:
         result = download.prepare_dataset(source=server.url, sha256=sha256(tarball), **settings)
         assert result.metrics["images"] == 10 and result.metrics["source"] == server.url
@@ -469,5 +557,7 @@ def test_folder_source_bounds(tmp_path):
     source = make_dataset(tmp_path / "photos", per_class=3)
     destination = tmp_path / "raw" / "images"
     destination.mkdir(parents=True)
-    with pytest.raises(ValueError, match=r"refusing to copy .*photos: it has 5 members, more than download.max_files=4"):
+    with pytest.raises(
+        ValueError, match=r"refusing to copy .*photos: it has 5 members, more than download.max_files=4"
+    ):
         fetch.copy_folder(source, destination, max_files=4, max_total_bytes=10**8)

@@ -5,6 +5,11 @@ or a decompression bomb. Extraction refuses the whole archive, naming the member
 has an absolute path, a ``..`` component, is a link or a device/FIFO, or when the members exceed
 the file-count or unpacked-size bounds (``download.max_files``, ``download.max_total_bytes``);
 ``tarfile``'s ``data`` filter and ``zipfile``'s own name sanitising are a second layer.
+
+The unpacked size is bounded twice: absolutely, and relative to the archive
+(``download.max_expansion_ratio``). An absolute cap large enough for any real dataset (20 GiB)
+would still let a 3 MB bomb fill 2 GiB of disk; photos barely compress (flower_photos unpacks to
+1.02 times its .tgz), while a bomb of zeros expands about 1000 times.
 """
 
 from __future__ import annotations
@@ -18,9 +23,21 @@ from pathlib import Path
 
 
 def extract_archive(
-    archive: str | os.PathLike, destination: str | os.PathLike, *, max_files: int, max_total_bytes: int
+    archive: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    max_files: int,
+    max_total_bytes: int,
+    max_expansion_ratio: float,
 ) -> None:
     """Extracts a tar (any compression) or zip archive after checking every member.
+
+    Args:
+        archive: the archive file.
+        destination: the folder that receives its members.
+        max_files: the most members accepted.
+        max_total_bytes: the most bytes unpacked.
+        max_expansion_ratio: the most bytes unpacked per byte of archive.
 
     Raises:
         ValueError: not a supported archive, damaged, or an unsafe member (named in the message);
@@ -30,7 +47,9 @@ def extract_archive(
     destination.mkdir(parents=True, exist_ok=True)
     try:
         if zipfile.is_zipfile(archive):
-            _extract_zip(archive, destination, max_files=max_files, max_total_bytes=max_total_bytes)
+            _extract_zip(
+                archive, destination, max_files=max_files, max_total_bytes=max_total_bytes, ratio=max_expansion_ratio
+            )
             return
         try:
             handle = tarfile.open(archive, mode="r:*")
@@ -40,7 +59,14 @@ def extract_archive(
                 "or a folder of class sub-folders"
             ) from None
         with handle:
-            _extract_tar(handle, archive, destination, max_files=max_files, max_total_bytes=max_total_bytes)
+            _extract_tar(
+                handle,
+                archive,
+                destination,
+                max_files=max_files,
+                max_total_bytes=max_total_bytes,
+                ratio=max_expansion_ratio,
+            )
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, RuntimeError) as error:
         if isinstance(error, tarfile.FilterError):
             raise ValueError(f"refusing to extract {archive}: {error}") from None
@@ -51,13 +77,15 @@ def extract_archive(
 
 
 def _extract_tar(
-    handle: tarfile.TarFile, archive: Path, destination: Path, *, max_files: int, max_total_bytes: int
+    handle: tarfile.TarFile, archive: Path, destination: Path, *, max_files: int, max_total_bytes: int, ratio: float
 ) -> None:
     members = handle.getmembers()
     for member in members:
         _check_member_name(member.name, archive)
         _check_tar_member_type(member, archive)
-    check_bounds(archive, len(members), sum(m.size for m in members if m.isfile()), max_files, max_total_bytes)
+    unpacked = sum(m.size for m in members if m.isfile())
+    check_bounds(archive, len(members), unpacked, max_files, max_total_bytes)
+    check_expansion(archive, unpacked, ratio)
     handle.extractall(destination, members=members, filter="data")
 
 
@@ -71,13 +99,15 @@ def _check_tar_member_type(member: tarfile.TarInfo, archive: Path) -> None:
         _refuse(archive, member.name, f"has an unsupported type ({member.type!r})")
 
 
-def _extract_zip(archive: Path, destination: Path, *, max_files: int, max_total_bytes: int) -> None:
+def _extract_zip(archive: Path, destination: Path, *, max_files: int, max_total_bytes: int, ratio: float) -> None:
     with zipfile.ZipFile(archive) as handle:
         members = handle.infolist()
         for member in members:
             _check_member_name(member.filename, archive)
             _check_zip_member_type(member, archive)
-        check_bounds(archive, len(members), sum(m.file_size for m in members), max_files, max_total_bytes)
+        unpacked = sum(m.file_size for m in members)
+        check_bounds(archive, len(members), unpacked, max_files, max_total_bytes)
+        check_expansion(archive, unpacked, ratio)
         for member in members:
             handle.extract(member, destination)
 
@@ -117,6 +147,22 @@ def check_bounds(
         raise ValueError(
             f"refusing to {verb} {source}: it unpacks to {total_bytes} bytes, more than "
             f"download.max_total_bytes={max_total_bytes}; raise download.max_total_bytes if you trust this source"
+        )
+
+
+def check_expansion(archive: Path, unpacked_bytes: int, max_expansion_ratio: float) -> None:
+    """Refuses an archive that unpacks to more than ``max_expansion_ratio`` times its own size.
+
+    Raises:
+        ValueError: giving the ratio and naming ``download.max_expansion_ratio``.
+    """
+    archive_bytes = max(archive.stat().st_size, 1)
+    if unpacked_bytes > max_expansion_ratio * archive_bytes:
+        raise ValueError(
+            f"refusing to extract {archive}: its {archive_bytes} bytes unpack to {unpacked_bytes} bytes, "
+            f"{unpacked_bytes / archive_bytes:.0f} times as many, more than download.max_expansion_ratio="
+            f"{max_expansion_ratio:g} (a decompression bomb, or data that compresses unusually well). Nothing was "
+            "extracted; raise download.max_expansion_ratio if you trust this source"
         )
 
 

@@ -13,12 +13,12 @@ import collections
 import dataclasses
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from transferlab.core import atomic
 from transferlab.data import archive, fetch, images, index, tables
 
 LOGGER = logging.getLogger(__name__)
@@ -43,8 +43,10 @@ def prepare_dataset(
     min_images_per_class: int,
     max_files: int,
     max_total_bytes: int,
+    max_expansion_ratio: float,
     max_image_pixels: int,
     retries: int,
+    deadline_seconds: float,
     workers: int = 2,
     root: str | os.PathLike | None = None,
     backoff_seconds: float = 1.0,
@@ -62,9 +64,11 @@ def prepare_dataset(
         min_image_side: shorter side below this makes an image ``too-small``.
         min_images_per_class: a class with fewer usable images stops the stage.
         max_files: most archive members / folder files accepted.
-        max_total_bytes: most bytes unpacked / copied.
+        max_total_bytes: most bytes downloaded, and most unpacked / copied.
+        max_expansion_ratio: most bytes unpacked per byte of archive.
         max_image_pixels: larger images are ``too-large`` (decompression bombs).
         retries: how often a broken download is retried.
+        deadline_seconds: the whole download (every attempt and wait) ends by then.
         workers: processes that check images.
         root: the folder relative local paths are resolved against (default: the repository root).
         backoff_seconds: first wait before a retry; it doubles each time.
@@ -73,27 +77,44 @@ def prepare_dataset(
         The index rows and the metrics report.
 
     Raises:
-        ValueError: unreachable source, checksum mismatch, unsafe or damaged archive, no class
+        ValueError: unreachable source, a download too large or too slow, a folder source that
+            contains ``destination``, checksum mismatch, unsafe or damaged archive, no class
             folders, fewer than two classes with usable images, a class with too few images.
     """
     started = time.perf_counter()
     destination = Path(destination)
     kind, location = fetch.resolve_source(source, root=root)
-    with tempfile.TemporaryDirectory(prefix=".download.", dir=destination.parent) as work:
+    # Named after its owner, so that the next run removes it if this process is killed (core.atomic).
+    with atomic.temporary_directory(destination.parent, "download") as work:
         skipped: list[tables.IndexRow] = []
         archive_sha256 = None
         if kind == "folder":
             if sha256:
                 LOGGER.info("download.sha256 is not used for a local folder source (%s)", location)
-            skipped = fetch.copy_folder(location, destination, max_files=max_files, max_total_bytes=max_total_bytes)
+            skipped = fetch.copy_folder(
+                location, destination, max_files=max_files, max_total_bytes=max_total_bytes, name=source
+            )
         else:
             archive_path = location
             if kind == "url":
                 archive_path = Path(work) / "archive.part"
-                fetch.download_url(location, archive_path, retries=retries, backoff_seconds=backoff_seconds)
+                fetch.download_url(
+                    location,
+                    archive_path,
+                    retries=retries,
+                    max_bytes=max_total_bytes,
+                    deadline_seconds=deadline_seconds,
+                    backoff_seconds=backoff_seconds,
+                )
             archive_sha256 = fetch.verify_sha256(archive_path, expected=sha256, source=source)
             extracted = Path(work) / "extracted"
-            archive.extract_archive(archive_path, extracted, max_files=max_files, max_total_bytes=max_total_bytes)
+            archive.extract_archive(
+                archive_path,
+                extracted,
+                max_files=max_files,
+                max_total_bytes=max_total_bytes,
+                max_expansion_ratio=max_expansion_ratio,
+            )
             move_dataset(index.locate_dataset_root(extracted), destination)
         rows = index.index_dataset(
             destination,
@@ -104,7 +125,14 @@ def prepare_dataset(
             workers=workers,
         )
     classes = [folder.name for folder in index.class_folders(destination)]
-    index.check_classes(rows, min_images_per_class=min_images_per_class, classes=classes, source=source)
+    index.check_classes(
+        rows,
+        min_images_per_class=min_images_per_class,
+        classes=classes,
+        source=source,
+        min_image_side=min_image_side,
+        max_image_pixels=max_image_pixels,
+    )
     metrics = summarize(rows, source=source, archive_sha256=archive_sha256, seconds=time.perf_counter() - started)
     return DownloadResult(rows=rows, metrics=metrics)
 

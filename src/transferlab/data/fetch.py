@@ -4,11 +4,16 @@ A source (``download.source``) is one of:
 
 - an ``http(s)://`` URL of an archive: downloaded in a stream with a progress bar; a broken
   transfer is retried with exponential back-off and resumed with an HTTP Range request when the
-  server supports it;
+  server supports it. A download is bounded, because a hostile or broken server must not fill
+  the disk or hang the pipeline: at most ``download.max_total_bytes`` bytes, everything
+  (attempts and waits) within ``download.deadline_seconds``, each wait at most
+  :data:`MAX_WAIT_SECONDS`. The bytes are stored as sent, never Content-decoded, so the
+  sha256 checked is the archive's;
 - a local archive (``.tgz``, ``.tar.gz``, ``.tar``, ``.zip``; recognised by content, extracted
   by :mod:`transferlab.data.archive`);
 - a local folder holding one sub-folder per class (copied; symbolic links are skipped and
-  listed in the index with status ``link``).
+  listed in the index with status ``link``; a folder that contains the destination, such as
+  ``.``, is refused before anything is copied).
 
 Relative local paths are resolved with :func:`transferlab.core.paths.resolve_param_path`. An
 archive's sha256 is verified (:func:`verify_sha256`) before anything is extracted; an empty
@@ -21,12 +26,16 @@ import logging
 import os
 import re
 import shutil
+import socket
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
 import requests
+import requests.adapters
+import urllib3.exceptions
 from tqdm import tqdm
 
 from transferlab.core import paths
@@ -35,6 +44,9 @@ from transferlab.data import archive, images, index, tables
 LOGGER = logging.getLogger(__name__)
 _RETRYABLE_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 _CHUNK_BYTES = 1 << 16  # a dropped connection loses at most the chunk in flight
+# The longest single wait between attempts: with download.retries <= 10 the waits add up to at most
+# about 5 minutes, and download.deadline_seconds bounds everything anyway.
+MAX_WAIT_SECONDS = 60.0
 
 
 def resolve_source(source: str, *, root: str | os.PathLike | None = None) -> tuple[str, Any]:
@@ -73,42 +85,67 @@ def download_url(
     destination: str | os.PathLike,
     *,
     retries: int,
+    max_bytes: int,
+    deadline_seconds: float,
     backoff_seconds: float = 1.0,
+    max_wait_seconds: float = MAX_WAIT_SECONDS,
     timeout: float = 60.0,
-    session: requests.Session | None = None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Path:
     """Downloads ``url`` into ``destination`` with a progress bar, retrying broken transfers.
 
     A retry resumes from the bytes already received when the server answers a Range request
     with 206 Partial Content, and starts over otherwise. Waits ``backoff_seconds``, then twice
-    that, and so on, between attempts.
+    that, and so on (each wait at most ``max_wait_seconds``), between attempts. The bytes are
+    stored as sent: a ``Content-Encoding`` header (Apache labels a .tgz ``x-gzip``) is never
+    decoded, so the file's sha256 is the archive's.
+
+    Args:
+        url: an http(s) URL.
+        destination: the file to write; removed again when the download fails.
+        retries: attempts after the first one.
+        max_bytes: the most bytes accepted (``download.max_total_bytes``); a larger body stops
+            the download at once.
+        deadline_seconds: the whole download, every attempt and wait included, ends by then.
+        backoff_seconds: the first wait before a retry.
+        max_wait_seconds: the longest single wait.
+        timeout: the longest wait for the connection and for each read.
+        sleep: waits between attempts (tests pass a recorder).
+
+    Returns:
+        ``destination``.
 
     Raises:
-        ValueError: an HTTP error that retrying cannot fix (404, 403, ...), or every attempt failed.
+        ValueError: an HTTP error that retrying cannot fix (404, 403, ...), a body larger than
+            ``max_bytes``, the deadline passed, or every attempt failed.
     """
     destination = Path(destination)
-    session = session or requests.Session()
-    last_error: Exception | None = None
-    for attempt in range(retries + 1):
-        if attempt:
-            wait = backoff_seconds * 2 ** (attempt - 1)
-            LOGGER.warning("download failed (%s); retry %d of %d in %.1f s", last_error, attempt, retries, wait)
-            sleep(wait)
-        try:
-            _fetch_once(session, url, destination, timeout=timeout)
-            return destination
-        except _PermanentHTTPError as error:
+    deadline = time.monotonic() + deadline_seconds
+    try:
+        with _Watchdog(deadline_seconds) as watchdog, _watched_session(watchdog) as session:
+            attempts = _Attempts(url, deadline=deadline, deadline_seconds=deadline_seconds, watchdog=watchdog)
+            for attempt in range(retries + 1):
+                if attempt:
+                    attempts.wait(min(backoff_seconds * 2 ** (attempt - 1), max_wait_seconds), retries, sleep)
+                try:
+                    _fetch_once(session, url, destination, timeout=attempts.timeout(timeout), max_bytes=max_bytes)
+                    if watchdog.expired:  # a cut connection can look like a complete one (no Content-Length)
+                        attempts.failed(_IncompleteTransfer("the deadline cut the transfer short"))
+                    return destination
+                except _PermanentHTTPError as error:
+                    raise ValueError(
+                        f"could not download {url}: {error}. Check download.source, or download the archive "
+                        "yourself and point download.source at the local file"
+                    ) from None
+                except (requests.RequestException, urllib3.exceptions.HTTPError, _IncompleteTransfer) as error:
+                    attempts.failed(error)
             raise ValueError(
-                f"could not download {url}: {error}. Check download.source, or download the archive yourself "
-                "and point download.source at the local file"
-            ) from None
-        except (requests.RequestException, _IncompleteTransfer) as error:
-            last_error = error
-    raise ValueError(
-        f"could not download {url} after {retries + 1} attempt(s): {last_error}. Check the URL and the "
-        "network, raise download.retries, or point download.source at a local copy of the archive"
-    )
+                f"could not download {url} after {retries + 1} attempt(s): {attempts.last_error}. Check the URL "
+                "and the network, raise download.retries, or point download.source at a local copy of the archive"
+            )
+    except BaseException:
+        destination.unlink(missing_ok=True)  # complete or absent: a failed download leaves no partial file
+        raise
 
 
 class _PermanentHTTPError(Exception):
@@ -119,9 +156,122 @@ class _IncompleteTransfer(Exception):
     """The connection ended before the announced number of bytes arrived."""
 
 
-def _fetch_once(session: requests.Session, url: str, destination: Path, *, timeout: float) -> None:
+class _Attempts:
+    """The retry loop's bookkeeping: the last error, and the deadline every attempt and wait shares."""
+
+    def __init__(self, url: str, *, deadline: float, deadline_seconds: float, watchdog: _Watchdog):
+        self.url, self.deadline, self.deadline_seconds, self.watchdog = url, deadline, deadline_seconds, watchdog
+        self.count = 0
+        self.last_error: Exception | None = None
+
+    def timeout(self, longest: float) -> float:
+        """The connection and read timeout for the next attempt: never past the deadline."""
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise self.deadline_error()
+        return min(longest, left)
+
+    def failed(self, error: Exception) -> None:
+        """Records a failed attempt; past the deadline that ends the download."""
+        self.count += 1
+        self.last_error = error
+        if self.watchdog.expired or time.monotonic() >= self.deadline:
+            raise self.deadline_error() from None
+
+    def wait(self, seconds: float, retries: int, sleep: Callable[[float], None]) -> None:
+        """Waits before a retry, unless the retry could not start before the deadline."""
+        if time.monotonic() + seconds >= self.deadline:
+            raise self.deadline_error()
+        LOGGER.warning("download failed (%s); retry %d of %d in %.1f s", self.last_error, self.count, retries, seconds)
+        sleep(seconds)
+
+    def deadline_error(self) -> ValueError:
+        return ValueError(
+            f"could not download {self.url} within download.deadline_seconds={self.deadline_seconds:g} "
+            f"({self.count} attempt(s) failed; last error: {self.last_error or 'the server was too slow'}). "
+            "The server is too slow or stalls; raise download.deadline_seconds, or download the archive yourself "
+            "and point download.source at the local file"
+        )
+
+
+class _Watchdog:
+    """Shuts down every socket of a download when its deadline passes.
+
+    A read timeout restarts with every byte, so a server that sends one byte every 20 s never
+    trips a 60 s timeout; checking the clock between reads does not help either while a read
+    is blocked in the headers. Shutting the socket down from a timer thread wakes the blocked
+    read at once, wherever it is; the read then fails and the retry loop sees the deadline.
+    """
+
+    def __init__(self, seconds: float):
+        self.expired = False
+        self._sockets: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._timer = threading.Timer(max(seconds, 0.0), self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Watchdog:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> None:
+        """Adds a freshly connected socket (shut down at once when the deadline has passed)."""
+        with self._lock:
+            self._sockets.append(sock)
+            if self.expired:
+                _shutdown(sock)
+
+    def _expire(self) -> None:
+        with self._lock:
+            self.expired = True
+            for sock in self._sockets:
+                _shutdown(sock)
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:  # already closed: nothing left to wake
+        pass
+
+
+class _WatchedAdapter(requests.adapters.HTTPAdapter):
+    """An adapter whose connections hand their socket to a :class:`_Watchdog` once connected."""
+
+    def __init__(self, watchdog: _Watchdog):
+        self._watchdog = watchdog
+        super().__init__()
+
+    def get_connection_with_tls_context(self, request, verify, proxies=None, cert=None):
+        pool = super().get_connection_with_tls_context(request, verify, proxies=proxies, cert=cert)
+        if getattr(pool.ConnectionCls, "watched_by", None) is not self._watchdog:
+            watchdog = self._watchdog
+
+            class WatchedConnection(pool.ConnectionCls):
+                watched_by = watchdog
+
+                def connect(self) -> None:
+                    super().connect()
+                    watchdog.watch(self.sock)
+
+            pool.ConnectionCls = WatchedConnection  # this pool only: the class attribute stays as it was
+        return pool
+
+
+def _watched_session(watchdog: _Watchdog) -> requests.Session:
+    session = requests.Session()
+    adapter = _WatchedAdapter(watchdog)
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _fetch_once(session: requests.Session, url: str, destination: Path, *, timeout: float, max_bytes: int) -> None:
     have = destination.stat().st_size if destination.exists() else 0
-    # identity: the bytes on disk must be the bytes the checksum was taken of.
+    # identity: ask for the bytes themselves; servers that encode anyway are read raw below.
     headers = {"Accept-Encoding": "identity"}
     if have:
         headers["Range"] = f"bytes={have}-"
@@ -129,8 +279,15 @@ def _fetch_once(session: requests.Session, url: str, destination: Path, *, timeo
         start = _resume_offset(response, have, destination)
         if start == 0 and have:
             LOGGER.info("the server does not resume downloads; starting over")
+        if response.headers.get("Content-Encoding", "identity").lower() != "identity":
+            LOGGER.info(
+                "the server labels the archive Content-Encoding: %s; keeping the bytes as sent",
+                response.headers["Content-Encoding"],
+            )
         length = response.headers.get("Content-Length")
         total = start + int(length) if length and length.isdigit() else None
+        if total is not None and total > max_bytes:
+            raise _too_large(url, max_bytes, f"the server announced {total} bytes")
         with (
             open(destination, "r+b" if start else "wb") as handle,
             tqdm(
@@ -146,12 +303,25 @@ def _fetch_once(session: requests.Session, url: str, destination: Path, *, timeo
         ):
             handle.seek(start)
             handle.truncate()
-            for chunk in response.iter_content(_CHUNK_BYTES):
+            received = start
+            # read1: whatever has arrived, up to a chunk; decode_content=False: the bytes as sent
+            # (iter_content would undo a Content-Encoding and change the archive's sha256).
+            while chunk := response.raw.read1(_CHUNK_BYTES, decode_content=False):
+                received += len(chunk)
+                if received > max_bytes:
+                    raise _too_large(url, max_bytes, f"more than {max_bytes} bytes arrived")
                 handle.write(chunk)
                 progress.update(len(chunk))
     received = destination.stat().st_size
     if total is not None and received < total:
         raise _IncompleteTransfer(f"the connection closed after {received} of {total} bytes")
+
+
+def _too_large(url: str, max_bytes: int, what: str) -> ValueError:
+    return ValueError(
+        f"refusing to download {url}: {what}, more than download.max_total_bytes={max_bytes}. The partial file "
+        "was removed; raise download.max_total_bytes if you trust this source"
+    )
 
 
 def _resume_offset(response: requests.Response, have: int, destination: Path) -> int:
@@ -198,15 +368,20 @@ def verify_sha256(archive_path: str | os.PathLike, *, expected: str, source: str
 # Local folders
 
 
-def copy_folder(source: Path, destination: Path, *, max_files: int, max_total_bytes: int) -> list[tables.IndexRow]:
+def copy_folder(
+    source: Path, destination: Path, *, max_files: int, max_total_bytes: int, name: str | None = None
+) -> list[tables.IndexRow]:
     """Copies a local dataset folder into ``destination``; returns index rows for what it skipped.
 
     The dataset root is located as for an archive. Symbolic links are never followed or copied
     (rows with status ``link``); devices, FIFOs and sockets are not copied (``not-an-image``).
+    ``name`` is ``download.source`` as written in params, for messages.
 
     Raises:
-        ValueError: more files or bytes than the bounds allow.
+        ValueError: ``source`` contains ``destination``, equals it or lies inside it (checked
+            before anything is copied), or more files or bytes than the bounds allow.
     """
+    check_not_overlapping(source, destination, name=name)
     root = index.locate_dataset_root(source)
     destination.mkdir(parents=True, exist_ok=True)
     skipped: list[tables.IndexRow] = []
@@ -226,3 +401,33 @@ def copy_folder(source: Path, destination: Path, *, max_files: int, max_total_by
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(file, target)
     return skipped
+
+
+def check_not_overlapping(source: Path, destination: Path, *, name: str | None = None) -> None:
+    """Refuses a source folder that contains ``destination``, equals it or lies inside it.
+
+    ``download.source: .`` (the repository) contains ``data/raw``: copying it would copy the
+    copy into itself until the paths grow too long.
+
+    Args:
+        source: the source folder.
+        destination: the folder the dataset is copied into.
+        name: ``download.source`` as written in params, for the message (default: ``source``).
+
+    Raises:
+        ValueError: naming both folders.
+    """
+    source_real, destination_real = Path(os.path.realpath(source)), Path(os.path.realpath(destination))
+    shown = f"{name} ({source_real})" if name is not None and name != str(source_real) else str(source_real)
+    if source_real == destination_real or destination_real.is_relative_to(source_real):
+        where = "is" if source_real == destination_real else "contains"
+        raise ValueError(
+            f"download.source {shown} {where} the folder the dataset is copied into ({destination_real}); it "
+            "would copy its own copy. Point download.source at the folder that holds the class folders, outside "
+            "the stage's output folder"
+        )
+    if source_real.is_relative_to(destination_real):
+        raise ValueError(
+            f"download.source {shown} lies inside the folder the dataset is copied into ({destination_real}). "
+            "Point download.source at the folder that holds the class folders, outside the stage's output folder"
+        )
