@@ -199,7 +199,8 @@ def _class_check(baseline: Mapping[str, Any], new: Mapping[str, Any], allowed: f
         raise ValueError(f"{EVALUATE_METRICS} of {side} has no test.per_class F1; re-run evaluate there")
     missing = sorted(set(before) - set(after))
     drops = {name: before[name] - after[name] for name in before if name in after}
-    worst = max(drops, key=lambda name: (drops[name], name)) if drops else sorted(before)[0]
+    # The largest drop; among equal drops (an unchanged workspace) the class with the lowest F1 now.
+    worst = max(drops, key=lambda name: (round(drops[name], 9), -after[name], name)) if drops else sorted(before)[0]
     note = ""
     if missing:
         note = f"class(es) missing from the workspace's metrics: {', '.join(missing)}"
