@@ -211,7 +211,9 @@ def _draw_tile(axis: Any, tile: Tile, images_directory: Path, max_image_pixels: 
             fontsize=10,
             transform=axis.transAxes,
         )
-    axis.set_title(tile.title, fontsize=10, color=tile.colour, fontweight="bold")
+    # A tile is about 36 bold characters wide at 10 pt: longer titles (the error diff's) get a smaller font.
+    longest = max((len(line) for line in tile.title.splitlines()), default=0)
+    axis.set_title(tile.title, fontsize=10 if longest <= 36 else 8, color=tile.colour, fontweight="bold")
     axis.text(
         0.5,
         -0.02,
