@@ -22,17 +22,25 @@ def configure(parser) -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
 
 
-def run(args) -> int:
-    download = params_module.parse_section("download", params_module.read_params_file(args.params).get("download"))
-    baseline = baseline_module.resolve(args.baseline)
-    diff, written = error_diff.against_baseline(
+def diff_against(baseline, *, out: Path, params_path: Path):
+    """The workspace's test predictions against ``baseline``'s; writes the CSV and PNG into ``out``.
+
+    Returns:
+        ``(ErrorDiff, written paths)`` (see :func:`transferlab.reports.error_diff.against_baseline`).
+    """
+    download = params_module.parse_section("download", params_module.read_params_file(params_path).get("download"))
+    return error_diff.against_baseline(
         baseline,
         predictions=gate.TEST_PREDICTIONS,
         baseline_predictions=gate.TEST_PREDICTIONS,
         images_directory=Path("data/raw/images"),
-        out=args.out,
+        out=out,
         max_image_pixels=download.max_image_pixels,
     )
+
+
+def run(args) -> int:
+    diff, written = diff_against(baseline_module.resolve(args.baseline), out=args.out, params_path=args.params)
     print(error_diff.markdown(diff))
     print(f"\nwritten: {', '.join(str(path) for path in written)}")
     return 0

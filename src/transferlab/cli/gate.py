@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from transferlab.cli import error_diff as error_diff_command
 from transferlab.core import atomic
 from transferlab.core import params as params_module
 from transferlab.reports import baseline as baseline_module
@@ -86,16 +87,8 @@ def _workspace_text(path: str) -> str | None:
 
 
 def _report_parts(args, baseline, checks, old, new) -> gate.ReportParts:
-    download = params_module.parse_section("download", params_module.read_params_file(args.params).get("download"))
     try:
-        diff, written = error_diff.against_baseline(
-            baseline,
-            predictions=gate.TEST_PREDICTIONS,
-            baseline_predictions=gate.TEST_PREDICTIONS,
-            images_directory=Path("data/raw/images"),
-            out=args.out,
-            max_image_pixels=download.max_image_pixels,
-        )
+        diff, written = error_diff_command.diff_against(baseline, out=args.out, params_path=args.params)
         errors, files = error_diff.markdown(diff), [str(path) for path in written]
     except ValueError as error:  # the error diff informs; only the checks gate
         errors, files = f"Unavailable: {error}", []

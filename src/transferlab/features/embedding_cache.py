@@ -872,3 +872,35 @@ class DisabledCache:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def open_member_cache(directory: str | os.PathLike, member: Any, choice: Any, *, tap: str = "") -> EmbeddingCache:
+    """Opens the namespace of one stack member run by one engine (cut at layer ``tap`` for taps).
+
+    Args:
+        directory: the cache folder.
+        member: a :class:`transferlab.backbones.stack.Member` (spec, name, identity, weights, size).
+        choice: the :class:`transferlab.features.engine_choice.ConvertedEngine` that computes the rows.
+        tap: the layer whose activations are cached, or ``""`` for embeddings.
+
+    Raises:
+        CacheUnavailable: the folder cannot hold the database.
+    """
+    namespace = namespace_key(
+        backbone=member.identity,
+        weights_identity=member.weights_identity,
+        image_size=member.image_size,
+        engine=choice.name,
+        tap=tap,
+        model_sha256=choice.content_sha256,
+    )
+    description = {
+        "spec": member.spec,
+        "name": member.name,
+        "weights": member.weights_identity,
+        "image_size": member.image_size,
+        "engine": choice.name,
+        **({"tap": tap} if tap else {}),
+        "model_sha256": choice.content_sha256,
+    }
+    return EmbeddingCache(directory, namespace, description=description)

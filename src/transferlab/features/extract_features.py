@@ -353,23 +353,8 @@ def usable_cache_directory(cache_directory: Path | None) -> Path | None:
 def _open_cache(cache_directory: Path | None, member: Member, choice: engine_choice.ConvertedEngine):
     if cache_directory is None:
         return embedding_cache.DisabledCache()
-    namespace = embedding_cache.namespace_key(
-        backbone=member.identity,
-        weights_identity=member.weights_identity,
-        image_size=member.image_size,
-        engine=choice.name,
-        model_sha256=choice.content_sha256,
-    )
-    description = {
-        "spec": member.spec,
-        "name": member.name,
-        "weights": member.weights_identity,
-        "image_size": member.image_size,
-        "engine": choice.name,
-        "model_sha256": choice.content_sha256,
-    }
     try:
-        return embedding_cache.EmbeddingCache(cache_directory, namespace, description=description)
+        return embedding_cache.open_member_cache(cache_directory, member, choice)
     except embedding_cache.CacheUnavailable as error:
         LOGGER.warning("%s; embedding %s without the cache", error, member.name)
         return embedding_cache.DisabledCache()

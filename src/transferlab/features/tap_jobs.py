@@ -149,24 +149,7 @@ def open_tap_job(
         identity=engine_choice.conversion_identity(member, layer),
         sample_pixels=engine_choice.verification_pixels(items, render_one, member.image_size),
     )
-    namespace = embedding_cache.namespace_key(
-        backbone=member.identity,
-        weights_identity=member.weights_identity,
-        image_size=member.image_size,
-        engine=choice.name,
-        tap=layer,
-        model_sha256=choice.content_sha256,
-    )
-    description = {
-        "spec": member.spec,
-        "name": member.name,
-        "weights": member.weights_identity,
-        "image_size": member.image_size,
-        "engine": choice.name,
-        "tap": layer,
-        "model_sha256": choice.content_sha256,
-    }
-    cache = embedding_cache.EmbeddingCache(cache_directory, namespace, description=description)
+    cache = embedding_cache.open_member_cache(cache_directory, member, choice, tap=layer)
     job = TapJob(member=member, layer=layer, cache=cache, choice=choice, build_backbone=build_backbone)
     keys = [item.key for item in items]
     job.present = set(keys) - set(cache.missing(keys))
