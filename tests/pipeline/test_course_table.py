@@ -16,8 +16,20 @@ from conftest import REPOSITORY_ROOT
 pytestmark = pytest.mark.slow
 
 NAMES = ("course-scratch", "course-scratch-augment", "course-transfer")
-SMALL = ["-S", "train_head.scratch.image_size=32", "-S", "train_head.scratch.epochs=2", "-S", "train_head.scratch.batch_size=8",
-         "-S", "train_head.scratch.learning_rate=0.003", "-S", "train_head.dense.epochs=2", "-S", "train_head.dense.units=16"]
+SMALL = [
+    "-S",
+    "train_head.scratch.image_size=32",
+    "-S",
+    "train_head.scratch.epochs=2",
+    "-S",
+    "train_head.scratch.batch_size=8",
+    "-S",
+    "train_head.scratch.learning_rate=0.003",
+    "-S",
+    "train_head.dense.epochs=2",
+    "-S",
+    "train_head.dense.units=16",
+]
 
 
 def load_script():
@@ -53,8 +65,17 @@ def shown_experiments(project) -> dict[str, dict]:
 def test_three_experiments_land_in_exp_show_with_one_table(dvc_project):
     project = dvc_project
     params_before = (project.root / "params.yaml").read_text()
-    completed = project.run(sys.executable, str(REPOSITORY_ROOT / "benchmarks" / "course_table.py"), "--backbone", "mobilenet_v2",
-                            "--alpha", "0.35", "--weights", "none", *SMALL)
+    completed = project.run(
+        sys.executable,
+        str(REPOSITORY_ROOT / "benchmarks" / "course_table.py"),
+        "--backbone",
+        "mobilenet_v2",
+        "--alpha",
+        "0.35",
+        "--weights",
+        "none",
+        *SMALL,
+    )
     output = completed.stdout
 
     rows = [line for line in output.splitlines() if re.match(r"\| (CNN|\+|frozen)", line)]
@@ -78,7 +99,9 @@ def test_three_experiments_land_in_exp_show_with_one_table(dvc_project):
     scratch, transfer = evaluated["course-scratch"], evaluated["course-transfer"]
     assert set(scratch) == set(transfer) == {"test", "val", "provenance"}
     for split in ("test", "val"):
-        assert set(scratch[split]) == set(transfer[split]) and set(scratch[split]["per_class"]) == set(transfer[split]["per_class"])
+        assert set(scratch[split]) == set(transfer[split]) and set(scratch[split]["per_class"]) == set(
+            transfer[split]["per_class"]
+        )
         assert len({evaluated[name][split]["examples"] for name in NAMES}) == 1  # the same rows in all three
     # dvc exp show leaves out empty mappings: the scratch head's provenance has no backbone blocks.
     assert set(transfer["provenance"]) - set(scratch["provenance"]) == {"blocks"}
@@ -96,6 +119,9 @@ def test_three_experiments_land_in_exp_show_with_one_table(dvc_project):
 
 
 def test_bad_override_is_a_usage_error():
-    completed = subprocess.run([sys.executable, str(REPOSITORY_ROOT / "benchmarks" / "course_table.py"), "-S", "epochs"],
-                               capture_output=True, text=True)
+    completed = subprocess.run(
+        [sys.executable, str(REPOSITORY_ROOT / "benchmarks" / "course_table.py"), "-S", "epochs"],
+        capture_output=True,
+        text=True,
+    )
     assert completed.returncode == 2 and "expected KEY=VALUE" in completed.stderr

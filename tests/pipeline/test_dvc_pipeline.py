@@ -17,11 +17,16 @@ def read_json(project, path):
 
 def test_repro_through_extract_features_then_experiments_reuse_embeddings(dvc_project):
     project = dvc_project
+    # The default engine, auto, once through DVC (support's projects ask for keras: no conversions).
+    project.set_params(extract_features={"engine": "auto"})
     project.dvc("repro", "extract_features")
 
     index = list(csv.DictReader((project.root / "data/raw/index.csv").open()))
     assert len(index) == 36 and {row["status"] for row in index} == {"ok"}
-    splits = {name: list(csv.DictReader((project.root / f"data/splits/{name}.csv").open())) for name in ("train", "val", "test")}
+    splits = {
+        name: list(csv.DictReader((project.root / f"data/splits/{name}.csv").open()))
+        for name in ("train", "val", "test")
+    }
     assert [len(splits[name]) for name in ("train", "val", "test")] == [18, 9, 9]
     paths = [row["path"] for rows in splits.values() for row in rows]
     assert len(paths) == len(set(paths)) == 36
@@ -31,6 +36,7 @@ def test_repro_through_extract_features_then_experiments_reuse_embeddings(dvc_pr
 
     first = read_json(project, "metrics/extract_features.json")
     assert first["embedded"] == 36 + 18 and first["random_init"] is True
+    assert first["backbones"]["mobilenet_v2"]["engine"] == "tflite", "auto converts where TFLite agrees with Keras"
     train = np.load(project.root / "data/features/train.npz", allow_pickle=False)
     assert train["features"].shape == (36, 1280)
     assert "extract_features:" not in project.dvc("status").stdout, "everything up to extract_features is up to date"

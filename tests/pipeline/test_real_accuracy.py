@@ -36,7 +36,7 @@ def test_capped_mirror_reaches_far_above_chance(case, dvc_project):
         download={"source": str(require_mirror(FLOWERS_ARCHIVE)), "sha256": FLOWERS_ARCHIVE_SHA256},
         split={"val_fraction": 0.2, "test_fraction": 0.3, "max_images_per_class": 40},
         augment={"copies": 0},
-        extract_features={**settings, "image_size": 224, "batch_size": 16},
+        extract_features={**settings, "image_size": 224, "batch_size": 16, "engine": "auto"},  # as users run it
     )
     project.dvc("repro")
     evaluation = json.loads((project.root / "metrics" / "evaluate.json").read_text())

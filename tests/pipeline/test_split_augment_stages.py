@@ -8,11 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
+import support
 from transferlab.data import augment, images
 
 REPOSITORY = Path(__file__).resolve().parents[2]
@@ -20,25 +20,16 @@ CLASSES = {"daisy": 14, "roses": 11, "tulips": 9}
 INDEX_COLUMNS = ["path", "label", "sha256", "width", "height", "status", "detail"]
 
 
-def _write_image(path: Path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    width, height = int(rng.integers(40, 90)), int(rng.integers(40, 90))
-    y, x = np.mgrid[0:height, 0:width]
-    base = rng.integers(0, 200, 3)
-    pixels = (base + np.stack([x, y, x + y], axis=-1) * rng.integers(1, 3, 3)) % 256
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels.astype(np.uint8), "RGB").save(path, format="PNG" if path.suffix == ".png" else "JPEG")
-
-
 @pytest.fixture()
 def project(tmp_path: Path) -> Path:
     """A project folder: data/raw/images/<class>/..., data/raw/index.csv and params.yaml."""
-    image_root = tmp_path / "data" / "raw" / "images"
-    seed = 0
-    for label, count in CLASSES.items():
-        for index in range(count):
-            seed += 1
-            _write_image(image_root / label / f"{label}_{index:02d}.{'png' if index % 3 == 0 else 'jpg'}", seed)
+    image_root = support.write_dataset(
+        tmp_path / "data" / "raw" / "images",
+        per_class=CLASSES,
+        size=((48, 40), (71, 55), (40, 88)),
+        name="{label}_{index:02d}",
+        formats=("png", "jpg", "jpg"),
+    )
     # A byte-identical copy inside one class, and one photo in two classes (a label conflict).
     (image_root / "daisy" / "daisy_copy.jpg").write_bytes((image_root / "daisy" / "daisy_01.jpg").read_bytes())
     (image_root / "tulips" / "roses_02_again.jpg").write_bytes((image_root / "roses" / "roses_02.jpg").read_bytes())

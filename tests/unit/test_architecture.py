@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import copy
 
-import architecture
 import pytest
 import yaml
+
+import architecture
 from conftest import REPOSITORY_ROOT
 
 SOURCE_ROOT = REPOSITORY_ROOT / "src"
@@ -46,9 +47,9 @@ def test_a_lazy_import_inside_a_function_counts(tmp_path):
     script.write_text("def main():\n    from transferlab.sub import late\n")
     files = architecture.files_run_by(script, tmp_path / "src")
     assert package / "sub" / "late.py" in files
-    assert architecture.uncovered(files, ["src/transferlab/__init__.py", "src/transferlab/sub/__init__.py"], tmp_path) == [
-        "src/transferlab/sub/late.py"
-    ]
+    assert architecture.uncovered(
+        files, ["src/transferlab/__init__.py", "src/transferlab/sub/__init__.py"], tmp_path
+    ) == ["src/transferlab/sub/late.py"]
 
 
 def test_the_import_graph_is_acyclic():

@@ -225,9 +225,16 @@ def test_tap_batches_shuffle_every_epoch_and_flip_reproducibly():
     first = epoch_rows(batches)
     maps, rows = batches[0]
     assert maps.dtype == np.float32 and sorted(first) == list(range(10))
-    for map_, row in zip(maps, rows):  # each map is its row's map, mirrored or not
-        original = activations[row].astype(np.float32)
-        assert np.array_equal(map_, original) or np.array_equal(map_, original[:, ::-1])
+    epochs = finetune.TapBatches(activations, labels, batch_size=4, seed=0, shuffle=True, flip=True)
+    mirrored = []  # over four epochs: each map is its row's map, mirrored left-right or not, about half of each
+    for _ in range(4):
+        for index in range(len(epochs)):
+            for map_, row in zip(*epochs[index]):
+                original = activations[row].astype(np.float32)
+                mirrored.append(np.array_equal(map_, original[:, ::-1]))
+                assert mirrored[-1] or np.array_equal(map_, original)
+        epochs.on_epoch_end()
+    assert 0.25 <= np.mean(mirrored) <= 0.75, mirrored
     again = finetune.TapBatches(activations, labels, batch_size=4, seed=0, shuffle=True, flip=True)
     assert np.array_equal(again[0][0], maps)
     batches.on_epoch_end()
