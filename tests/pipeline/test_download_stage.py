@@ -94,10 +94,24 @@ class Workspace:
         (root / "dvc.yaml").write_text("stages: {}\n")
 
     def start(self, **download) -> subprocess.Popen:
-        settings = {"min_image_side": 16, "min_images_per_class": 5, "max_image_pixels": 500_000, "retries": 0, **download}
+        settings = {
+            "min_image_side": 16,
+            "min_images_per_class": 5,
+            "max_image_pixels": 500_000,
+            "retries": 0,
+            **download,
+        }
         (self.root / "params.yaml").write_text(yaml.safe_dump({"base": {"seed": 1}, "download": settings}))
-        command = [sys.executable, str(STAGE), "--images", "data/raw/images", "--index", "data/raw/index.csv",
-                   "--metrics", "metrics/download.json"]
+        command = [
+            sys.executable,
+            str(STAGE),
+            "--images",
+            "data/raw/images",
+            "--index",
+            "data/raw/index.csv",
+            "--metrics",
+            "metrics/download.json",
+        ]
         return subprocess.Popen(command, cwd=self.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
     def run(self, **download) -> subprocess.CompletedProcess:
@@ -145,23 +159,42 @@ def test_stage_indexes_an_archive(tmp_path, flowers, workspace):
     assert [r["path"] for r in rows] == sorted(r["path"] for r in rows)
     status = {r["path"]: r["status"] for r in rows}
     assert status == {
-        "roses/alpha.png": "ok", "roses/cmyk.jpg": "ok", "roses/deep.png": "ok", "roses/gray.jpg": "ok",
-        "roses/nested/photo.webp": "ok", "roses/palette.gif": "ok", "roses/plain.jpg": "ok", "roses/rotated.jpg": "ok",
-        "tulips/.DS_Store": "not-an-image", "tulips/bitmap.bmp": "ok", "tulips/bomb.png": "too-large",
-        "tulips/noise.jpg": "corrupt", "tulips/notes.txt": "not-an-image", "tulips/tiny.png": "too-small",
-        "tulips/truncated.jpg": "corrupt", **{f"tulips/t{i}.jpg": "ok" for i in range(7)},
+        "roses/alpha.png": "ok",
+        "roses/cmyk.jpg": "ok",
+        "roses/deep.png": "ok",
+        "roses/gray.jpg": "ok",
+        "roses/nested/photo.webp": "ok",
+        "roses/palette.gif": "ok",
+        "roses/plain.jpg": "ok",
+        "roses/rotated.jpg": "ok",
+        "tulips/.DS_Store": "not-an-image",
+        "tulips/bitmap.bmp": "ok",
+        "tulips/bomb.png": "too-large",
+        "tulips/noise.jpg": "corrupt",
+        "tulips/notes.txt": "not-an-image",
+        "tulips/tiny.png": "too-small",
+        "tulips/truncated.jpg": "corrupt",
+        **{f"tulips/t{i}.jpg": "ok" for i in range(7)},
     }
     rotated = next(r for r in rows if r["path"] == "roses/rotated.jpg")
     assert (rotated["label"], rotated["width"], rotated["height"]) == ("roses", "40", "60")
     assert rotated["sha256"] == sha256(flowers / "roses" / "rotated.jpg")
     assert all(r["detail"] for r in rows if r["status"] != "ok")
     assert sorted(p.name for p in workspace.images.iterdir()) == ["LICENSE.txt", "roses", "tulips"]
-    assert (workspace.images / "roses" / "nested" / "photo.webp").read_bytes() == (flowers / "roses/nested/photo.webp").read_bytes()
+    assert (workspace.images / "roses" / "nested" / "photo.webp").read_bytes() == (
+        flowers / "roses/nested/photo.webp"
+    ).read_bytes()
     metrics = workspace.metrics()
     assert metrics["images"] == 16 and metrics["classes"] == 2
     assert metrics["images_per_class"] == {"roses": 8, "tulips": 8}
-    assert metrics["excluded"] == {"corrupt": 2, "not-an-image": 2, "too-small": 1, "too-large": 1, "link": 0,
-                                   "bad-name": 0}
+    assert metrics["excluded"] == {
+        "corrupt": 2,
+        "not-an-image": 2,
+        "too-small": 1,
+        "too-large": 1,
+        "link": 0,
+        "bad-name": 0,
+    }
     assert {f["path"] for f in metrics["excluded_files"]} == {p for p, s in status.items() if s != "ok"}
     assert metrics["archive_sha256"] == sha256(archive) and metrics["source"] == str(archive)
     assert metrics["duplicate_groups"] == 0 and metrics["label_conflicts"] == []
@@ -182,10 +215,13 @@ def test_stage_from_a_folder_with_a_relative_path_and_a_link(tmp_path, flowers, 
     metrics = workspace.metrics()
     assert metrics["archive_sha256"] is None and metrics["excluded"]["link"] == 1
     assert metrics["duplicates"] == [["roses/gray.jpg", "tulips/conflict.jpg"], ["roses/plain.jpg", "roses/twin.jpg"]]
-    assert metrics["label_conflicts"] == [{
-        "sha256": sha256(dataset / "roses" / "gray.jpg"), "labels": ["roses", "tulips"],
-        "paths": ["roses/gray.jpg", "tulips/conflict.jpg"],
-    }]
+    assert metrics["label_conflicts"] == [
+        {
+            "sha256": sha256(dataset / "roses" / "gray.jpg"),
+            "labels": ["roses", "tulips"],
+            "paths": ["roses/gray.jpg", "tulips/conflict.jpg"],
+        }
+    ]
 
 
 def test_stage_downloads_from_a_url(tmp_path, flowers, workspace):
@@ -216,15 +252,26 @@ def bad_source(case: str, tmp_path: Path, flowers: Path) -> tuple[dict, str]:
     if case == "checksum":
         archive = make_tgz(tmp_path / "f.tgz", flowers, "flowers")
         return {"source": str(archive), "sha256": "0" * 64}, (
-            f"checksum mismatch .*expected sha256 {'0' * 64}, got {sha256(archive)}.*set download.sha256: {sha256(archive)}"
+            f"checksum mismatch .*expected sha256 {'0' * 64}, got {sha256(archive)}"
+            f".*set download.sha256: {sha256(archive)}"
         )
     if case == "empty-sha256":
         archive = make_tgz(tmp_path / "f.tgz", flowers, "flowers")
         return {"source": str(archive), "sha256": ""}, f"sha256 is empty.*set download.sha256: {sha256(archive)}"
     members = {
-        "traversal": ("flowers/roses/../../../evil.jpg", tarfile.REGTYPE, "", r"member 'flowers/roses/\.\./\.\./\.\./evil\.jpg' has a '\.\.' component"),
+        "traversal": (
+            "flowers/roses/../../../evil.jpg",
+            tarfile.REGTYPE,
+            "",
+            r"member 'flowers/roses/\.\./\.\./\.\./evil\.jpg' has a '\.\.' component",
+        ),
         "absolute": ("/tmp/evil.jpg", tarfile.REGTYPE, "", r"member '/tmp/evil\.jpg' has an absolute path"),
-        "symlink": ("flowers/roses/link.jpg", tarfile.SYMTYPE, "/etc/passwd", r"member 'flowers/roses/link\.jpg' is a symbolic link"),
+        "symlink": (
+            "flowers/roses/link.jpg",
+            tarfile.SYMTYPE,
+            "/etc/passwd",
+            r"member 'flowers/roses/link\.jpg' is a symbolic link",
+        ),
     }
     if case in members:
         name, kind, linkname, expected = members[case]
@@ -236,16 +283,23 @@ def bad_source(case: str, tmp_path: Path, flowers: Path) -> tuple[dict, str]:
         for file in sorted((flowers / "tulips").glob("t*.jpg")):
             file.rename(flat / file.name)
         archive = make_tgz(tmp_path / "f.tgz", flat, ".")
-        return {"source": str(archive), "sha256": sha256(archive)}, r"no class folders found \(found: t0\.jpg, .*one sub-folder per class"
+        return {
+            "source": str(archive),
+            "sha256": sha256(archive),
+        }, r"no class folders found \(found: t0\.jpg, .*one sub-folder per class"
     if case == "one-class":
         archive = make_tgz(tmp_path / "f.tgz", flowers / "tulips", "data/tulips")
-        return {"source": str(archive), "sha256": sha256(archive)}, r"fewer than 2 classes with usable images\. Usable images per class folder: tulips: 8 \("
+        return {
+            "source": str(archive),
+            "sha256": sha256(archive),
+        }, r"fewer than 2 classes with usable images\. Usable images per class folder: tulips: 8 \("
     if case == "too-few":
         for index in range(6):
             (flowers / "tulips" / f"t{index}.jpg").unlink()
         archive = make_tgz(tmp_path / "f.tgz", flowers, "flowers")
         return {"source": str(archive), "sha256": sha256(archive)}, (
-            r"class 'tulips' has 2 usable image\(s\) \(excluded: 2 corrupt, 2 not-an-image, 1 too-large, 1 too-small\).*"
+            r"class 'tulips' has 2 usable image\(s\) "
+            r"\(excluded: 2 corrupt, 2 not-an-image, 1 too-large, 1 too-small\).*"
             r"download.min_images_per_class=5"
         )
     if case == "missing":
@@ -265,12 +319,27 @@ def bad_source(case: str, tmp_path: Path, flowers: Path) -> tuple[dict, str]:
             r"download\.max_expansion_ratio=100"
         )
     if case == "unreachable":
-        return {"source": closed_port_url(), "sha256": "0" * 64}, r"could not download http://127\.0\.0\.1:.* after 1 attempt"
+        return {
+            "source": closed_port_url(),
+            "sha256": "0" * 64,
+        }, r"could not download http://127\.0\.0\.1:.* after 1 attempt"
     raise AssertionError(case)
 
 
-BAD_CASES = ["checksum", "empty-sha256", "traversal", "absolute", "symlink", "no-class-folders", "one-class",
-             "too-few", "missing", "unreachable", "dot-source", "bomb"]
+BAD_CASES = [
+    "checksum",
+    "empty-sha256",
+    "traversal",
+    "absolute",
+    "symlink",
+    "no-class-folders",
+    "one-class",
+    "too-few",
+    "missing",
+    "unreachable",
+    "dot-source",
+    "bomb",
+]
 
 
 @pytest.mark.parametrize("case", BAD_CASES)
@@ -290,7 +359,9 @@ def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, flowers, workspace
 def test_a_failed_run_keeps_the_previous_outputs(tmp_path, flowers, workspace):
     archive = make_tgz(tmp_path / "good.tgz", flowers, "flowers")
     assert workspace.run(source=str(archive), sha256=sha256(archive)).returncode == 0
-    before = {p.relative_to(workspace.root): p.read_bytes() for p in (workspace.root / "data").rglob("*") if p.is_file()}
+    before = {
+        p.relative_to(workspace.root): p.read_bytes() for p in (workspace.root / "data").rglob("*") if p.is_file()
+    }
     metrics_before = (workspace.root / "metrics" / "download.json").read_text()
     bad = tar_with(tmp_path / "bad.tgz", flowers, "flowers/roses/../../evil.jpg")
     result = workspace.run(source=str(bad), sha256=sha256(bad))
@@ -348,13 +419,20 @@ def test_real_flower_photos(tmp_path):
     archive = require_mirror(FLOWERS_ARCHIVE)
     workspace = Workspace(tmp_path / "repo")
     started = time.perf_counter()
-    result = workspace.run(source=str(archive), sha256=FLOWERS_ARCHIVE_SHA256, min_image_side=32,
-                           max_image_pixels=89_478_485, retries=3)
+    result = workspace.run(
+        source=str(archive), sha256=FLOWERS_ARCHIVE_SHA256, min_image_side=32, max_image_pixels=89_478_485, retries=3
+    )
     seconds = time.perf_counter() - started
     assert result.returncode == 0, result.stderr
     metrics = workspace.metrics()
     assert metrics["images"] == 3670 and metrics["classes"] == 5
-    assert metrics["images_per_class"] == {"daisy": 633, "dandelion": 898, "roses": 641, "sunflowers": 699, "tulips": 799}
+    assert metrics["images_per_class"] == {
+        "daisy": 633,
+        "dandelion": 898,
+        "roses": 641,
+        "sunflowers": 699,
+        "tulips": 799,
+    }
     assert sum(metrics["excluded"].values()) == 0
     conflict = ["roses/15922772266_1167a06620.jpg", "tulips/15922772266_1167a06620.jpg"]
     assert [c["paths"] for c in metrics["label_conflicts"]] == [conflict]  # the known roses/tulips photo

@@ -68,8 +68,29 @@ def test_choose_engine_remembers_its_verdict(real_photos, tmp_path):
         builds.append(1)
         return registry.build("mobilenet", alpha=0.25, weights=str(weights), image_size=128)
 
-    choice = engine_choice.choose_keras_engine(requested="auto", build_model=build, conversion_directory=tmp_path, identity="mobilenet@0.25|x|128", sample_pixels=lambda: pixels)
+    choice = engine_choice.choose_keras_engine(
+        requested="auto",
+        build_model=build,
+        conversion_directory=tmp_path,
+        identity="mobilenet@0.25|x|128",
+        sample_pixels=lambda: pixels,
+    )
     assert choice.name == "tflite" and choice.verdict["cosine"] >= engine_choice.MINIMUM_COSINE and len(builds) == 1
-    again = engine_choice.choose_keras_engine(requested="auto", build_model=build, conversion_directory=tmp_path, identity="mobilenet@0.25|x|128", sample_pixels=lambda: pixels)
+    again = engine_choice.choose_keras_engine(
+        requested="auto",
+        build_model=build,
+        conversion_directory=tmp_path,
+        identity="mobilenet@0.25|x|128",
+        sample_pixels=lambda: pixels,
+    )
     assert again.name == "tflite" and len(builds) == 1, "a remembered verdict must not rebuild or reconvert"
-    assert engine_choice.choose_keras_engine(requested="keras", build_model=build, conversion_directory=tmp_path, identity="y", sample_pixels=lambda: pixels).name == "keras"
+    assert (
+        engine_choice.choose_keras_engine(
+            requested="keras",
+            build_model=build,
+            conversion_directory=tmp_path,
+            identity="y",
+            sample_pixels=lambda: pixels,
+        ).name
+        == "keras"
+    )

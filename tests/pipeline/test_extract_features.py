@@ -55,7 +55,10 @@ def test_hit_after_miss_and_identical_features_without_the_cache(dataset, tmp_pa
     assert cold_report["embedded"] == len(rows) and cold_report["cache_hits"] == 0
     assert warm_report["embedded"] == 0 and warm_report["cache_hits"] == len(rows)
     assert uncached_report["cache"] == "disabled" and uncached_report["embedded"] == len(rows)
-    assert cold_report["random_init"] is True and cold_report["backbones"]["mobilenet_v2"]["weights"] == "random-init-seed0"
+    assert (
+        cold_report["random_init"] is True
+        and cold_report["backbones"]["mobilenet_v2"]["weights"] == "random-init-seed0"
+    )
     for split in ("train", "val", "test"):
         np.testing.assert_array_equal(cold[split].arrays["features"], warm[split].arrays["features"])
         np.testing.assert_array_equal(cold[split].arrays["features"], uncached[split].arrays["features"])
@@ -71,7 +74,9 @@ def test_a_stack_is_the_concatenation_of_its_members_and_adding_one_embeds_only_
     cache = tmp_path / "cache"
     alone, _ = run_extraction(folder, rows, cache)
     other, _ = run_extraction(folder, rows, tmp_path / "other-cache", backbone="mobilenet", alpha=0.25)
-    stacked, report = run_extraction(folder, rows, cache, backbone=["mobilenet_v2", "mobilenet"], alpha={"mobilenet_v2": 0.35, "mobilenet": 0.25})
+    stacked, report = run_extraction(
+        folder, rows, cache, backbone=["mobilenet_v2", "mobilenet"], alpha={"mobilenet_v2": 0.35, "mobilenet": 0.25}
+    )
 
     by_name = report["backbones"]
     assert by_name["mobilenet_v2"]["embedded"] == 0 and by_name["mobilenet_v2"]["cache_hits"] == len(rows)
@@ -93,7 +98,9 @@ def test_a_corrupt_entry_is_recomputed_not_served(dataset, tmp_path):
     with sqlite3.connect(database) as connection:
         blob = bytearray(connection.execute("SELECT data FROM entries LIMIT 1").fetchone()[0])
         blob[10] ^= 0xFF
-        connection.execute("UPDATE entries SET data = ? WHERE rowid = (SELECT rowid FROM entries LIMIT 1)", (bytes(blob),))
+        connection.execute(
+            "UPDATE entries SET data = ? WHERE rowid = (SELECT rowid FROM entries LIMIT 1)", (bytes(blob),)
+        )
     again, report = run_extraction(folder, rows, tmp_path / "cache")
     assert report["backbones"]["mobilenet_v2"]["corrupt_entries_recomputed"] == 1
     assert report["embedded"] == 1
@@ -102,13 +109,23 @@ def test_a_corrupt_entry_is_recomputed_not_served(dataset, tmp_path):
 
 def test_bad_settings_fail_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="more than once"):
-        stack.resolve_members(params.parse_section("extract_features", {**SMALL, "backbone": ["mobilenet_v2", "mobilenet_v2"]}), seed=0)
+        stack.resolve_members(
+            params.parse_section("extract_features", {**SMALL, "backbone": ["mobilenet_v2", "mobilenet_v2"]}), seed=0
+        )
     with pytest.raises(ValueError, match="neither in the stack nor a registered backbone"):
         stack.resolve_members(params.parse_section("extract_features", {**SMALL, "alpha": {"resnet5": 1.0}}), seed=0)
     # A mapping may name other registry backbones: one params.yaml serves a whole comparison.
-    assert stack.resolve_members(params.parse_section("extract_features", {**SMALL, "alpha": {"mobilenet_v2": 0.35, "mobilenet": 0.25}}), seed=0)[0].alpha == 0.35
+    assert (
+        stack.resolve_members(
+            params.parse_section("extract_features", {**SMALL, "alpha": {"mobilenet_v2": 0.35, "mobilenet": 0.25}}),
+            seed=0,
+        )[0].alpha
+        == 0.35
+    )
     with pytest.raises(ValueError, match="weights file not found"):
-        stack.resolve_members(params.parse_section("extract_features", {**SMALL, "weights": "missing/weights.h5"}), seed=0)
+        stack.resolve_members(
+            params.parse_section("extract_features", {**SMALL, "weights": "missing/weights.h5"}), seed=0
+        )
     with pytest.raises(ValueError, match="choose one of"):
         stack.resolve_members(params.parse_section("extract_features", {**SMALL, "backbone": "resnet5"}), seed=0)
 
@@ -135,7 +152,20 @@ def stage_workspace(tmp_path: Path, per_class: int) -> Path:
 
 def stage_command(root: Path, out: str = "data/features", metrics: str = "metrics/extract_features.json") -> list[str]:
     script = support.REPOSITORY_ROOT / "stages" / "extract_features.py"
-    return [sys.executable, str(script), "--images", "data/raw/images", "--splits", "data/splits", "--augmented", "data/augmented/train.csv", "--out", out, "--metrics", metrics]
+    return [
+        sys.executable,
+        str(script),
+        "--images",
+        "data/raw/images",
+        "--splits",
+        "data/splits",
+        "--augmented",
+        "data/augmented/train.csv",
+        "--out",
+        out,
+        "--metrics",
+        metrics,
+    ]
 
 
 def cached_rows(cache: Path) -> int:
@@ -169,7 +199,10 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
 def test_two_runs_filling_the_cache_at_once_both_succeed(tmp_path):
     root = stage_workspace(tmp_path, per_class=10)
     commands = [stage_command(root, f"out{index}", f"metrics{index}.json") for index in (1, 2)]
-    processes = [subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for command in commands]
+    processes = [
+        subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
     for process in processes:
         _, errors = process.communicate(timeout=600)
         assert process.returncode == 0, errors[-3000:]

@@ -43,7 +43,11 @@ def test_dvc_pipeline_with_the_finetune_head(dvc_project):
         file_bytes += (project.root / f"data/features/taps/{split}.npy").stat().st_size
     assert taps["file_bytes"] == file_bytes
     assert json.loads((project.root / "data/features/taps/taps.json").read_text())["layer"] == "block_13_expand"
-    assert {path.name for path in (project.root / "models/head").iterdir()} == {"head.json", "head.keras", "backbone.keras"}
+    assert {path.name for path in (project.root / "models/head").iterdir()} == {
+        "head.json",
+        "head.keras",
+        "backbone.keras",
+    }
     trained = read_json(project, "metrics/train_head.json")
     assert trained["head"] == "finetune" and trained["epochs_run"] == 2 and trained["from_layer"] == "block_13_expand"
     assert len((project.root / "metrics/train_head/val/loss.tsv").read_text().splitlines()) == 3  # header + 2 epochs
@@ -83,9 +87,8 @@ def flower_subset(archive: Path, folder: Path, per_class: int) -> Path:
 
 @pytest.mark.real_data
 def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(tmp_path):
-    from transferlab.heads import train_head
+    from transferlab.heads import base, finetune, train_head
     from transferlab.reports import evaluate
-    from transferlab.heads import base, finetune
 
     archive = require_mirror(FLOWERS_ARCHIVE)
     weights = require_mirror(WEIGHTS / SHARED_MOBILENET_V2)
@@ -97,8 +100,15 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
     settings = params.parse_section("extract_features", {"backbone": "mobilenet_v2", "weights": str(weights)})
     features_folder = tmp_path / "features"
     feature_sets, report = extract_features.extract_features(
-        members=stack.resolve_members(settings, seed=0), rows_by_split=splits, images_directory=folder,
-        cache_directory=tmp_path / "cache", engine="auto", batch_size=32, threads=2, seed=0, max_image_pixels=10**8,
+        members=stack.resolve_members(settings, seed=0),
+        rows_by_split=splits,
+        images_directory=folder,
+        cache_directory=tmp_path / "cache",
+        engine="auto",
+        batch_size=32,
+        threads=2,
+        seed=0,
+        max_image_pixels=10**8,
         tap_request=tap_jobs.TapRequest("auto", features_folder / "taps"),
     )
     files.write_feature_files(features_folder, feature_sets)
@@ -107,8 +117,9 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
 
     loaded = files.load_splits(features_folder)
     options = params.TrainHeadParams(head="finetune").head_options()
-    result = train_head.train_head(head="finetune", train=loaded["train"], val=loaded["val"], seed=0, class_weight="none",
-                              options=options)
+    result = train_head.train_head(
+        head="finetune", train=loaded["train"], val=loaded["val"], seed=0, class_weight="none", options=options
+    )
     evaluated = evaluate.evaluate(head=result.head, val=loaded["val"], test=loaded["test"], gallery_images=4)
     assert evaluated.metrics["test"]["examples"] == 60
     assert evaluated.metrics["test"]["accuracy"] > 0.6  # chance is 0.2
@@ -116,10 +127,12 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
     train_head.save_head(result.head, tmp_path / "head")
     model = finetune.full_model(tmp_path / "head")
     test = loaded["test"]
-    pixels = np.stack([
-        decode.render(decode.Item(sha, recipe, path), images_directory=folder, size=224, max_image_pixels=10**8)
-        for sha, recipe, path in zip(test.sha256, test.recipes, test.paths)
-    ]).astype(np.float32)
+    pixels = np.stack(
+        [
+            decode.render(decode.Item(sha, recipe, path), images_directory=folder, size=224, max_image_pixels=10**8)
+            for sha, recipe, path in zip(test.sha256, test.recipes, test.paths)
+        ]
+    ).astype(np.float32)
     from_pixels = model.predict(pixels, batch_size=32, verbose=0)
     expected = base.predict_split(result.head, test)
     assert (from_pixels.argmax(axis=1) == expected.argmax(axis=1)).mean() >= 0.98
@@ -135,15 +148,24 @@ def test_taps_are_the_same_without_the_cache_and_a_corrupt_tap_is_recomputed(tmp
 
     def run(cache, out):
         _, report = extract_features.extract_features(
-            members=stack.resolve_members(settings, seed=0), rows_by_split=splits, images_directory=folder,
-            cache_directory=cache, engine="keras", batch_size=4, threads=2, seed=0, max_image_pixels=10**8,
+            members=stack.resolve_members(settings, seed=0),
+            rows_by_split=splits,
+            images_directory=folder,
+            cache_directory=cache,
+            engine="keras",
+            batch_size=4,
+            threads=2,
+            seed=0,
+            max_image_pixels=10**8,
             tap_request=tap_jobs.TapRequest("block_15_expand", out),
         )
         return report["taps"], {split: np.load(out / f"{split}.npy") for split in splits}
 
     cold, reference = run(tmp_path / "cache", tmp_path / "cold")
     assert cold["computed"] == len(rows) and cold["cache_hits"] == 0 and cold["layer"] == "block_15_expand"
-    assert {name: array.shape[0] for name, array in reference.items()} == {name: len(split) for name, split in splits.items()}
+    assert {name: array.shape[0] for name, array in reference.items()} == {
+        name: len(split) for name, split in splits.items()
+    }
     uncached, arrays = run(None, tmp_path / "uncached")
     assert uncached["computed"] == len(rows) and uncached["cache_bytes"] == 0
     for split in splits:
@@ -153,7 +175,9 @@ def test_taps_are_the_same_without_the_cache_and_a_corrupt_tap_is_recomputed(tmp
     with sqlite3.connect(database) as connection:
         blob = bytearray(connection.execute("SELECT data FROM entries LIMIT 1").fetchone()[0])
         blob[3] ^= 0xFF
-        connection.execute("UPDATE entries SET data = ? WHERE rowid = (SELECT rowid FROM entries LIMIT 1)", (bytes(blob),))
+        connection.execute(
+            "UPDATE entries SET data = ? WHERE rowid = (SELECT rowid FROM entries LIMIT 1)", (bytes(blob),)
+        )
     warm, arrays = run(tmp_path / "cache", tmp_path / "warm")
     assert warm["corrupt_entries_recomputed"] == 1 and warm["computed"] == 1
     for split in splits:
@@ -169,8 +193,14 @@ def _description(database: Path) -> str:
 
 
 def test_a_stack_or_a_tflite_backbone_cannot_be_fine_tuned():
-    settings = params.parse_section("extract_features", {**support.SMALL_PARAMS["extract_features"],
-                                                         "backbone": ["mobilenet_v2", "mobilenet"], "alpha": {"mobilenet": 0.25}})
+    settings = params.parse_section(
+        "extract_features",
+        {
+            **support.SMALL_PARAMS["extract_features"],
+            "backbone": ["mobilenet_v2", "mobilenet"],
+            "alpha": {"mobilenet": 0.25},
+        },
+    )
     members = stack.resolve_members(settings, seed=0)
     with pytest.raises(ValueError, match="one registry backbone"):
         tap_jobs.tap_member(members)

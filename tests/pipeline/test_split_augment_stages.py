@@ -35,8 +35,9 @@ def project(tmp_path: Path) -> Path:
     (image_root / "tulips" / "roses_02_again.jpg").write_bytes((image_root / "roses" / "roses_02.jpg").read_bytes())
     (image_root / "roses" / "broken.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
     _write_index(image_root, tmp_path / "data" / "raw" / "index.csv")
-    _write_params(tmp_path, split={"val_fraction": 0.2, "test_fraction": 0.2},
-                  augment={"copies": 2, "preview_images": 4})
+    _write_params(
+        tmp_path, split={"val_fraction": 0.2, "test_fraction": 0.2}, augment={"copies": 2, "preview_images": 4}
+    )
     return tmp_path
 
 
@@ -47,9 +48,17 @@ def _write_index(image_root: Path, index: Path) -> None:
             relative = path.relative_to(image_root).as_posix()
             ok = not path.name.startswith("broken")
             width, height = Image.open(path).size if ok else ("", "")
-            rows.append({"path": relative, "label": path.parent.name, "sha256": images.sha256_file(path),
-                         "width": width, "height": height, "status": "ok" if ok else "corrupt",
-                         "detail": "" if ok else "cannot decode"})
+            rows.append(
+                {
+                    "path": relative,
+                    "label": path.parent.name,
+                    "sha256": images.sha256_file(path),
+                    "width": width,
+                    "height": height,
+                    "status": "ok" if ok else "corrupt",
+                    "detail": "" if ok else "cannot decode",
+                }
+            )
     with index.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=INDEX_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -64,12 +73,21 @@ def _write_params(root: Path, **sections) -> None:
 def _run(project: Path, stage: str) -> subprocess.CompletedProcess:
     commands = {
         "split": ["--index", "data/raw/index.csv", "--out", "data/splits", "--metrics", "metrics/split.json"],
-        "augment": ["--train", "data/splits/train.csv", "--images", "data/raw/images", "--out",
-                    "data/augmented/train.csv", "--preview", "metrics/augment/preview.png"],
+        "augment": [
+            "--train",
+            "data/splits/train.csv",
+            "--images",
+            "data/raw/images",
+            "--out",
+            "data/augmented/train.csv",
+            "--preview",
+            "metrics/augment/preview.png",
+        ],
     }
     script = REPOSITORY / "stages" / f"{stage}.py"
-    return subprocess.run([sys.executable, str(script), *commands[stage]], cwd=project, capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(script), *commands[stage]], cwd=project, capture_output=True, text=True, timeout=120
+    )
 
 
 def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
@@ -120,8 +138,9 @@ def test_split_then_augment(project: Path):
 
 
 def test_augment_with_copies_zero_lists_originals_and_still_previews(project: Path):
-    _write_params(project, split={"val_fraction": 0.2, "test_fraction": 0.2},
-                  augment={"copies": 0, "preview_images": 2})
+    _write_params(
+        project, split={"val_fraction": 0.2, "test_fraction": 0.2}, augment={"copies": 0, "preview_images": 2}
+    )
     assert _run(project, "split").returncode == 0
     result = _run(project, "augment")
     assert result.returncode == 0, result.stderr

@@ -64,14 +64,23 @@ def extract_with(folder: Path, rows: list[dict], cache: Path, backbone, mirror_a
     values = {**support.SMALL_PARAMS["extract_features"], "backbone": backbone, **settings}
     members = stack.resolve_members(params.parse_section("extract_features", values), seed=0)
     return extract_features.extract_features(
-        members=members, rows_by_split={"train": rows[::2], "val": rows[1::2]}, images_directory=folder,
-        cache_directory=cache, engine=values.get("engine", "auto"), batch_size=5, threads=2, seed=0, max_image_pixels=10**8,
+        members=members,
+        rows_by_split={"train": rows[::2], "val": rows[1::2]},
+        images_directory=folder,
+        cache_directory=cache,
+        engine=values.get("engine", "auto"),
+        batch_size=5,
+        threads=2,
+        seed=0,
+        max_image_pixels=10**8,
         mirror_average=mirror_average,
     )
 
 
 def rendered(folder: Path, rows: list[dict]) -> np.ndarray:
-    return np.stack([augment.render_view(images.open_rgb(folder / row["path"], max_image_pixels=10**8), "", SIZE) for row in rows])
+    return np.stack(
+        [augment.render_view(images.open_rgb(folder / row["path"], max_image_pixels=10**8), "", SIZE) for row in rows]
+    )
 
 
 def lowest_cosine(first: np.ndarray, second: np.ndarray) -> float:
@@ -118,7 +127,9 @@ def test_a_stack_with_a_tflite_member_is_the_concatenation_and_adding_a_member_e
     assert report["backbones"]["tiny"] == {**report["backbones"]["tiny"], "embedded": 0, "cache_hits": len(rows)}
     assert report["backbones"]["mobilenet_v2"]["embedded"] == len(rows) and report["embedded"] == len(rows)
     for split in ("train", "val"):
-        expected = np.concatenate([tflite_alone[split].arrays["features"], keras_alone[split].arrays["features"]], axis=1)
+        expected = np.concatenate(
+            [tflite_alone[split].arrays["features"], keras_alone[split].arrays["features"]], axis=1
+        )
         np.testing.assert_array_equal(stacked[split].arrays["features"], expected)
     arrays = stacked["train"].arrays
     assert list(arrays["block_widths"]) == [16, 1280] and list(arrays["block_offsets"]) == [0, 16]
@@ -151,9 +162,17 @@ def test_mirror_averaging_refuses_the_finetune_heads_tap_activations(tiny, datas
     members = stack.resolve_members(params.parse_section("extract_features", {"backbone": f"tflite:{path}"}), seed=0)
     with pytest.raises(ValueError, match="mirror_average: false"):
         extract_features.extract_features(
-            members=members, rows_by_split={"train": rows}, images_directory=folder, cache_directory=tmp_path / "cache",
-            engine="auto", batch_size=5, threads=2, seed=0, max_image_pixels=10**8,
-            tap_request=tap_jobs.TapRequest("auto", tmp_path / "taps"), mirror_average=True,
+            members=members,
+            rows_by_split={"train": rows},
+            images_directory=folder,
+            cache_directory=tmp_path / "cache",
+            engine="auto",
+            batch_size=5,
+            threads=2,
+            seed=0,
+            max_image_pixels=10**8,
+            tap_request=tap_jobs.TapRequest("auto", tmp_path / "taps"),
+            mirror_average=True,
         )
 
 
@@ -193,7 +212,9 @@ def test_each_bad_spec_gives_its_error_naming_the_file(tiny, bad_files, tmp_path
 def test_a_bad_spec_stops_the_stage_with_its_message(tiny, bad_files, tmp_path):
     root = tmp_path / "workspace"
     folder = support.write_dataset(root / "data" / "raw" / "images", per_class=3)
-    lines = ["path,label,sha256,recipe"] + [f"{r['path']},{r['label']},{r['sha256']}," for r in support.rows_for(folder)]
+    lines = ["path,label,sha256,recipe"] + [
+        f"{r['path']},{r['label']},{r['sha256']}," for r in support.rows_for(folder)
+    ]
     for target in ("data/augmented/train.csv", "data/splits/val.csv", "data/splits/test.csv"):
         (root / target).parent.mkdir(parents=True, exist_ok=True)
         (root / target).write_text("\n".join(lines) + "\n")
@@ -203,8 +224,20 @@ def test_a_bad_spec_stops_the_stage_with_its_message(tiny, bad_files, tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "text.tflite").write_bytes((bad_files / "text.tflite").read_bytes())
     script = support.REPOSITORY_ROOT / "stages" / "extract_features.py"
-    command = [sys.executable, str(script), "--images", "data/raw/images", "--splits", "data/splits",
-               "--augmented", "data/augmented/train.csv", "--out", "data/features", "--metrics", "metrics/extract_features.json"]
+    command = [
+        sys.executable,
+        str(script),
+        "--images",
+        "data/raw/images",
+        "--splits",
+        "data/splits",
+        "--augmented",
+        "data/augmented/train.csv",
+        "--out",
+        "data/features",
+        "--metrics",
+        "metrics/extract_features.json",
+    ]
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     # The relative path counts from the workspace root (the folder holding dvc.yaml).
@@ -239,7 +272,10 @@ def test_a_queued_experiment_with_a_relative_tflite_path_works(tiny, dvc_project
     member = metrics["metrics/extract_features.json"]["backbones"]["tiny"]
     assert member["spec"] == "tflite:../models/tiny.tflite" and member["weights"] == registry.sha256_file(path)
     assert member["feature_dim"] == 16 and member["embedded"] + member["cache_hits"] > 0
-    assert 0.0 <= metrics["metrics/evaluate.json"]["test"]["accuracy"] <= 1.0
+    evaluation = metrics["metrics/evaluate.json"]
+    assert evaluation["provenance"]["backbone"] == "tiny"  # evaluate saw the queued copy's tiny features
+    assert evaluation["provenance"]["blocks"]["tiny"]["width"] == 16
+    assert evaluation["test"]["examples"] > 0
 
 
 def wait_for(project, name: str, timeout: float = 600) -> str:

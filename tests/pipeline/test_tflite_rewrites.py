@@ -61,7 +61,9 @@ def dequantized_filters(content: bytes) -> list[tuple[np.ndarray, int]]:
     """Each convolution's filter as real numbers, (q - zero point) x scale, and its channel axis."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-    interpreter = Interpreter(model_content=content, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+    interpreter = Interpreter(
+        model_content=content, experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+    )
     interpreter.allocate_tensors()
     details = {detail["index"]: detail for detail in interpreter.get_tensor_details()}
     filters = []
@@ -73,7 +75,9 @@ def dequantized_filters(content: bytes) -> list[tuple[np.ndarray, int]]:
             shape = [1] * len(detail["shape"])
             shape[axis] = -1 if len(quantization["scales"]) > 1 else 1
             values = interpreter.get_tensor(op["inputs"][1]).astype(np.float64)
-            filters.append(((values - quantization["zero_points"].reshape(shape)) * quantization["scales"].reshape(shape), axis))
+            filters.append(
+                ((values - quantization["zero_points"].reshape(shape)) * quantization["scales"].reshape(shape), axis)
+            )
     return filters
 
 
@@ -100,23 +104,35 @@ def test_the_int8_rewrite_keeps_the_weights_and_the_features(photos):
 
 def fixed_speeds(monkeypatch, content: bytes, *, as_given: float, rewritten: float) -> None:
     """Speed is measured on a shared machine; the choice is tested with fixed figures."""
-    monkeypatch.setattr(engine_choice, "_images_per_second", lambda model, pixels: as_given if model == content else rewritten)
+    monkeypatch.setattr(
+        engine_choice, "_images_per_second", lambda model, pixels: as_given if model == content else rewritten
+    )
 
 
 def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, monkeypatch):
     content = require_mirror(V1).read_bytes()
     sha256 = registry.sha256_file(V1)
     fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
-    choose = lambda requested: engine_choice.choose_tflite_engine(
-        requested=requested, path=V1, tensor="", sha256=sha256, conversion_directory=tmp_path, sample_pixels=lambda: photos
-    )
+
+    def choose(requested):
+        return engine_choice.choose_tflite_engine(
+            requested=requested,
+            path=V1,
+            tensor="",
+            sha256=sha256,
+            conversion_directory=tmp_path,
+            sample_pixels=lambda: photos,
+        )
+
     choice = choose("auto")
     assert choice.name == "tflite-int8" and choice.verdict["rewrite"] == "int8"
     verdict = json.loads((tmp_path / f"{sha256}-tflite.json").read_text())
     assert verdict["paths"]["int8"]["qualifies"] and verdict["paths"]["int8"]["lowest_cosine"] >= verdict["noise_floor"]
     assert verdict["not_applicable"] == {"static-shapes": "every tensor already has a shape"}
 
-    monkeypatch.setattr(engine_choice, "measure", lambda *arguments: pytest.fail("a remembered verdict is not measured again"))
+    monkeypatch.setattr(
+        engine_choice, "measure", lambda *arguments: pytest.fail("a remembered verdict is not measured again")
+    )
     assert choose("auto").name == "tflite-int8"
     assert choose("tflite").name == "tflite", "engine: tflite runs the file as given"
     features = choice.build().run(photos)

@@ -38,11 +38,18 @@ def workspace(tmp_path: Path) -> Path:
         folder = tmp_path / "data" / "features"
         folder.mkdir(parents=True, exist_ok=True)
         np.savez(
-            folder / f"{split}.npz", features=features.astype(np.float32), labels=labels.astype(np.int32),
-            class_names=np.array(CLASSES), paths=np.array(paths), sha256=np.array([f"{i:064x}" for i in range(len(labels))]),
-            recipes=np.array([""] * len(labels)), block_specs=np.array(["mobilenet_v2", "tflite:lite0.tflite"]),
-            block_names=np.array(["mobilenet_v2", "lite0"]), block_weights=np.array(["weights.h5", "random-init-seed0"]),
-            block_engines=np.array(["keras", "tflite"]), block_widths=np.array(WIDTHS, dtype=np.int64),
+            folder / f"{split}.npz",
+            features=features.astype(np.float32),
+            labels=labels.astype(np.int32),
+            class_names=np.array(CLASSES),
+            paths=np.array(paths),
+            sha256=np.array([f"{i:064x}" for i in range(len(labels))]),
+            recipes=np.array([""] * len(labels)),
+            block_specs=np.array(["mobilenet_v2", "tflite:lite0.tflite"]),
+            block_names=np.array(["mobilenet_v2", "lite0"]),
+            block_weights=np.array(["weights.h5", "random-init-seed0"]),
+            block_engines=np.array(["keras", "tflite"]),
+            block_widths=np.array(WIDTHS, dtype=np.int64),
             block_offsets=np.array([0, WIDTHS[0]], dtype=np.int64),
         )
     write_params(tmp_path, {"head": "logistic", "logistic": {"c_grid": [0.01, 0.1, 1.0]}})
@@ -60,19 +67,46 @@ def run_stage(root: Path, stage: str, *arguments: str) -> subprocess.CompletedPr
     environment = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run(
         [sys.executable, str(REPOSITORY / "stages" / f"{stage}.py"), *arguments],
-        cwd=root, capture_output=True, text=True, env=environment, timeout=600,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        env=environment,
+        timeout=600,
     )
 
 
 def train_head(root: Path) -> subprocess.CompletedProcess:
-    return run_stage(root, "train_head", "--features", "data/features", "--model", "models/head",
-                     "--metrics", "metrics/train_head.json", "--live", "metrics/train_head")
+    return run_stage(
+        root,
+        "train_head",
+        "--features",
+        "data/features",
+        "--model",
+        "models/head",
+        "--metrics",
+        "metrics/train_head.json",
+        "--live",
+        "metrics/train_head",
+    )
 
 
 def evaluate(root: Path) -> subprocess.CompletedProcess:
-    return run_stage(root, "evaluate", "--features", "data/features", "--model", "models/head", "--images", "data/raw/images",
-                     "--metrics", "metrics/evaluate.json", "--plots", "metrics/evaluate",
-                     "--extract-metrics", "metrics/extract_features.json")
+    return run_stage(
+        root,
+        "evaluate",
+        "--features",
+        "data/features",
+        "--model",
+        "models/head",
+        "--images",
+        "data/raw/images",
+        "--metrics",
+        "metrics/evaluate.json",
+        "--plots",
+        "metrics/evaluate",
+        "--extract-metrics",
+        "metrics/extract_features.json",
+    )
 
 
 def read_tsv(path: Path) -> list[dict[str, str]]:
@@ -82,12 +116,17 @@ def read_tsv(path: Path) -> list[dict[str, str]]:
 
 def test_logistic_train_head_then_evaluate_write_every_output(workspace):
     (workspace / "metrics").mkdir()
-    (workspace / "metrics" / "extract_features.json").write_text(json.dumps(
-        {"backbones": {"mobilenet_v2": {"spec": "mobilenet_v2", "engine": "keras", "image_size": 224}}}))
+    (workspace / "metrics" / "extract_features.json").write_text(
+        json.dumps({"backbones": {"mobilenet_v2": {"spec": "mobilenet_v2", "engine": "keras", "image_size": 224}}})
+    )
     trained = train_head(workspace)
     assert trained.returncode == 0, trained.stderr
     assert "C=0.01" in trained.stderr and "chose C=" in trained.stderr  # progress lines
-    assert sorted(p.name for p in (workspace / "models" / "head").iterdir()) == ["head.json", "logistic.npz", "standardizer.npz"]
+    assert sorted(p.name for p in (workspace / "models" / "head").iterdir()) == [
+        "head.json",
+        "logistic.npz",
+        "standardizer.npz",
+    ]
     report = json.loads((workspace / "metrics" / "train_head.json").read_text())
     assert report["head"] == "logistic" and report["c"] in (0.01, 0.1, 1.0)
     assert report["train"]["examples"] == 90 and report["val"]["examples"] == 36 and report["val"]["accuracy"] > 0.6
@@ -101,7 +140,9 @@ def test_logistic_train_head_then_evaluate_write_every_output(workspace):
     metrics = json.loads((workspace / "metrics" / "evaluate.json").read_text())
     test = metrics["test"]
     assert test["examples"] == 36 and test["accuracy"] > 0.6  # chance is 1/3
-    assert set(test["per_class"]) == set(CLASSES) and metrics["val"]["accuracy"] == pytest.approx(report["val"]["accuracy"])
+    assert set(test["per_class"]) == set(CLASSES) and metrics["val"]["accuracy"] == pytest.approx(
+        report["val"]["accuracy"]
+    )
     origin = metrics["provenance"]
     assert origin["backbone"] == "mobilenet_v2+lite0" and origin["head"] == "logistic" and origin["random_init"] is True
     assert origin["engine"] == "keras+tflite" and origin["blocks"]["mobilenet_v2"]["image_size"] == 224
@@ -235,7 +276,7 @@ plots:
       y:
         metrics/train_head/train/accuracy.tsv: accuracy
         metrics/train_head/val/accuracy.tsv: accuracy
-"""
+"""  # noqa: E501 (the stages' cmd lines as dvc.yaml writes them)
 
 
 @pytest.mark.slow
@@ -243,8 +284,14 @@ def test_under_dvc_plots_parse_and_an_unrelated_head_param_skips_evaluate(worksp
     dvc = [sys.executable, "-m", "dvc"]
 
     def run(*command):
-        completed = subprocess.run(command, cwd=workspace, capture_output=True, text=True, timeout=600,
-                                   env={**os.environ, "TRANSFERLAB_ROOT": str(workspace)})
+        completed = subprocess.run(
+            command,
+            cwd=workspace,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "TRANSFERLAB_ROOT": str(workspace)},
+        )
         assert completed.returncode == 0, completed.stdout + completed.stderr
         return completed.stdout
 

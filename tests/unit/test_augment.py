@@ -15,8 +15,14 @@ RANGES = {"flip": True, "zoom": 0.2, "rotation": 15.0, "brightness": 0.1, "contr
 
 
 def _rows(count: int, *, prefix: str = "img") -> list[dict[str, str]]:
-    return [{"path": f"c/{prefix}{index:03d}.jpg", "label": "c",
-             "sha256": hashlib.sha256(f"{prefix}{index}".encode()).hexdigest()} for index in range(count)]
+    return [
+        {
+            "path": f"c/{prefix}{index:03d}.jpg",
+            "label": "c",
+            "sha256": hashlib.sha256(f"{prefix}{index}".encode()).hexdigest(),
+        }
+        for index in range(count)
+    ]
 
 
 def _photo(width: int = 97, height: int = 61, seed: int = 0) -> Image.Image:
@@ -75,24 +81,43 @@ def test_drawn_values_stay_within_the_configured_ranges():
     assert all(abs(view.brightness) <= 0.1 and 0.9 <= view.contrast <= 1.1 for view in views)
     flips = sum(view.flip for view in views)
     assert 40 < flips < 110  # about half of 150
-    assert not any(view.flip for item in _recipes(_rows(20), flip=False) if item["recipe"]
-                   for view in [augment.Recipe.from_string(item["recipe"])])
+    assert not any(
+        view.flip
+        for item in _recipes(_rows(20), flip=False)
+        if item["recipe"]
+        for view in [augment.Recipe.from_string(item["recipe"])]
+    )
 
 
 def test_canonical_string_round_trip():
-    recipe = augment.Recipe(flip=True, zoom=0.876543, center_x=0.123456, center_y=1.0, rotation=-7.77777,
-                            brightness=-0.00001, contrast=1.05)
+    recipe = augment.Recipe(
+        flip=True, zoom=0.876543, center_x=0.123456, center_y=1.0, rotation=-7.77777, brightness=-0.00001, contrast=1.05
+    )
     text = recipe.to_string()
     values = json.loads(text)
     assert list(values) == sorted(values)
-    assert values == {"brightness": 0.0, "center_x": 0.1235, "center_y": 1.0, "contrast": 1.05, "flip": True,
-                      "rotation": -7.7778, "zoom": 0.8765}
+    assert values == {
+        "brightness": 0.0,
+        "center_x": 0.1235,
+        "center_y": 1.0,
+        "contrast": 1.05,
+        "flip": True,
+        "rotation": -7.7778,
+        "zoom": 0.8765,
+    }
     assert " " not in text and "-0.0" not in text
     assert augment.Recipe.from_string(text).to_string() == text
 
 
-@pytest.mark.parametrize("text", ["{", "[1, 2]", '{"flip": true}', '{"zoom": 2.0, "flip": false, "center_x": 0.5, '
-                                  '"center_y": 0.5, "rotation": 0, "brightness": 0, "contrast": 1}'])
+@pytest.mark.parametrize(
+    "text",
+    [
+        "{",
+        "[1, 2]",
+        '{"flip": true}',
+        '{"zoom": 2.0, "flip": false, "center_x": 0.5, "center_y": 0.5, "rotation": 0, "brightness": 0, "contrast": 1}',
+    ],
+)
 def test_malformed_recipes_are_refused(text):
     with pytest.raises(ValueError, match="recipe"):
         augment.render_view(_photo(), text, 16)
@@ -127,10 +152,13 @@ def test_zoom_crops_the_placed_window_in_one_resize():
     image = _photo(width=100, height=60)
     top_left = augment.Recipe(zoom=0.5, center_x=0.0, center_y=0.0).to_string()
     bottom_right = augment.Recipe(zoom=0.5, center_x=1.0, center_y=1.0).to_string()
-    np.testing.assert_array_equal(augment.render_view(image, top_left, 24),
-                                  np.asarray(image.resize((24, 24), Image.BILINEAR, box=(0, 0, 50, 30))))
-    np.testing.assert_array_equal(augment.render_view(image, bottom_right, 24),
-                                  np.asarray(image.resize((24, 24), Image.BILINEAR, box=(50, 30, 100, 60))))
+    np.testing.assert_array_equal(
+        augment.render_view(image, top_left, 24), np.asarray(image.resize((24, 24), Image.BILINEAR, box=(0, 0, 50, 30)))
+    )
+    np.testing.assert_array_equal(
+        augment.render_view(image, bottom_right, 24),
+        np.asarray(image.resize((24, 24), Image.BILINEAR, box=(50, 30, 100, 60))),
+    )
 
 
 def test_rotation_fills_corners_from_the_image_not_black():
@@ -170,8 +198,10 @@ def test_render_view_needs_rgb():
         ({"rotation": 181.0}, r"augment\.rotation"),
         ({"brightness": -0.1}, r"augment\.brightness"),
         ({"copies": -1}, r"augment\.copies"),
-        ({"flip": False, "zoom": 0.0, "rotation": 0.0, "brightness": 0.0, "contrast": 0.0},
-         r"every augmentation is off"),
+        (
+            {"flip": False, "zoom": 0.0, "rotation": 0.0, "brightness": 0.0, "contrast": 0.0},
+            r"every augmentation is off",
+        ),
     ],
 )
 def test_bad_ranges_name_the_key(overrides, message):

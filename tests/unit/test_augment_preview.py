@@ -32,22 +32,34 @@ def _dataset(root: Path, counts: dict[str, int]) -> list[dict[str, str]]:
             path = root / label / f"{index}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             _photo(seed=10 * class_index + index).save(path)
-            rows.append({"path": f"{label}/{index}.png", "label": label,
-                         "sha256": hashlib.sha256(path.read_bytes()).hexdigest()})
+            rows.append(
+                {
+                    "path": f"{label}/{index}.png",
+                    "label": label,
+                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                }
+            )
     return rows
 
 
 def _preview(rows, root, *, copies=2, preview_images=3, max_image_pixels=10**7, **ranges):
     return augment_preview.build_preview(
-        rows, images_directory=root, preview_images=preview_images, copies=copies, seed=7,
-        max_image_pixels=max_image_pixels, **(RANGES | ranges),
+        rows,
+        images_directory=root,
+        preview_images=preview_images,
+        copies=copies,
+        seed=7,
+        max_image_pixels=max_image_pixels,
+        **(RANGES | ranges),
     )
 
 
 def test_preview_grid_lays_out_one_row_per_image():
     image = _photo()
     recipes = augment.make_recipes([{"path": "c/a.jpg", "label": "c", "sha256": "ab"}], copies=2, seed=42, **RANGES)
-    tiles = [(augment.describe_recipe(item["recipe"]), augment.render_view(image, item["recipe"], 40)) for item in recipes]
+    tiles = [
+        (augment.describe_recipe(item["recipe"]), augment.render_view(image, item["recipe"], 40)) for item in recipes
+    ]
     rows = [augment_preview.PreviewRow(title=f"c/img{index}.jpg", tiles=tiles) for index in range(3)]
     grid = augment_preview.preview_grid(rows, heading="two lines\nof heading")
     assert grid.mode == "RGB"

@@ -86,12 +86,16 @@ def test_preprocessing_inside_equals_keras_preprocess_input_outside(name):
 
     entry = registry.get(name)
     model = registry.build(entry, weights="none", image_size=64, seed=1)
-    reference = getattr(keras.applications, entry.constructor)(include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg")
+    reference = getattr(keras.applications, entry.constructor)(
+        include_top=False, weights=None, input_shape=(64, 64, 3), pooling="avg"
+    )
     reference.set_weights(model.get_weights())
     pixels = _pixels(64, count=2)
     preprocess = getattr(keras.applications, entry.preprocess_module).preprocess_input
     expected = np.asarray(reference(preprocess(pixels.copy()), training=False))
-    np.testing.assert_allclose(np.asarray(model(pixels, training=False)), expected, rtol=0, atol=1e-4 * max(1.0, np.abs(expected).max()))
+    np.testing.assert_allclose(
+        np.asarray(model(pixels, training=False)), expected, rtol=0, atol=1e-4 * max(1.0, np.abs(expected).max())
+    )
 
 
 def test_random_init_is_seeded():
@@ -103,7 +107,9 @@ def test_random_init_is_seeded():
 
 
 @pytest.mark.real_data
-@pytest.mark.parametrize(("name", "alpha", "file_name"), [("mobilenet", 0.25, MOBILENET_025), ("mobilenet_v2", 1.0, MOBILENET_V2_DEQUANT)])
+@pytest.mark.parametrize(
+    ("name", "alpha", "file_name"), [("mobilenet", 0.25, MOBILENET_025), ("mobilenet_v2", 1.0, MOBILENET_V2_DEQUANT)]
+)
 def test_real_weights_load_and_preprocessing_matches(name, alpha, file_name):
     import keras
 

@@ -18,9 +18,21 @@ from transferlab.cli import backbones as backbones_command
 from transferlab.tflite import describe
 
 TFLITE_FILES = {
-    "mobilenet_v1_1.0_224_uint8_features.tflite": (1024, "uint8", "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319"),
-    "mobilenet_edgetpu_1.0_224_uint8_features.tflite": (1280, "uint8", "fc0a8c8e3007b4f28654408b7259aa948fcfd3fe9ecff1d1632b2c1d3e82b2a8"),
-    "efficientnet_lite0_224_int8_features.tflite": (1280, "uint8", "a16fabf94c859b4ffcf978cc9a9d1913d9da2ceb01f59b92909ad95e92d984c9"),
+    "mobilenet_v1_1.0_224_uint8_features.tflite": (
+        1024,
+        "uint8",
+        "f409ef4f73fcbb9667841965623c5c8524aac33d41b9bf5f3667161fb4a76319",
+    ),
+    "mobilenet_edgetpu_1.0_224_uint8_features.tflite": (
+        1280,
+        "uint8",
+        "fc0a8c8e3007b4f28654408b7259aa948fcfd3fe9ecff1d1632b2c1d3e82b2a8",
+    ),
+    "efficientnet_lite0_224_int8_features.tflite": (
+        1280,
+        "uint8",
+        "a16fabf94c859b4ffcf978cc9a9d1913d9da2ceb01f59b92909ad95e92d984c9",
+    ),
 }
 V1_TFLITE = WEIGHTS / "mobilenet_v1_1.0_224_uint8_features.tflite"
 V1_POOL = "MobilenetV1/Logits/AvgPool_1a/AvgPool"
@@ -57,7 +69,14 @@ def test_entry_is_consistent(name):
 
 def test_gflops_follow_the_architecture_convention():
     # ARCHITECTURE.md quotes 2 x multiply-adds per image at 224 px.
-    quoted = {"mobilenet_v2": 0.60, "vgg16": 30.7, "resnet50": 7.7, "mobilenet": 1.14, "mobilenet_v3_large": 0.43, "efficientnet_b0": 0.77}
+    quoted = {
+        "mobilenet_v2": 0.60,
+        "vgg16": 30.7,
+        "resnet50": 7.7,
+        "mobilenet": 1.14,
+        "mobilenet_v3_large": 0.43,
+        "efficientnet_b0": 0.77,
+    }
     for name, gflops in quoted.items():
         assert registry.get(name).gflops == pytest.approx(gflops, rel=0.01), name
 
@@ -89,7 +108,11 @@ def test_unknown_name_lists_every_choice_and_suggests_the_closest():
 
 def test_get_is_case_insensitive_and_passes_entries_through():
     entry = registry.get(" MobileNet_V2 ")
-    assert entry.name == "mobilenet_v2" and entry.constructor == "MobileNetV2" and entry.preprocess_module == "mobilenet_v2"
+    assert (
+        entry.name == "mobilenet_v2"
+        and entry.constructor == "MobileNetV2"
+        and entry.preprocess_module == "mobilenet_v2"
+    )
     assert registry.get(entry) is entry
 
 
@@ -140,7 +163,10 @@ def test_official_weights_file_depends_on_alpha_and_size_like_keras():
     assert v2.official_weights_file(0.35, 96) == "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5"
     small = registry.get("mobilenet_v3_small")
     assert small.official_weights_file(0.75, 160) == "weights_mobilenet_v3_small_224_0.75_float_no_top_v2.h5"
-    assert registry.get("resnet50_v2").official_weights_file(None, 160) == "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    assert (
+        registry.get("resnet50_v2").official_weights_file(None, 160)
+        == "resnet50v2_weights_tf_dim_ordering_tf_kernels_notop.h5"
+    )
     assert registry.get("efficientnet_v2_s").weights_file == "efficientnetv2-s_notop.h5"
 
 
@@ -174,7 +200,13 @@ def test_weights_identity_of_missing_file_names_it(tmp_path):
 
 def test_parse_registry_spec():
     spec = registry.parse_spec(" mobilenet_v2 ")
-    assert (spec.kind, spec.name, spec.path, spec.tensor, spec.text) == ("keras", "mobilenet_v2", None, "", "mobilenet_v2")
+    assert (spec.kind, spec.name, spec.path, spec.tensor, spec.text) == (
+        "keras",
+        "mobilenet_v2",
+        None,
+        "",
+        "mobilenet_v2",
+    )
     assert spec.backbone is registry.get("mobilenet_v2")
     with pytest.raises(ValueError, match="did you mean 'resnet50'"):
         registry.parse_spec("resnet5")
@@ -184,9 +216,13 @@ def test_parse_tflite_specs(tmp_path):
     spec = registry.parse_spec("tflite:models/x.tflite", root=tmp_path)
     assert (spec.kind, spec.path, spec.tensor, spec.name) == ("tflite", tmp_path / "models" / "x.tflite", "", "x")
     tapped = registry.parse_spec("tflite:/abs/dir/y.tflite#Block_13/Relu6:0", root=tmp_path)
-    assert (tapped.path.as_posix(), tapped.tensor, tapped.name) == ("/abs/dir/y.tflite", "Block_13/Relu6:0", "y#Block_13/Relu6:0")
+    assert (tapped.path.as_posix(), tapped.tensor, tapped.name) == (
+        "/abs/dir/y.tflite",
+        "Block_13/Relu6:0",
+        "y#Block_13/Relu6:0",
+    )
     with pytest.raises(ValueError, match="is a TFLite file"):
-        tapped.backbone
+        _ = tapped.backbone
 
 
 @pytest.mark.parametrize(
@@ -234,9 +270,16 @@ def test_describe_named_tensor():
     path = require_mirror(V1_TFLITE)
     output = describe.describe_tflite(path)
     assert output.output_name == V1_POOL and output.tensor == ""
-    inner_name = next(name for name in _tensor_names(path) if name.startswith("MobilenetV1/MobilenetV1/Conv2d_11_pointwise/Relu6"))
+    inner_name = next(
+        name for name in _tensor_names(path) if name.startswith("MobilenetV1/MobilenetV1/Conv2d_11_pointwise/Relu6")
+    )
     inner = describe.describe_tflite(path, inner_name)
-    assert (inner.tensor, inner.output_name, inner.output_shape, inner.feature_dim) == (inner_name, inner_name, (1, 14, 14, 512), 512)
+    assert (inner.tensor, inner.output_name, inner.output_shape, inner.feature_dim) == (
+        inner_name,
+        inner_name,
+        (1, 14, 14, 512),
+        512,
+    )
     assert inner.sha256 == output.sha256 and inner.parameters == output.parameters
 
 
@@ -337,7 +380,10 @@ def test_describe_file_command(capsys):
 def test_describe_file_command_reports_bad_tensor():
     path = require_mirror(V1_TFLITE)
     result = subprocess.run(
-        [sys.executable, "-m", "transferlab.cli", "backbones", "--file", f"{path}#nope"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "transferlab.cli", "backbones", "--file", f"{path}#nope"],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 2
     assert "no tensor named 'nope'" in result.stderr and V1_POOL in result.stderr

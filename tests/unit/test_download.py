@@ -38,8 +38,8 @@ def jpeg_bytes(seed: int, size=(40, 32)) -> bytes:
 def make_dataset(folder: Path, classes=("cats", "dogs"), per_class=3, seed=0) -> Path:
     for class_index, name in enumerate(classes):
         (folder / name).mkdir(parents=True, exist_ok=True)
-        for index in range(per_class):
-            (folder / name / f"{index}.jpg").write_bytes(jpeg_bytes(seed + 100 * class_index + index))
+        for image_index in range(per_class):
+            (folder / name / f"{image_index}.jpg").write_bytes(jpeg_bytes(seed + 100 * class_index + image_index))
     return folder
 
 

@@ -16,24 +16,34 @@ from transferlab.reports import evaluate, gallery
 
 CLASSES = ("daisy", "rose", "tulip")
 LABELS = np.array([0, 0, 1, 1, 2, 2])
-PROBABILITIES = np.array([
-    [0.70, 0.20, 0.10],  # daisy -> daisy
-    [0.20, 0.50, 0.30],  # daisy -> rose (daisy not in the top 2)
-    [0.10, 0.80, 0.10],  # rose -> rose
-    [0.30, 0.60, 0.10],  # rose -> rose
-    [0.10, 0.30, 0.60],  # tulip -> tulip
-    [0.45, 0.20, 0.35],  # tulip -> daisy (tulip second: a top-2 hit)
-])
-BLOCKS = (files.Block("mobilenet_v2", "mobilenet_v2_weights.h5", 2, 0, "mobilenet_v2"),
-          files.Block("tflite:lite0.tflite", "random-init-seed3", 1, 2, "lite0"))
+PROBABILITIES = np.array(
+    [
+        [0.70, 0.20, 0.10],  # daisy -> daisy
+        [0.20, 0.50, 0.30],  # daisy -> rose (daisy not in the top 2)
+        [0.10, 0.80, 0.10],  # rose -> rose
+        [0.30, 0.60, 0.10],  # rose -> rose
+        [0.10, 0.30, 0.60],  # tulip -> tulip
+        [0.45, 0.20, 0.35],  # tulip -> daisy (tulip second: a top-2 hit)
+    ]
+)
+BLOCKS = (
+    files.Block("mobilenet_v2", "mobilenet_v2_weights.h5", 2, 0, "mobilenet_v2"),
+    files.Block("tflite:lite0.tflite", "random-init-seed3", 1, 2, "lite0"),
+)
 
 
 def features(labels=LABELS, *, engine=None, blocks=BLOCKS, name="test") -> files.Features:
     rows = len(labels)
     return files.Features(
-        features=np.arange(rows * 3, dtype=np.float32).reshape(rows, 3), labels=np.asarray(labels), class_names=CLASSES,
-        blocks=blocks, paths=tuple(f"{CLASSES[c]}/{i}.jpg" for i, c in enumerate(labels)),
-        sha256=tuple(f"{i:064x}" for i in range(rows)), recipes=("",) * rows, engine=engine, source=f"{name}.npz",
+        features=np.arange(rows * 3, dtype=np.float32).reshape(rows, 3),
+        labels=np.asarray(labels),
+        class_names=CLASSES,
+        blocks=blocks,
+        paths=tuple(f"{CLASSES[c]}/{i}.jpg" for i, c in enumerate(labels)),
+        sha256=tuple(f"{i:064x}" for i in range(rows)),
+        recipes=("",) * rows,
+        engine=engine,
+        source=f"{name}.npz",
     )
 
 
@@ -71,7 +81,9 @@ def test_metrics_equal_hand_computed_values():
 
 def test_top2_is_perfect_with_two_classes_and_metrics_of_an_empty_split_are_just_a_count():
     assert evaluate.top_k_accuracy(np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]), k=2) == 1.0
-    empty = evaluate.classification_metrics(labels=np.array([], dtype=int), probabilities=np.zeros((0, 3)), class_names=CLASSES)
+    empty = evaluate.classification_metrics(
+        labels=np.array([], dtype=int), probabilities=np.zeros((0, 3)), class_names=CLASSES
+    )
     assert empty == {"examples": 0}
 
 
@@ -85,15 +97,28 @@ def test_evaluate_report_schema_and_plot_data():
     assert all(set(item) == {"precision", "recall", "f1", "support"} for item in report["test"]["per_class"].values())
     assert result.confusion == [
         {"actual": a, "predicted": p}
-        for a, p in [("daisy", "daisy"), ("daisy", "rose"), ("rose", "rose"), ("rose", "rose"),
-                     ("tulip", "tulip"), ("tulip", "daisy")]
+        for a, p in [
+            ("daisy", "daisy"),
+            ("daisy", "rose"),
+            ("rose", "rose"),
+            ("rose", "rose"),
+            ("tulip", "tulip"),
+            ("tulip", "daisy"),
+        ]
     ]
     assert [row["predicted"] for row in result.predictions] == ["daisy", "rose", "rose", "rose", "tulip", "daisy"]
-    assert result.predictions[1] == {"path": "daisy/1.jpg", "sha256": f"{1:064x}", "actual": "daisy", "predicted": "rose",
-                                     "confidence": 0.5}
+    assert result.predictions[1] == {
+        "path": "daisy/1.jpg",
+        "sha256": f"{1:064x}",
+        "actual": "daisy",
+        "predicted": "rose",
+        "confidence": 0.5,
+    }
     # The two mistakes, most confident first.
     assert [(m.path, m.predicted, m.confidence, m.actual_probability) for m in result.mistakes] == [
-        ("daisy/1.jpg", "rose", 0.5, 0.2), ("tulip/5.jpg", "daisy", 0.45, 0.35)]
+        ("daisy/1.jpg", "rose", 0.5, 0.2),
+        ("tulip/5.jpg", "daisy", 0.45, 0.35),
+    ]
     assert len(evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=1).mistakes) == 1
     assert evaluate.describe(report) == (
         "mobilenet_v2+lite0 + logistic head on 6 test images: accuracy 0.6667, balanced accuracy 0.6667, "
@@ -113,7 +138,11 @@ def test_provenance_names_backbones_weights_engine_and_flags_random_init():
 
 
 def test_provenance_falls_back_on_the_extract_report():
-    report = {"backbones": {"mobilenet_v2": {"spec": "mobilenet_v2", "engine": "tflite", "image_size": 224, "random_init": False}}}
+    report = {
+        "backbones": {
+            "mobilenet_v2": {"spec": "mobilenet_v2", "engine": "tflite", "image_size": 224, "random_init": False}
+        }
+    }
     only_real = (BLOCKS[0],)
     description = base.HeadDescription(head="dense", class_names=CLASSES, blocks=only_real)
     origin = evaluate.provenance(description=description, features=features(blocks=only_real), extract_report=report)
@@ -138,8 +167,13 @@ def test_predictions_csv(tmp_path):
     with (tmp_path / "predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert list(rows[0]) == list(tables.PREDICTION_COLUMNS)
-    assert rows[5] == {"path": "tulip/5.jpg", "sha256": f"{5:064x}", "actual": "tulip", "predicted": "daisy",
-                       "confidence": "0.450000"}
+    assert rows[5] == {
+        "path": "tulip/5.jpg",
+        "sha256": f"{5:064x}",
+        "actual": "tulip",
+        "predicted": "daisy",
+        "confidence": "0.450000",
+    }
 
 
 def test_gallery_png_with_images_a_missing_file_and_no_mistakes(tmp_path):
@@ -148,17 +182,23 @@ def test_gallery_png_with_images_a_missing_file_and_no_mistakes(tmp_path):
     Image.new("RGB", (120, 80), (200, 30, 30)).save(images / "daisy" / "1.jpg")
     result = evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
     # daisy/1.jpg exists; tulip/5.jpg does not and gets a tile saying so.
-    gallery.render_gallery(result.mistakes, images_directory=images, path=tmp_path / "gallery.png", test_images=6,
-                           max_image_pixels=10**6)
+    gallery.render_gallery(
+        result.mistakes, images_directory=images, path=tmp_path / "gallery.png", test_images=6, max_image_pixels=10**6
+    )
     with Image.open(tmp_path / "gallery.png") as png:
         assert png.format == "PNG" and png.width >= 400 and png.height >= 300
         pixels = np.asarray(png.convert("RGB"))
     assert np.any(np.all(np.abs(pixels.astype(int) - [200, 30, 30]) < 12, axis=-1)), "the thumbnail is not drawn"
-    gallery.render_gallery([], images_directory=images, path=tmp_path / "none.png", test_images=6,
-                           max_image_pixels=10**6)
+    gallery.render_gallery(
+        [], images_directory=images, path=tmp_path / "none.png", test_images=6, max_image_pixels=10**6
+    )
     with Image.open(tmp_path / "none.png") as png:
         assert png.format == "PNG"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["gallery.png", "images", "none.png"]  # no temporary files left
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "gallery.png",
+        "images",
+        "none.png",
+    ]  # no temporary files left
 
 
 def test_gallery_opens_images_with_the_given_limit(tmp_path):
@@ -167,8 +207,13 @@ def test_gallery_opens_images_with_the_given_limit(tmp_path):
     Image.new("RGB", (120, 80), (200, 30, 30)).save(images / "daisy" / "1.jpg")
     result = evaluate.evaluate(head=fixed_head(), val=features(), test=features(), gallery_images=4)
     # 120x80 pixels exceed a limit of 9600 - 1: the tile says the image cannot be opened instead of failing.
-    gallery.render_gallery(result.mistakes, images_directory=images, path=tmp_path / "gallery.png", test_images=6,
-                           max_image_pixels=120 * 80 - 1)
+    gallery.render_gallery(
+        result.mistakes,
+        images_directory=images,
+        path=tmp_path / "gallery.png",
+        test_images=6,
+        max_image_pixels=120 * 80 - 1,
+    )
     with Image.open(tmp_path / "gallery.png") as png:
         pixels = np.asarray(png.convert("RGB"))
     assert not np.any(np.all(np.abs(pixels.astype(int) - [200, 30, 30]) < 12, axis=-1)), "a too-large image was drawn"

@@ -14,12 +14,18 @@ LABELS = np.array([0, 0, 1, 1, 2, 2])
 def write_features(path, **changes):
     rows, widths = 6, np.array([2, 1])
     arrays = {
-        "features": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3), "labels": LABELS.astype(np.int32),
-        "class_names": np.array(CLASSES), "paths": np.array([f"p{i}.jpg" for i in range(rows)]),
-        "sha256": np.array([f"{i:064x}" for i in range(rows)]), "recipes": np.array([""] * rows),
-        "block_specs": np.array(["mobilenet_v2", "tflite:x.tflite"]), "block_names": np.array(["mobilenet_v2", "x"]),
-        "block_weights": np.array(["w.h5", "random-init-seed0"]), "block_engines": np.array(["keras", "tflite"]),
-        "block_widths": widths, "block_offsets": np.array([0, 2]),
+        "features": np.arange(rows * 3, dtype=np.float32).reshape(rows, 3),
+        "labels": LABELS.astype(np.int32),
+        "class_names": np.array(CLASSES),
+        "paths": np.array([f"p{i}.jpg" for i in range(rows)]),
+        "sha256": np.array([f"{i:064x}" for i in range(rows)]),
+        "recipes": np.array([""] * rows),
+        "block_specs": np.array(["mobilenet_v2", "tflite:x.tflite"]),
+        "block_names": np.array(["mobilenet_v2", "x"]),
+        "block_weights": np.array(["w.h5", "random-init-seed0"]),
+        "block_engines": np.array(["keras", "tflite"]),
+        "block_widths": widths,
+        "block_offsets": np.array([0, 2]),
     }
     arrays.update(changes)
     np.savez(path, **{key: value for key, value in arrays.items() if value is not None})
@@ -30,7 +36,9 @@ def test_load_features_reads_the_contract(tmp_path):
     loaded = files.load_features(write_features(tmp_path / "test.npz"))
     assert loaded.features.shape == (6, 3) and loaded.class_names == CLASSES and loaded.engine == ["keras", "tflite"]
     assert [(b.spec, b.name, b.width, b.offset, b.random_init) for b in loaded.blocks] == [
-        ("mobilenet_v2", "mobilenet_v2", 2, 0, False), ("tflite:x.tflite", "x", 1, 2, True)]
+        ("mobilenet_v2", "mobilenet_v2", 2, 0, False),
+        ("tflite:x.tflite", "x", 1, 2, True),
+    ]
     assert loaded.paths[0] == "p0.jpg" and loaded.source.endswith("test.npz")
 
 
@@ -72,8 +80,9 @@ def test_written_feature_files_read_back_with_the_images_folder_and_limit(tmp_pa
     feature_sets = {"val": files.FeatureSet(arrays), "test": files.FeatureSet(arrays)}
     files.write_feature_files(tmp_path / "features", feature_sets)
     assert sorted(path.name for path in (tmp_path / "features").iterdir()) == ["test.npz", "val.npz"]
-    splits = files.load_splits(tmp_path / "features", ("val", "test"), images_directory=tmp_path / "images",
-                               max_image_pixels=1234)
+    splits = files.load_splits(
+        tmp_path / "features", ("val", "test"), images_directory=tmp_path / "images", max_image_pixels=1234
+    )
     for split in splits.values():
         np.testing.assert_array_equal(split.features, arrays["features"])
         assert split.labels.tolist() == LABELS.tolist() and split.class_names == CLASSES
@@ -91,10 +100,17 @@ def test_the_writer_refuses_a_set_the_readers_would_refuse(tmp_path):
 
 
 def test_block_engines_one_per_block_whatever_the_file_records(tmp_path):
-    one = files.load_features(write_features(tmp_path / "one.npz", block_engines=np.array(["keras"]),
-                                             block_specs=np.array(["a"]), block_names=np.array(["a"]),
-                                             block_weights=np.array(["w"]), block_widths=np.array([3]),
-                                             block_offsets=np.array([0])))
+    one = files.load_features(
+        write_features(
+            tmp_path / "one.npz",
+            block_engines=np.array(["keras"]),
+            block_specs=np.array(["a"]),
+            block_names=np.array(["a"]),
+            block_weights=np.array(["w"]),
+            block_widths=np.array([3]),
+            block_offsets=np.array([0]),
+        )
+    )
     assert one.engine == "keras" and one.block_engines == ("keras",)
     legacy = files.load_features(write_features(tmp_path / "legacy.npz", block_engines=None))
     assert legacy.engine is None and legacy.block_engines == (None, None)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from transferlab.backbones import taps
-from transferlab.heads import base
 from transferlab.features import files
+from transferlab.heads import base
 
 pytestmark = pytest.mark.slow  # builds and trains Keras models (about 30 s in all)
 
@@ -51,8 +51,14 @@ def tiny_backbone(seed: int = 0):
     for layer in model.layers:
         if isinstance(layer, layers.BatchNormalization):
             gamma, beta, mean, variance = layer.get_weights()
-            layer.set_weights([rng.uniform(0.5, 1.5, gamma.shape), rng.normal(0, 0.3, beta.shape),
-                               rng.normal(0, 0.3, mean.shape), rng.uniform(0.5, 2.0, variance.shape)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, gamma.shape),
+                    rng.normal(0, 0.3, beta.shape),
+                    rng.normal(0, 0.3, mean.shape),
+                    rng.uniform(0.5, 2.0, variance.shape),
+                ]
+            )
     return model
 
 
@@ -71,8 +77,14 @@ def split_with_taps(backbone, backbone_file, *, per_class: int, seed: int, layer
     width = int(backbone.output_shape[-1])
     block = files.Block(spec="tiny", weights="tiny-weights", width=width, offset=0, name="tiny")
     tapped = files.Taps(activations=activations, layer=layer, block="tiny", backbone_file=backbone_file)
-    return files.Features(features=np.zeros((len(labels), width), np.float32), labels=labels, class_names=CLASSES,
-                         blocks=(block,), taps=tapped, source=f"<{seed}>")
+    return files.Features(
+        features=np.zeros((len(labels), width), np.float32),
+        labels=labels,
+        class_names=CLASSES,
+        blocks=(block,),
+        taps=tapped,
+        source=f"<{seed}>",
+    )
 
 
 @pytest.fixture(scope="module")
@@ -83,20 +95,38 @@ def backbone():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, backbone):
     """A finetune head trained on the tiny backbone's taps, saved, plus what it was trained on."""
-    from transferlab.heads import train_head
-    from transferlab.heads import finetune
+    from transferlab.heads import finetune, train_head
 
     folder = tmp_path_factory.mktemp("finetune")
     backbone_file = folder / "backbone.keras"
     backbone.save(backbone_file)
-    splits = {"train": split_with_taps(backbone, backbone_file, per_class=20, seed=1),
-              "val": split_with_taps(backbone, backbone_file, per_class=8, seed=2)}
+    splits = {
+        "train": split_with_taps(backbone, backbone_file, per_class=20, seed=1),
+        "val": split_with_taps(backbone, backbone_file, per_class=8, seed=2),
+    }
     curves = []
-    outcome = finetune.train(train=splits["train"], val=splits["val"], seed=3, class_weight="none", from_layer=CUT,
-                             epochs=6, learning_rate=0.03, batch_size=8, dropout=0.1, flip=True, patience=6,
-                             log_step=curves.append)
+    outcome = finetune.train(
+        train=splits["train"],
+        val=splits["val"],
+        seed=3,
+        class_weight="none",
+        from_layer=CUT,
+        epochs=6,
+        learning_rate=0.03,
+        batch_size=8,
+        dropout=0.1,
+        flip=True,
+        patience=6,
+        log_step=curves.append,
+    )
     train_head.save_head(outcome.head, folder / "head")
-    return {"head": outcome.head, "report": outcome.report, "splits": splits, "folder": folder / "head", "curves": curves}
+    return {
+        "head": outcome.head,
+        "report": outcome.report,
+        "splits": splits,
+        "folder": folder / "head",
+        "curves": curves,
+    }
 
 
 def test_cut_points_exclude_layers_inside_the_residual_block(backbone):
@@ -201,12 +231,22 @@ def test_saved_head_and_full_model_reproduce_the_predictions(trained, backbone):
 
 def test_a_split_without_taps_or_with_other_taps_is_refused(trained):
     val = trained["splits"]["val"]
-    bare = files.Features(features=val.features, labels=val.labels, class_names=val.class_names, blocks=val.blocks,
-                         source="data/features/val.npz")
+    bare = files.Features(
+        features=val.features,
+        labels=val.labels,
+        class_names=val.class_names,
+        blocks=val.blocks,
+        source="data/features/val.npz",
+    )
     with pytest.raises(ValueError, match="train_head.head is finetune"):
         base.predict_split(trained["head"], bare)
-    other = files.Features(features=val.features, labels=val.labels, class_names=val.class_names, blocks=val.blocks,
-                          taps=files.Taps(val.taps.activations, "last_conv", "tiny", val.taps.backbone_file))
+    other = files.Features(
+        features=val.features,
+        labels=val.labels,
+        class_names=val.class_names,
+        blocks=val.blocks,
+        taps=files.Taps(val.taps.activations, "last_conv", "tiny", val.taps.backbone_file),
+    )
     with pytest.raises(ValueError, match="re-run extract_features"):
         base.predict_split(trained["head"], other)
 

@@ -15,9 +15,8 @@ from sklearn import linear_model, metrics, pipeline
 
 from transferlab import heads
 from transferlab.core import params
-from transferlab.heads import train_head
-from transferlab.heads import base, logistic
 from transferlab.features import files
+from transferlab.heads import base, logistic, train_head
 
 C_GRID = [0.001, 0.01, 0.1, 1.0, 10.0]
 LOGISTIC_OPTIONS = {"c_grid": C_GRID, "max_iter": 1000, "select_by": "accuracy"}
@@ -40,13 +39,20 @@ def make_split(
         features = features * np.repeat(block_scales, widths)
     offsets = np.concatenate([[0], np.cumsum(widths)[:-1]])
     blocks = tuple(
-        files.Block(spec=f"backbone_{i}", weights="random-init-seed0" if i else "weights.h5", width=int(w), offset=int(o))
+        files.Block(
+            spec=f"backbone_{i}", weights="random-init-seed0" if i else "weights.h5", width=int(w), offset=int(o)
+        )
         for i, (w, o) in enumerate(zip(widths, offsets))
     )
     return files.Features(
-        features=features.astype(np.float32), labels=labels, class_names=tuple(f"class_{c}" for c in range(len(counts))),
-        blocks=blocks, paths=tuple(f"class_{c}/{name}_{i}.jpg" for i, c in enumerate(labels)),
-        sha256=tuple(f"{i:064x}" for i in range(len(labels))), recipes=("",) * len(labels), source=f"{name}.npz",
+        features=features.astype(np.float32),
+        labels=labels,
+        class_names=tuple(f"class_{c}" for c in range(len(counts))),
+        blocks=blocks,
+        paths=tuple(f"class_{c}/{name}_{i}.jpg" for i, c in enumerate(labels)),
+        sha256=tuple(f"{i:064x}" for i in range(len(labels))),
+        recipes=("",) * len(labels),
+        source=f"{name}.npz",
     )
 
 
@@ -59,7 +65,9 @@ def blob_splits(seed: int = 0, *, classes: int = 4, widths=(6, 10), separation: 
 
 def train_logistic(train_split, val_split, *, class_weight="none", log_step=None, **overrides):
     options = {**LOGISTIC_OPTIONS, **overrides}
-    return logistic.train(train=train_split, val=val_split, seed=0, class_weight=class_weight, log_step=log_step, **options)
+    return logistic.train(
+        train=train_split, val=val_split, seed=0, class_weight=class_weight, log_step=log_step, **options
+    )
 
 
 # --- per-block standardization -------------------------------------------------------------
@@ -73,7 +81,7 @@ def test_block_standardizer_gives_every_block_the_same_total_variance():
     np.testing.assert_allclose(transformed.mean(axis=0), 0.0, atol=1e-9)
     total_width = sum(widths)
     for offset, width in ((0, 3), (3, 50)):
-        block_variance = transformed[:, offset:offset + width].var(axis=0).sum()
+        block_variance = transformed[:, offset : offset + width].var(axis=0).sum()
         assert block_variance == pytest.approx(total_width / len(widths))
 
 
@@ -114,7 +122,9 @@ def test_block_standardizer_rejects_the_wrong_width():
 
 
 def test_logistic_chooses_c_on_validation_and_beats_chance():
-    train_split, val_split, test_split = blob_splits(4, classes=4, widths=(40, 60), separation=0.35, per_class=(25, 40, 200))
+    train_split, val_split, test_split = blob_splits(
+        4, classes=4, widths=(40, 60), separation=0.35, per_class=(25, 40, 200)
+    )
     steps: list[dict] = []
     outcome = train_logistic(train_split, val_split, log_step=steps.append)
     assert [set(step) for step in steps] == [{"train/loss", "train/accuracy", "val/loss", "val/accuracy"}] * len(C_GRID)
@@ -179,14 +189,17 @@ def test_a_class_without_training_rows_is_an_error_naming_it():
 
 def test_train_head_reports_metrics_and_round_trips_through_the_saved_folder(tmp_path):
     train_split, val_split, test_split = blob_splits(10)
-    result = train_head.train_head(head="logistic", train=train_split, val=val_split, seed=0, class_weight="none",
-                              options=LOGISTIC_OPTIONS)
+    result = train_head.train_head(
+        head="logistic", train=train_split, val=val_split, seed=0, class_weight="none", options=LOGISTIC_OPTIONS
+    )
     assert set(result.metrics) >= {"head", "seconds", "c", "train", "val", "classes", "feature_dim"}
     assert set(result.metrics["val"]) == {"examples", "accuracy", "loss"}
     line = train_head.describe(result.metrics)
     figures = result.metrics
-    assert line == (f"logistic head: train accuracy {figures['train']['accuracy']:.4f}, val accuracy "
-                    f"{figures['val']['accuracy']:.4f}, {figures['seconds']:.1f} s")
+    assert line == (
+        f"logistic head: train accuracy {figures['train']['accuracy']:.4f}, val accuracy "
+        f"{figures['val']['accuracy']:.4f}, {figures['seconds']:.1f} s"
+    )
     no_val = {**result.metrics, "val": {"examples": 0}}
     assert "val accuracy n/a (no validation rows)" in train_head.describe(no_val)
     train_head.save_head(result.head, tmp_path / "head")
@@ -251,11 +264,15 @@ def test_each_heads_trainer_takes_exactly_its_params_section():
 
 
 def test_params_sections_validate_and_name_the_bad_key():
-    settings = params.parse_section("train_head", {"head": "dense", "dense": {"epochs": 3}, "logistic": {"c_grid": [1, 0.1]}})
+    settings = params.parse_section(
+        "train_head", {"head": "dense", "dense": {"epochs": 3}, "logistic": {"c_grid": [1, 0.1]}}
+    )
     assert settings.head_options()["epochs"] == 3 and settings.logistic.c_grid == [0.1, 1.0]
     with pytest.raises(ValueError, match=r"train_head\.dense\.units"):
         params.parse_section("train_head", {"dense": {"units": 0}})
-    with pytest.raises(ValueError, match=r"train_head\.head: unknown head 'svm'; choose one of: dense, finetune, logistic, scratch"):
+    with pytest.raises(
+        ValueError, match=r"train_head\.head: unknown head 'svm'; choose one of: dense, finetune, logistic, scratch"
+    ):
         params.parse_section("train_head", {"head": "svm"})
     with pytest.raises(ValueError, match=r"train_head\.logistic\.c_grid"):
         params.parse_section("train_head", {"logistic": {"c_grid": [1.0, 1.0]}})
@@ -300,7 +317,9 @@ def train_dense(train_split, val_split, *, seed=0, class_weight="none", log_step
     from transferlab.heads import dense
 
     options = {**DENSE_OPTIONS, **overrides}
-    return dense.train(train=train_split, val=val_split, seed=seed, class_weight=class_weight, log_step=log_step, **options)
+    return dense.train(
+        train=train_split, val=val_split, seed=seed, class_weight=class_weight, log_step=log_step, **options
+    )
 
 
 @pytest.mark.slow
@@ -327,7 +346,9 @@ def test_dense_stops_early_and_restores_the_best_epoch():
     # Few rows, many noise columns, a large learning rate: validation loss turns up within a few epochs.
     train_split, val_split, _ = blob_splits(15, widths=(100, 100), separation=0.25, per_class=(10, 30, 1))
     steps: list[dict] = []
-    outcome = train_dense(train_split, val_split, log_step=steps.append, units=256, learning_rate=0.05, epochs=60, patience=2)
+    outcome = train_dense(
+        train_split, val_split, log_step=steps.append, units=256, learning_rate=0.05, epochs=60, patience=2
+    )
     val_losses = [step["val/loss"] for step in steps]
     assert outcome.report["epochs_run"] == len(steps) < 60
     assert outcome.report["best_epoch"] == int(np.argmin(val_losses)) + 1 < len(steps)

@@ -26,7 +26,9 @@ def test_the_original_mirrors_to_the_canonical_flip_only_recipe_and_back():
 
 
 def test_an_augmented_view_mirrors_to_its_exact_mirror_image(image):
-    recipe = augment.Recipe(flip=False, zoom=0.8, center_x=0.3, center_y=0.7, rotation=12.0, brightness=0.05, contrast=1.1).to_string()
+    recipe = augment.Recipe(
+        flip=False, zoom=0.8, center_x=0.3, center_y=0.7, rotation=12.0, brightness=0.05, contrast=1.1
+    ).to_string()
     mirrored = mirror.mirror_recipe(recipe)
     assert augment.Recipe.from_string(mirrored).flip and mirror.mirror_recipe(mirrored) == recipe
     for original in (recipe, augment.ORIGINAL):
@@ -36,7 +38,11 @@ def test_an_augmented_view_mirrors_to_its_exact_mirror_image(image):
 
 def test_with_mirrors_lists_each_view_once():
     flipped = mirror.mirror_recipe(augment.ORIGINAL)
-    items = [Item(SHA, augment.ORIGINAL, "a.jpg"), Item(SHA, flipped, "a.jpg"), Item("b" * 64, augment.ORIGINAL, "b.jpg")]
+    items = [
+        Item(SHA, augment.ORIGINAL, "a.jpg"),
+        Item(SHA, flipped, "a.jpg"),
+        Item("b" * 64, augment.ORIGINAL, "b.jpg"),
+    ]
     views = mirror.with_mirrors(items)
     assert views[:3] == items
     assert [view.key for view in views[3:]] == [("b" * 64, flipped)]
@@ -44,7 +50,10 @@ def test_with_mirrors_lists_each_view_once():
 
 def test_average_mirrors_pairs_each_view_with_its_mirror_image():
     flipped = mirror.mirror_recipe(augment.ORIGINAL)
-    vectors = {(SHA, augment.ORIGINAL): np.array([1.0, 3.0], np.float32), (SHA, flipped): np.array([3.0, 5.0], np.float32)}
+    vectors = {
+        (SHA, augment.ORIGINAL): np.array([1.0, 3.0], np.float32),
+        (SHA, flipped): np.array([3.0, 5.0], np.float32),
+    }
     averaged = mirror.average_mirrors(vectors, [(SHA, augment.ORIGINAL)])
     np.testing.assert_array_equal(averaged[(SHA, augment.ORIGINAL)], [2.0, 4.0])
     assert averaged[(SHA, augment.ORIGINAL)].dtype == np.float32

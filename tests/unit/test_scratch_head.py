@@ -12,14 +12,21 @@ import support
 from transferlab import heads
 from transferlab.core import params
 from transferlab.data import augment
-from transferlab.heads import train_head
-from transferlab.reports import evaluate
-from transferlab.heads import base, scratch
 from transferlab.features import files
+from transferlab.heads import base, scratch, train_head
+from transferlab.reports import evaluate
 
 CLASSES = tuple(support.CLASS_COLOURS)
-OPTIONS = {"image_size": 32, "augment": False, "dropout": 0.0, "epochs": 3, "batch_size": 8, "learning_rate": 0.003,
-           "patience": 3, "decode_threads": 2}
+OPTIONS = {
+    "image_size": 32,
+    "augment": False,
+    "dropout": 0.0,
+    "epochs": 3,
+    "batch_size": 8,
+    "learning_rate": 0.003,
+    "patience": 3,
+    "decode_threads": 2,
+}
 CURVE_KEYS = {"train/loss", "train/accuracy", "val/loss", "val/accuracy"}
 MAX_IMAGE_PIXELS = params.DownloadParams().max_image_pixels  # the stages pass params' download.max_image_pixels
 
@@ -28,10 +35,15 @@ def features_of(rows: list[dict], *, images_directory, name: str) -> files.Featu
     """A split of the given rows with placeholder feature columns (the scratch head ignores them)."""
     count = len(rows)
     return files.Features(
-        features=np.zeros((count, 4), dtype=np.float32), labels=np.array([CLASSES.index(r["label"]) for r in rows]),
-        class_names=CLASSES, blocks=(files.Block("mobilenet_v2", "random-init-seed0", 4, 0, "mobilenet_v2"),),
-        paths=tuple(r["path"] for r in rows), sha256=tuple(r["sha256"] for r in rows),
-        recipes=tuple(r["recipe"] for r in rows), source=f"{name}.npz", images_directory=images_directory,
+        features=np.zeros((count, 4), dtype=np.float32),
+        labels=np.array([CLASSES.index(r["label"]) for r in rows]),
+        class_names=CLASSES,
+        blocks=(files.Block("mobilenet_v2", "random-init-seed0", 4, 0, "mobilenet_v2"),),
+        paths=tuple(r["path"] for r in rows),
+        sha256=tuple(r["sha256"] for r in rows),
+        recipes=tuple(r["recipe"] for r in rows),
+        source=f"{name}.npz",
+        images_directory=images_directory,
         max_image_pixels=MAX_IMAGE_PIXELS,
     )
 
@@ -45,24 +57,41 @@ def splits(tmp_path_factory):
     for index, row in enumerate(rows):
         position = index % 18
         by_role["train" if position < 10 else "val" if position < 14 else "test"].append(row)
-    recipe = augment.draw_recipe(np.random.default_rng(0), flip=True, zoom=0.2, rotation=15.0, brightness=0.1,
-                                 contrast=0.1).to_string()
+    recipe = augment.draw_recipe(
+        np.random.default_rng(0), flip=True, zoom=0.2, rotation=15.0, brightness=0.1, contrast=0.1
+    ).to_string()
     views = [{**row, "recipe": recipe} for row in by_role["train"]]
     by_role["train"] = by_role["train"] + views
     return {name: features_of(items, images_directory=folder, name=name) for name, items in by_role.items()}
 
 
 def train_scratch(splits, *, log_step=None, seed=0, **overrides):
-    return scratch.train(train=splits["train"], val=splits["val"], seed=seed, class_weight="none", log_step=log_step,
-                         **{**OPTIONS, **overrides})
+    return scratch.train(
+        train=splits["train"],
+        val=splits["val"],
+        seed=seed,
+        class_weight="none",
+        log_step=log_step,
+        **{**OPTIONS, **overrides},
+    )
 
 
 def test_the_model_is_the_tutorials():
     plain = scratch.build_model(classes=5, image_size=180, augment=False, dropout=0.0, seed=0)
     assert plain.count_params() == 3_989_285  # the tutorial's model.summary() for flower_photos
     assert [type(layer).__name__ for layer in plain.layers] == [
-        "InputLayer", "Rescaling", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D",
-        "Flatten", "Dense", "Dense"]
+        "InputLayer",
+        "Rescaling",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Conv2D",
+        "MaxPooling2D",
+        "Flatten",
+        "Dense",
+        "Dense",
+    ]
     assert [layer.filters for layer in plain.layers if type(layer).__name__ == "Conv2D"] == [16, 32, 64]
     varied = scratch.build_model(classes=5, image_size=180, augment=True, dropout=0.2, seed=0)
     assert varied.count_params() == 3_989_285
@@ -109,10 +138,12 @@ def test_trains_on_original_pixels_beats_chance_is_deterministic_and_round_trips
 @pytest.mark.slow
 def test_metrics_land_in_evaluate_with_the_logistic_schema(splits):
     logistic_options = params.LogisticParams().model_dump()
-    transfer = train_head.train_head(head="logistic", train=splits["train"], val=splits["val"], seed=0, class_weight="none",
-                                options=logistic_options)
-    result = train_head.train_head(head="scratch", train=splits["train"], val=splits["val"], seed=0, class_weight="balanced",
-                              options=OPTIONS)
+    transfer = train_head.train_head(
+        head="logistic", train=splits["train"], val=splits["val"], seed=0, class_weight="none", options=logistic_options
+    )
+    result = train_head.train_head(
+        head="scratch", train=splits["train"], val=splits["val"], seed=0, class_weight="balanced", options=OPTIONS
+    )
     assert set(result.metrics["val"]) == set(transfer.metrics["val"]) == {"examples", "accuracy", "loss"}
     assert result.metrics["train"]["examples"] == 60 and result.metrics["val"]["accuracy"] > 0.6
 
@@ -135,8 +166,9 @@ def test_input_errors_say_what_to_do(splits, tmp_path):
     without_folder = {name: dataclasses.replace(split, images_directory=None) for name, split in splits.items()}
     with pytest.raises(ValueError, match="--images data/raw/images"):
         train_scratch(without_folder)
-    elsewhere = {name: dataclasses.replace(split, images_directory=tmp_path / "absent")
-                 for name, split in splits.items()}
+    elsewhere = {
+        name: dataclasses.replace(split, images_directory=tmp_path / "absent") for name, split in splits.items()
+    }
     with pytest.raises(ValueError, match="run the download stage"):
         train_scratch(elsewhere)
     without_limit = {name: dataclasses.replace(split, max_image_pixels=None) for name, split in splits.items()}
@@ -151,16 +183,28 @@ def test_input_errors_say_what_to_do(splits, tmp_path):
         train_scratch(empty_val)
     (tmp_path / "photos").mkdir()
     with pytest.raises(ValueError, match=r"daisy/daisy_000\.jpg not found"):
-        scratch.decode_views(images_directory=tmp_path / "photos", paths=["daisy/daisy_000.jpg"], recipes=[""], size=8,
-                             threads=1, max_image_pixels=MAX_IMAGE_PIXELS)
+        scratch.decode_views(
+            images_directory=tmp_path / "photos",
+            paths=["daisy/daisy_000.jpg"],
+            recipes=[""],
+            size=8,
+            threads=1,
+            max_image_pixels=MAX_IMAGE_PIXELS,
+        )
 
 
 def test_decoded_views_are_render_view_of_open_rgb(splits):
     from transferlab.data import images
 
     split = splits["train"]
-    pixels = scratch.decode_views(images_directory=split.images_directory, paths=split.paths[-3:],
-                                  recipes=split.recipes[-3:], size=24, threads=2, max_image_pixels=MAX_IMAGE_PIXELS)
+    pixels = scratch.decode_views(
+        images_directory=split.images_directory,
+        paths=split.paths[-3:],
+        recipes=split.recipes[-3:],
+        size=24,
+        threads=2,
+        max_image_pixels=MAX_IMAGE_PIXELS,
+    )
     assert pixels.dtype == np.uint8 and pixels.shape == (3, 24, 24, 3)
     for row, path, recipe in zip(pixels, split.paths[-3:], split.recipes[-3:]):
         image = images.open_rgb(split.images_directory / path, max_image_pixels=MAX_IMAGE_PIXELS)

@@ -21,8 +21,17 @@ def _rows(counts: dict[str, int], *, prefix: str = "img") -> list[dict[str, str]
     for label, count in counts.items():
         for index in range(count):
             path = f"{label}/{prefix}{index:04d}.jpg"
-            rows.append({"path": path, "label": label, "sha256": _sha(path), "width": "10", "height": "10",
-                         "status": "ok", "detail": ""})
+            rows.append(
+                {
+                    "path": path,
+                    "label": label,
+                    "sha256": _sha(path),
+                    "width": "10",
+                    "height": "10",
+                    "status": "ok",
+                    "detail": "",
+                }
+            )
     return rows
 
 
@@ -113,8 +122,11 @@ def test_label_conflicts_are_dropped_from_every_split_and_reported():
     result = _split(rows)
     assert not any("twin" in path for path in _assignment(result))
     assert result.report["label_conflicts"] == [
-        {"sha256": twin, "labels": ["roses", "tulips"],
-         "paths": ["roses/twin.jpg", "tulips/twin-copy.jpg", "tulips/twin.jpg"]}
+        {
+            "sha256": twin,
+            "labels": ["roses", "tulips"],
+            "paths": ["roses/twin.jpg", "tulips/twin-copy.jpg", "tulips/twin.jpg"],
+        }
     ]
     assert result.report["dropped"]["label_conflict"] == 3
     assert result.report["totals"]["total"] == 40
@@ -167,8 +179,12 @@ def test_small_class_still_gets_one_held_out_image_when_fraction_is_positive():
 
 def test_report_totals_match_the_splits():
     result = _split(_rows({"a": 33, "b": 21}))
-    assert result.report["totals"] == {"train": len(result.train), "val": len(result.val), "test": len(result.test),
-                                       "total": 54}
+    assert result.report["totals"] == {
+        "train": len(result.train),
+        "val": len(result.val),
+        "test": len(result.test),
+        "total": 54,
+    }
     assert result.report["seed"] == 42
 
 
@@ -186,8 +202,9 @@ def test_every_class_that_is_too_small_is_named():
 
 def test_class_of_one_duplicate_group_cannot_be_split():
     rows = _rows({"big": 40})
-    rows += [{"path": f"same/{index}.jpg", "label": "same", "sha256": _sha("one"), "status": "ok"}
-             for index in range(6)]
+    rows += [
+        {"path": f"same/{index}.jpg", "label": "same", "sha256": _sha("one"), "status": "ok"} for index in range(6)
+    ]
     with pytest.raises(ValueError, match=r"class 'same' has 6 usable image\(s\) in 1 distinct group"):
         _split(rows)
 

@@ -26,19 +26,24 @@ def test_index_round_trip(tmp_path):
     path = tmp_path / "raw" / "index.csv"
     rows = [ok_row("a/1.jpg"), tables.IndexRow("b/x.txt", "b", "ff", None, None, "not-an-image", "why, then")]
     tables.write_index(rows, path)
-    assert header(path) == list(tables.INDEX_COLUMNS) == ["path", "label", "sha256", "width", "height", "status", "detail"]
+    assert (
+        header(path) == list(tables.INDEX_COLUMNS) == ["path", "label", "sha256", "width", "height", "status", "detail"]
+    )
     assert tables.read_index(path) == [row.as_csv() for row in rows]
     assert tables.read_index(path)[1]["width"] == ""  # unknown size: empty, not "None"
 
 
 def test_write_index(tmp_path):
     path = tmp_path / "raw" / "index.csv"
-    rows = [ok_row("a/1,odd \"name\".jpg"), tables.IndexRow("b/x.txt", "b", "ff", None, None, "not-an-image", "why, then")]
+    rows = [
+        ok_row('a/1,odd "name".jpg'),
+        tables.IndexRow("b/x.txt", "b", "ff", None, None, "not-an-image", "why, then"),
+    ]
     tables.write_index(rows, path)
     lines = path.read_text(encoding="utf-8").splitlines()
     assert lines[0] == "path,label,sha256,width,height,status,detail"
-    assert lines[2] == "b/x.txt,b,ff,,,not-an-image,\"why, then\""
-    assert [r["path"] for r in csv.DictReader(path.open(encoding="utf-8"))] == ["a/1,odd \"name\".jpg", "b/x.txt"]
+    assert lines[2] == 'b/x.txt,b,ff,,,not-an-image,"why, then"'
+    assert [r["path"] for r in csv.DictReader(path.open(encoding="utf-8"))] == ['a/1,odd "name".jpg', "b/x.txt"]
 
 
 def test_index_errors_name_the_download_stage(tmp_path):
@@ -121,11 +126,14 @@ def test_predictions_round_trip(tmp_path):
     assert tables.read_predictions(path) == [rows[0] | {"confidence": "0.123457"}]
 
 
-@pytest.mark.parametrize("content, message", [
-    (None, r"not found; run the evaluate stage first \(dvc repro evaluate\)"),
-    ("path,sha256,actual\n", r"lacks column\(s\) predicted, confidence .*re-run evaluate"),
-    ("path,sha256,predicted,confidence\n", r"has no rows; evaluate needs test images"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (None, r"not found; run the evaluate stage first \(dvc repro evaluate\)"),
+        ("path,sha256,actual\n", r"lacks column\(s\) predicted, confidence .*re-run evaluate"),
+        ("path,sha256,predicted,confidence\n", r"has no rows; evaluate needs test images"),
+    ],
+)
 def test_prediction_errors_name_the_evaluate_stage(tmp_path, content, message):
     path = tmp_path / "test_predictions.csv"
     if content is not None:
