@@ -23,14 +23,7 @@ from transferlab.data import augment, augment_preview, tables
 )
 def main(paths, base, augment_params, download_params):
     train = tables.read_split(paths.train)
-    augmentation = dict(
-        copies=augment_params.copies,
-        flip=augment_params.flip,
-        zoom=augment_params.zoom,
-        rotation=augment_params.rotation,
-        brightness=augment_params.brightness,
-        contrast=augment_params.contrast,
-    )
+    augmentation = augment_params.recipe_options()
     recipes = augment.make_recipes(train, seed=base.seed, **augmentation)
     preview = augment_preview.build_preview(
         train,
@@ -43,13 +36,7 @@ def main(paths, base, augment_params, download_params):
     tables.write_recipes(recipes, paths.out)
     with atomic.atomic_path(paths.preview) as temporary:
         preview.save(temporary, format="PNG", optimize=True)
-    logging.info(
-        "%d training images, %d rows with recipes (%d views each); preview %s",
-        len(train),
-        len(recipes),
-        augment_params.copies,
-        paths.preview,
-    )
+    logging.info("%d training images, %d rows with recipes; preview %s", len(train), len(recipes), paths.preview)
 
 
 if __name__ == "__main__":

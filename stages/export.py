@@ -44,10 +44,7 @@ def main(paths, base, download, extract, settings):
             folder, rows=rows, images_directory=paths.images, max_image_pixels=download.max_image_pixels
         )
         # One format that disagrees never costs the user the others: drop it, keep what agrees.
-        dropped = check.dropped_reasons(agreement)
-        for name, reason in dropped.items():
-            logging.warning("export: dropping the %s format, it does not reproduce evaluate: %s", name, reason)
-        manifest = build.drop_formats(folder, manifest, dropped)
+        manifest = build.drop_formats(folder, manifest, check.dropped_reasons(agreement))
     atomic.write_json(paths.metrics, build.export_report(manifest, head, agreement))
     logging.info(check.describe(agreement))
 

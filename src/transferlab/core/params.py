@@ -96,6 +96,10 @@ class AugmentParams(Section):
     contrast: Annotated[float, Field(ge=0.0, le=1.0)] = 0.1
     preview_images: Annotated[int, Field(ge=1, le=64)] = 6
 
+    def recipe_options(self) -> dict[str, Any]:
+        """The recipe settings (everything but the preview's size) as keyword arguments."""
+        return self.model_dump(exclude={"preview_images"})
+
 
 PerBackbone = Any | dict[str, Any]  # one value for every member, or {member name: value}
 

@@ -338,6 +338,8 @@ def drop_formats(folder: Path, manifest: dict[str, Any], reasons: dict[str, str]
         return manifest
     if manifest["layout"] != "classifier":
         raise ValueError(f"a {manifest['layout']} export has one format only; it cannot drop {', '.join(reasons)}")
+    for name, reason in reasons.items():
+        logger.warning("export: dropping the %s format, it does not reproduce evaluate: %s", name, reason)
     files_table = dict(manifest["files"])
     changed = {**manifest, "dropped": {**manifest.get("dropped", {}), **reasons}}
     for name in reasons:
