@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ast
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 PACKAGE = "transferlab"
@@ -134,3 +134,25 @@ def deps_problems(dvc_yaml: Mapping, repository: Path, source_root: Path) -> dic
         if missing := uncovered(files, deps, repository):
             problems[stage] = missing
     return problems
+
+
+# Sub-packages from the bottom up: a module may import from its own sub-package and those before it.
+LAYERS = ("core", "data", "tflite", "backbones", "features", "heads", "reports", "export", "cli")
+
+
+def layer_of(module: str) -> str | None:
+    """The sub-package of ``transferlab.<sub>.<module>``, or None for the package itself."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else None
+
+
+def layer_violations(graph: Mapping[str, Iterable[str]], layers: Sequence[str] = LAYERS) -> list[str]:
+    """Imports that point up the layer order, as ``"importer -> imported"`` lines."""
+    rank = {name: index for index, name in enumerate(layers)}
+    found = []
+    for module, targets in sorted(graph.items()):
+        for target in sorted(targets):
+            source, destination = layer_of(module), layer_of(target)
+            if source in rank and destination in rank and rank[destination] > rank[source]:
+                found.append(f"{module} -> {target}")
+    return found

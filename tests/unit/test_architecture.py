@@ -64,3 +64,15 @@ def test_a_planted_cycle_is_found():
     cycle = architecture.find_cycle(graph)
     assert cycle is not None and cycle[0] == cycle[-1]
     assert {"transferlab.core.atomic", "transferlab.data.download"} <= set(cycle)
+
+
+def test_sub_packages_import_only_downwards():
+    graph = architecture.import_graph(SOURCE_ROOT)
+    assert {architecture.layer_of(name) for name in graph} - {None} == set(architecture.LAYERS)
+    assert architecture.layer_violations(graph) == []
+
+
+def test_an_upward_import_is_reported():
+    graph = architecture.import_graph(SOURCE_ROOT)
+    graph["transferlab.data.split"] = graph["transferlab.data.split"] | {"transferlab.heads.base"}
+    assert architecture.layer_violations(graph) == ["transferlab.data.split -> transferlab.heads.base"]

@@ -6,9 +6,10 @@ not speed) and checks that it takes one square RGB image batch, so that a wrong 
 a message naming it before any image is decoded. The description feeds ``transferlab backbones
 --file``, the stack's widths, the export and the leaderboard's parameter counts.
 
-It lives below :mod:`transferlab.features` and imports only the registry (for the file's
-sha256, its weights identity), so that the backbones list stays fast: LiteRT is imported when
-a file is described, never TensorFlow.
+It lives below :mod:`transferlab.backbones` (whose stacks describe their ``tflite:`` members)
+and imports only :mod:`transferlab.data.images` (for the file's sha256, its weights identity),
+so that the backbones list stays fast: LiteRT is imported when a file is described, never
+TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from transferlab.backbones import registry
+from transferlab.data import images
 
 _WEIGHT_OPS = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED"}  # input 2 is the bias
 
@@ -86,7 +87,7 @@ def describe_tflite(path: str | os.PathLike, tensor: str | None = None) -> TFLit
         raise ValueError(f"{path}: tensor '{output['name']}' has shape {shape}, not (batch, ..., channels) features")
     return TFLiteInfo(
         path=str(path.resolve()),
-        sha256=registry.sha256_file(path),
+        sha256=images.sha256_file(path),
         image_size=int(image["shape"][1]),
         input_name=image["name"],
         input_shape=tuple(int(dim) for dim in image["shape"]),
