@@ -166,3 +166,17 @@ def make_project(tmp_path: Path) -> Project:
     project.dvc("config", "core.analytics", "false")
     project.commit("project")
     return project
+
+
+def extract_features_command(
+    *,
+    images: str = "data/raw/images",
+    splits: str = "data/splits",
+    augmented: str = "data/augmented/train.csv",
+    out: str = "data/features",
+    metrics: str = "metrics/extract_features.json",
+) -> list[str]:
+    """The extract_features stage as dvc.yaml runs it (this interpreter, this repository's script)."""
+    script = REPOSITORY_ROOT / "stages" / "extract_features.py"
+    paths = {"images": images, "splits": splits, "augmented": augmented, "out": out, "metrics": metrics}
+    return [sys.executable, str(script)] + [part for flag, path in paths.items() for part in (f"--{flag}", path)]

@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -177,19 +176,10 @@ def test_the_stage_with_cache_dir_proc_self_runs_with_a_warning_not_a_traceback(
     settings = {**SMALL, "engine": "keras", "cache_dir": "/proc/self"}
     (root / "params.yaml").write_text(yaml.safe_dump({"base": {"seed": 0}, "extract_features": settings}))
     (root / "dvc.yaml").write_text("stages: {}\n")
-    script = support.REPOSITORY_ROOT / "stages" / "extract_features.py"
-    command = [
-        sys.executable,
-        str(script),
-        "--images",
-        "images",
-        "--splits",
-        "splits",
-        "--augmented",
-        "augmented/train.csv",
-    ]
     result = subprocess.run(
-        [*command, "--out", "features", "--metrics", "metrics.json"],
+        support.extract_features_command(
+            images="images", splits="splits", augmented="augmented/train.csv", out="features", metrics="metrics.json"
+        ),
         cwd=root,
         capture_output=True,
         text=True,

@@ -6,7 +6,6 @@ import json
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -150,24 +149,6 @@ def stage_workspace(tmp_path: Path, per_class: int) -> Path:
     return root
 
 
-def stage_command(root: Path, out: str = "data/features", metrics: str = "metrics/extract_features.json") -> list[str]:
-    script = support.REPOSITORY_ROOT / "stages" / "extract_features.py"
-    return [
-        sys.executable,
-        str(script),
-        "--images",
-        "data/raw/images",
-        "--splits",
-        "data/splits",
-        "--augmented",
-        "data/augmented/train.csv",
-        "--out",
-        out,
-        "--metrics",
-        metrics,
-    ]
-
-
 def cached_rows(cache: Path) -> int:
     total = 0
     for database in cache.glob("*/*.sqlite"):
@@ -179,7 +160,9 @@ def cached_rows(cache: Path) -> int:
 def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     root = stage_workspace(tmp_path, per_class=40)
     total = 120
-    process = subprocess.Popen(stage_command(root), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        support.extract_features_command(), cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while cached_rows(tmp_path / "cache") < 10 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -189,7 +172,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
     assert 10 <= done < total, f"could not interrupt the run mid-way ({done} of {total} cached)"
     assert not (root / "data" / "features").exists(), "a killed run must not leave features behind"
 
-    subprocess.run(stage_command(root), cwd=root, check=True, capture_output=True)
+    subprocess.run(support.extract_features_command(), cwd=root, check=True, capture_output=True)
     report = json.loads((root / "metrics" / "extract_features.json").read_text())
     assert report["cache_hits"] >= done and report["embedded"] == total - report["cache_hits"]
     features = np.load(root / "data" / "features" / "train.npz", allow_pickle=False)["features"]
@@ -198,7 +181,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path):
 
 def test_two_runs_filling_the_cache_at_once_both_succeed(tmp_path):
     root = stage_workspace(tmp_path, per_class=10)
-    commands = [stage_command(root, f"out{index}", f"metrics{index}.json") for index in (1, 2)]
+    commands = [support.extract_features_command(out=f"out{index}", metrics=f"metrics{index}.json") for index in (1, 2)]
     processes = [
         subprocess.Popen(command, cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         for command in commands

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -223,21 +222,7 @@ def test_a_bad_spec_stops_the_stage_with_its_message(tiny, bad_files, tmp_path):
     (root / "dvc.yaml").write_text("stages: {}\n")
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "text.tflite").write_bytes((bad_files / "text.tflite").read_bytes())
-    script = support.REPOSITORY_ROOT / "stages" / "extract_features.py"
-    command = [
-        sys.executable,
-        str(script),
-        "--images",
-        "data/raw/images",
-        "--splits",
-        "data/splits",
-        "--augmented",
-        "data/augmented/train.csv",
-        "--out",
-        "data/features",
-        "--metrics",
-        "metrics/extract_features.json",
-    ]
+    command = support.extract_features_command()
     result = subprocess.run(command, cwd=root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 1, result.stderr[-2000:]
     # The relative path counts from the workspace root (the folder holding dvc.yaml).
