@@ -50,6 +50,13 @@ def test_every_key_in_params_yaml_is_commented():
             {"batch_size": 0},
             r"extract_features\.batch_size: Input should be greater than or equal to 1",
         ),
+        ("extract_features", {"executor": "spark"}, r"extract_features\.executor: Input should be 'local' or 'ray'"),
+        ("extract_features", {"ray_workers": -1}, r"extract_features\.ray_workers: Input should be greater than or"),
+        (
+            "train_head",
+            {"logistic": {"max_memory_gb": 0}},
+            r"train_head\.logistic\.max_memory_gb: Input should be greater than 0",
+        ),
         (
             "train_head",
             {"head": "svm"},

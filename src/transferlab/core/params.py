@@ -115,6 +115,8 @@ class ExtractFeaturesParams(Section):
     cache: bool = True
     cache_dir: str = ""
     mirror_average: bool = False
+    executor: Literal["local", "ray"] = "local"
+    ray_workers: Annotated[int, Field(ge=0, le=4096)] = 0  # 0 = one per CPU Ray offers
 
 
 PositiveC = Annotated[float, Field(gt=0.0, le=1e6)]
@@ -134,6 +136,8 @@ class LogisticParams(Section):
     ]
     max_iter: Annotated[int, Field(ge=10, le=100_000)] = 1000
     select_by: Literal["accuracy", "log_loss"] = "accuracy"
+    # Above this many GB of training matrix the head trains out of core (SGD over chunks).
+    max_memory_gb: Annotated[float, Field(gt=0.0, le=4096.0)] = 4.0
 
     @field_validator("c_grid")
     @classmethod

@@ -68,6 +68,7 @@ def train(
     c_grid: Sequence[float],
     max_iter: int,
     select_by: str,
+    max_memory_gb: float = 4.0,
     log_step: base.StepLogger | None = None,
 ) -> base.TrainOutcome:
     """Fits one model per C on ``train``, keeps the one best on ``val``.
@@ -80,6 +81,7 @@ def train(
         c_grid: candidate values of C (> 0).
         max_iter: most lbfgs iterations per fit.
         select_by: ``accuracy`` (ties go to the lower validation loss) or ``log_loss``.
+        max_memory_gb: RAM budget for the training matrix; above it the head trains out of core.
         log_step: called once per C, in ascending order, with train/val loss and accuracy.
 
     Returns:
