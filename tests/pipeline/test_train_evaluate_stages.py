@@ -179,7 +179,10 @@ def test_changing_a_head_param_changes_the_result_and_rerunning_is_stable(worksp
     ("train_head_params", "message"),
     [
         ({"dense": {"units": 0}}, "train_head.dense.units"),
-        ({"head": "svm"}, "train_head.head: unknown head 'svm'; choose one of: dense, finetune, logistic, scratch"),
+        (
+            {"head": "svm"},
+            "train_head.head: unknown head 'svm'; choose one of: dense, finetune, fusion, logistic, scratch",
+        ),
         ({"class_weight": "auto"}, "train_head.class_weight"),
         ({"logistic": {"c_grid": []}}, "train_head.logistic.c_grid"),
     ],

@@ -60,9 +60,16 @@ def test_every_key_in_params_yaml_is_commented():
         (
             "train_head",
             {"head": "svm"},
-            r"train_head\.head: unknown head 'svm'; choose one of: dense, finetune, logistic, scratch",
+            r"train_head\.head: unknown head 'svm'; choose one of: dense, finetune, fusion, logistic, scratch",
         ),
         ("train_head", {"dense": {"unitz": 3}}, r"train_head\.dense\.unitz: unknown key; allowed keys: units, dropout"),
+        ("train_head", {"seeds": 0}, r"train_head\.seeds: Input should be greater than or equal to 1"),
+        ("train_head", {"seeds": 21}, r"train_head\.seeds: Input should be less than or equal to 20"),
+        ("train_head", {"seeds": 2.0}, r"train_head\.seeds: Input should be a valid integer"),
+        ("train_head", {"fusion": {"weight_step": 0.3}}, r"train_head\.fusion\.weight_step: .*must divide 1"),
+        ("train_head", {"fusion": {"finetune": ["a", "a"]}}, r"train_head\.fusion\.finetune: .*list each member once"),
+        ("train_head", {"fusion": {"finetune": "all"}}, r"train_head\.fusion\.finetune"),
+        ("train_head", {"fusion": {"frozen": "both"}}, r"train_head\.fusion\.frozen: Input should be 'separate' or"),
     ],
 )
 def test_invalid_values_name_the_key_and_what_is_allowed(section, raw, expected):
@@ -103,3 +110,18 @@ def test_relative_paths_resolve_against_the_main_root_also_in_queued_experiments
     assert paths.resolve_param_path("/abs/x.h5") == paths.Path("/abs/x.h5")
     monkeypatch.setenv("TRANSFERLAB_ROOT", str(tmp_path))
     assert paths.resolve_param_path("a") == tmp_path / "a"
+
+
+def test_fusion_settings_and_the_member_heads_options():
+    """The fusion head gets its own keys plus the logistic and finetune settings its member heads train with."""
+    loaded = params.parse_section(
+        "train_head",
+        {"head": "fusion", "fusion": {"finetune": [], "from_layer": {"mobilenet_v2": "block_14_expand"}}},
+    )
+    options = loaded.head_options()
+    assert options["finetune"] == [] and options["from_layer"] == {"mobilenet_v2": "block_14_expand"}
+    assert options["frozen"] == "joint" and options["weight_step"] == pytest.approx(0.1)
+    assert options["logistic_options"] == loaded.logistic.model_dump()
+    assert "from_layer" not in options["finetune_options"]  # per member, from fusion.from_layer
+    assert options["finetune_options"]["epochs"] == loaded.finetune.epochs
+    assert params.parse_section("train_head", {}).fusion.finetune == "auto"

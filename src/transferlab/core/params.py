@@ -177,6 +177,36 @@ class FinetuneParams(Section):
     patience: Annotated[int, Field(ge=0, le=1000)] = 3
 
 
+MemberName = Annotated[str, Field(min_length=1)]
+
+
+class FusionParams(Section):
+    """``train_head.fusion``: one head per stack member (or group), fused with weights chosen on validation."""
+
+    # auto = every Keras registry member with a cut point; [] = frozen only; or the members to fine-tune.
+    finetune: Literal["auto"] | list[MemberName] = "auto"
+    # auto = each fine-tuned member's registry default (finetune_from); or {member name: layer}.
+    from_layer: Literal["auto"] | dict[str, MemberName] = "auto"
+    # Frozen members: one logistic head each (separate), or one logistic head on their joined columns (joint).
+    frozen: Literal["separate", "joint"] = "joint"
+    # Step of the simplex grid of combiner weights (one weight per member head, summing to 1).
+    weight_step: Annotated[float, Field(ge=0.01, le=1.0)] = 0.1
+
+    @field_validator("finetune")
+    @classmethod
+    def _distinct_members(cls, value: Any) -> Any:
+        if isinstance(value, list) and len(set(value)) != len(value):
+            raise ValueError(f"list each member once, got {value}")
+        return value
+
+    @field_validator("weight_step")
+    @classmethod
+    def _divides_one(cls, value: float) -> float:
+        if abs(round(1.0 / value) * value - 1.0) > 1e-9:
+            raise ValueError(f"must divide 1 into equal steps (0.5, 0.25, 0.2, 0.1, 0.05, ...), got {value}")
+        return value
+
+
 class TrainHeadParams(Section):
     head: str = "logistic"
     class_weight: Literal["none", "balanced"] = "none"
@@ -184,6 +214,7 @@ class TrainHeadParams(Section):
     dense: DenseParams = DenseParams()
     scratch: ScratchParams = ScratchParams()
     finetune: FinetuneParams = FinetuneParams()
+    fusion: FusionParams = FusionParams()
 
     @field_validator("head")
     @classmethod
@@ -195,7 +226,11 @@ class TrainHeadParams(Section):
     def head_options(self) -> dict[str, Any]:
         """The chosen head's own settings (``train_head.<head>``) as keyword arguments."""
         section = getattr(self, self.head, None)  # a head may have no settings of its own
-        return {} if section is None else section.model_dump()
+        options = {} if section is None else section.model_dump()
+        if self.head == "fusion":  # its member heads are trained with the logistic and finetune settings
+            finetune = self.finetune.model_dump(exclude={"from_layer"})  # per member: fusion.from_layer
+            options.update(logistic_options=self.logistic.model_dump(), finetune_options=finetune)
+        return options
 
 
 class EvaluateParams(Section):
@@ -220,7 +255,7 @@ class GateParams(Section):
 
 
 # The heads train_head can train; transferlab.heads maps each to its module (and refuses others).
-HEAD_NAMES = ("dense", "finetune", "logistic", "scratch")
+HEAD_NAMES = ("dense", "finetune", "fusion", "logistic", "scratch")
 
 
 def _head_names() -> list[str]:
