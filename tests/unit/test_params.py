@@ -51,6 +51,13 @@ def test_every_key_in_params_yaml_is_commented():
             r"extract_features\.batch_size: Input should be greater than or equal to 1",
         ),
         ("extract_features", {"executor": "spark"}, r"extract_features\.executor: Input should be 'local' or 'ray'"),
+        (
+            "extract_features",
+            {"cache_remote": "https://bucket/prefix"},
+            r"extract_features\.cache_remote: must be empty \(local cache only\) or s3://BUCKET\[/PREFIX\]",
+        ),
+        ("extract_features", {"cache_remote": "s3://Team_Cache"}, r"extract_features\.cache_remote: must be empty"),
+        ("extract_features", {"cache_remote": "s3://team-cache//x"}, r"extract_features\.cache_remote: must be empty"),
         ("extract_features", {"ray_workers": -1}, r"extract_features\.ray_workers: Input should be greater than or"),
         (
             "train_head",
@@ -125,3 +132,11 @@ def test_fusion_settings_and_the_member_heads_options():
     assert "from_layer" not in options["finetune_options"]  # per member, from fusion.from_layer
     assert options["finetune_options"]["epochs"] == loaded.finetune.epochs
     assert params.parse_section("train_head", {}).fusion.finetune == "auto"
+
+
+def test_cache_remote_is_empty_or_an_s3_url_without_its_trailing_slash():
+    assert params.parse_section("extract_features", {}).cache_remote == ""
+    parsed = params.parse_section("extract_features", {"cache_remote": "s3://team-cache/embeddings/"})
+    assert parsed.cache_remote == "s3://team-cache/embeddings"
+    dotted = params.parse_section("extract_features", {"cache_remote": "s3://team.cache"})
+    assert dotted.cache_remote == "s3://team.cache"

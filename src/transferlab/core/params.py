@@ -27,6 +27,7 @@ OFFICIAL_FLOWERS_URL = "https://storage.googleapis.com/download.tensorflow.org/e
 OFFICIAL_FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a7183e3e595d9c"
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+# extract_features.cache_remote: s3://bucket[/prefix], S3's bucket naming rules, no empty path parts.
 
 
 class Section(BaseModel):
@@ -114,9 +115,22 @@ class ExtractFeaturesParams(Section):
     decode_threads: Annotated[int, Field(ge=1, le=64)] = 2
     cache: bool = True
     cache_dir: str = ""
+    # The shared embedding cache on S3 (features/cache_remote.py): "" or s3://bucket[/prefix].
+    cache_remote: str = ""
     mirror_average: bool = False
     executor: Literal["local", "ray"] = "local"
     ray_workers: Annotated[int, Field(ge=0, le=4096)] = 0  # 0 = one per CPU Ray offers
+
+    @field_validator("cache_remote")
+    @classmethod
+    def _s3_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if value and not _S3_URL.fullmatch(value):
+            raise ValueError(
+                f"must be empty (local cache only) or s3://BUCKET[/PREFIX] (a bucket name of 3-63 lowercase "
+                f"letters, digits, dots and hyphens); got {value!r}"
+            )
+        return value
 
 
 PositiveC = Annotated[float, Field(gt=0.0, le=1e6)]
