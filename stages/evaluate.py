@@ -6,6 +6,7 @@ from transferlab import heads
 from transferlab.core import atomic, stage
 from transferlab.data import tables
 from transferlab.features import files
+from transferlab.heads import seeds
 from transferlab.reports import evaluate, gallery
 
 
@@ -24,6 +25,7 @@ from transferlab.reports import evaluate, gallery
 def main(paths, base, download, settings):
     limit = download.max_image_pixels
     head = heads.load_head(paths.model)
+    seed_record = seeds.read_record(paths.model)  # None unless train_head.seeds > 1
     splits = files.load_splits(paths.features, ("val", "test"), images_directory=paths.images, max_image_pixels=limit)
     result = evaluate.evaluate(
         head=head,
@@ -31,6 +33,8 @@ def main(paths, base, download, settings):
         test=splits["test"],
         gallery_images=settings.gallery_images,
         extract_report=evaluate.read_extract_report(paths.extract_metrics),
+        seed_record=seed_record,
+        other_seeds=seeds.other_heads(paths.model, seed_record, heads.load_head) if seed_record else (),
     )
     with atomic.atomic_directory(paths.plots) as folder:
         atomic.write_json(folder / "confusion.json", result.confusion)

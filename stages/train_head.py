@@ -31,8 +31,9 @@ def main(paths, base, download, settings):
             class_weight=settings.class_weight,
             options=settings.head_options(),
             log_step=log_step,
+            seed_count=settings.seeds,
         )
-        train_head.save_head(result.head, paths.model)
+        train_head.save_result(result, paths.model)
     atomic.write_json(paths.metrics, result.metrics)
     logging.info(train_head.describe(result.metrics))
 

@@ -73,6 +73,9 @@ def test_every_key_in_params_yaml_is_commented():
         ("train_head", {"seeds": 0}, r"train_head\.seeds: Input should be greater than or equal to 1"),
         ("train_head", {"seeds": 21}, r"train_head\.seeds: Input should be less than or equal to 20"),
         ("train_head", {"seeds": 2.0}, r"train_head\.seeds: Input should be a valid integer"),
+        ("train_head", {"seeds": 0}, r"train_head\.seeds: Input should be greater than or equal to 1"),
+        ("train_head", {"seeds": 21}, r"train_head\.seeds: Input should be less than or equal to 20"),
+        ("train_head", {"seeds": 2.0}, r"train_head\.seeds: Input should be a valid integer"),
         ("train_head", {"fusion": {"weight_step": 0.3}}, r"train_head\.fusion\.weight_step: .*must divide 1"),
         ("train_head", {"fusion": {"finetune": ["a", "a"]}}, r"train_head\.fusion\.finetune: .*list each member once"),
         ("train_head", {"fusion": {"finetune": "all"}}, r"train_head\.fusion\.finetune"),
@@ -101,6 +104,13 @@ def test_floats_in_exponent_notation_and_loaded_sections_are_frozen(tmp_path):
     assert loaded.dense.learning_rate == pytest.approx(0.0003)
     with pytest.raises(ValueError, match="frozen"):  # pydantic's ValidationError is a ValueError
         loaded.head = "dense"
+
+
+def test_seeds_default_to_one_and_are_not_a_head_option():
+    """train_head.seeds: 1 by default (today's single model); the loop reads it, no head's trainer gets it."""
+    assert params.parse_section("train_head", {}).seeds == 1
+    loaded = params.parse_section("train_head", {"head": "dense", "seeds": 20})
+    assert loaded.seeds == 20 and "seeds" not in loaded.head_options()
 
 
 def test_relative_paths_resolve_against_the_main_root_also_in_queued_experiments(tmp_path, monkeypatch):

@@ -224,6 +224,7 @@ class FusionParams(Section):
 class TrainHeadParams(Section):
     head: str = "logistic"
     class_weight: Literal["none", "balanced"] = "none"
+    seeds: Annotated[int, Field(ge=1, le=20)] = 1  # trainings per stochastic head; 1 = today's single model
     logistic: LogisticParams = LogisticParams()
     dense: DenseParams = DenseParams()
     scratch: ScratchParams = ScratchParams()

@@ -50,7 +50,7 @@ from transferlab.core import atomic
 from transferlab.data import images
 from transferlab.export import predict
 from transferlab.features import files
-from transferlab.heads import base
+from transferlab.heads import base, seeds
 
 FEATURE_HEADS = ("logistic", "dense")  # classify the backbones' pooled embeddings
 PIXEL_HEADS = ("finetune", "scratch")  # are (with their own backbone part) one Keras model of the pixels
@@ -221,7 +221,8 @@ def write_export(
         member_files = [{} for _ in members]
     else:
         layout, member_files = _write_stack(folder, members=members, seed=seed, block_engines=block_engines)
-    shutil.copytree(head_folder, folder / predict.HEAD_FOLDER)
+    # the kept seed only: train_head.seeds > 1 leaves the others in models/head/seeds/
+    shutil.copytree(head_folder, folder / predict.HEAD_FOLDER, ignore=seeds.not_exported(head_folder))
     class_names = list(head.description.class_names)
     (folder / predict.LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
     manifest = {

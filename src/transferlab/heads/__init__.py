@@ -4,7 +4,9 @@ Each head module exposes two functions:
 
 - ``train(*, train, val, seed, class_weight, log_step, **options) -> base.TrainOutcome``, where
   ``options`` are exactly the fields of that head's params section (``train_head.<name>``);
-- ``load(folder, description) -> base.TrainedHead``, reading what its ``TrainedHead.save`` wrote.
+- ``load(folder, description) -> base.TrainedHead``, reading what its ``TrainedHead.save`` wrote;
+- optionally ``DETERMINISTIC``: True (or a callable ``options -> bool``) when every seed gives the
+  same model, so that ``train_head.seeds`` trains it once (:mod:`transferlab.heads.seeds`).
 
 Modules are imported only when their head is used, so that naming the heads (the params
 schema does) costs nothing and the logistic head never imports TensorFlow. A new head (the

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ from sklearn import metrics as sklearn_metrics
 
 from transferlab import heads
 from transferlab.features import files
-from transferlab.heads import base
+from transferlab.heads import base, seeds
 from transferlab.reports import gallery
 
 TOP_K = 2
@@ -144,8 +144,19 @@ def evaluate(
     test: files.Features,
     gallery_images: int,
     extract_report: Mapping[str, Any] | None = None,
+    seed_record: seeds.Record | None = None,
+    other_seeds: Iterable[tuple[int, base.TrainedHead]] = (),
 ) -> Evaluation:
     """Runs ``head`` on val and test and assembles metrics, confusion rows, predictions, mistakes.
+
+    Args:
+        head: the trained (with several seeds, the kept) head; every figure but ``seeds`` is its.
+        val, test: the splits' features.
+        gallery_images: how many confident mistakes the gallery shows.
+        extract_report: metrics/extract_features.json, for the provenance.
+        seed_record: models/head/seeds.json when train_head ran several seeds: adds ``seeds``
+            (:func:`seeds_summary`).
+        other_seeds: ``(k, head)`` of every other trained seed (loaded lazily, one at a time).
 
     Raises:
         ValueError: the test split is empty, or the features do not match the head.
@@ -162,6 +173,9 @@ def evaluate(
         "val": classification_metrics(labels=val.labels, probabilities=val_probabilities, class_names=class_names),
         "provenance": provenance(description=head.description, features=test, extract_report=extract_report),
     }
+    if seed_record is not None:
+        kept = {"val": val_probabilities, "test": test_probabilities}
+        report["seeds"] = seeds_summary(record=seed_record, kept=kept, others=other_seeds, val=val, test=test)
     if report["provenance"]["random_init"]:
         logger.warning("random-init backbone weights: these figures say nothing about real accuracy")
     predictions = test_probabilities.argmax(axis=1)
@@ -171,6 +185,67 @@ def evaluate(
         predictions=prediction_rows(features=test, probabilities=test_probabilities),
         mistakes=gallery.confident_mistakes(features=test, probabilities=test_probabilities, limit=gallery_images),
     )
+
+
+SEED_FIGURES = ("test_accuracy", "val_accuracy", "test_macro_f1", "val_macro_f1")
+
+
+def seeds_summary(
+    *,
+    record: seeds.Record,
+    kept: Mapping[str, np.ndarray],
+    others: Iterable[tuple[int, base.TrainedHead]],
+    val: files.Features,
+    test: files.Features,
+) -> dict[str, Any]:
+    """Mean and std across seeds of test/val accuracy and macro-F1, and the seed ensemble's figures.
+
+    The std is the sample standard deviation (ddof=1) across the trained seeds, 0 when one was
+    trained (a deterministic head). The ensemble averages the seeds' probabilities.
+
+    Args:
+        record: models/head/seeds.json.
+        kept: the kept head's probabilities on ``val`` and ``test``.
+        others: ``(k, head)`` of every other trained seed.
+        val, test: the splits' features.
+
+    Returns:
+        Scalars (``dvc exp show`` columns): ``requested``, ``count`` (trained), ``kept``,
+        ``<figure>_mean`` and ``<figure>_std`` for each of :data:`SEED_FIGURES`, and
+        ``ensemble`` (``test_accuracy``, ``test_macro_f1``, ``val_accuracy``, ``val_macro_f1``).
+    """
+    splits = {"val": val, "test": test}
+    probabilities: dict[int, Mapping[str, np.ndarray]] = {record.kept: kept}
+    for k, head in others:
+        for split in splits.values():
+            head.description.check_features(split)
+        probabilities[k] = {name: base.predict_split(head, split) for name, split in splits.items()}
+    if sorted(probabilities) != list(range(record.trained)):
+        raise ValueError(
+            f"seeds {sorted(probabilities)} evaluated, but {record.trained} were trained; re-run train_head"
+        )
+    figures = [_split_figures(splits, probabilities[k]) for k in sorted(probabilities)]
+    summary: dict[str, Any] = {"requested": record.requested, "count": record.trained, "kept": record.kept}
+    for name in SEED_FIGURES:
+        values = np.array([figure[name] for figure in figures if figure.get(name) is not None], dtype=np.float64)
+        summary[f"{name}_mean"] = float(values.mean()) if len(values) else None
+        summary[f"{name}_std"] = float(values.std(ddof=1)) if len(values) > 1 else (0.0 if len(values) else None)
+    averaged = {name: np.mean([probabilities[k][name] for k in probabilities], axis=0) for name in splits}
+    summary["ensemble"] = _split_figures(splits, averaged)
+    return summary
+
+
+def _split_figures(splits: Mapping[str, files.Features], probabilities: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """``{split}_accuracy`` and ``{split}_macro_f1`` (None for an empty split) of one set of predictions."""
+    figures: dict[str, Any] = {}
+    for name in ("test", "val"):
+        split = splits[name]
+        metrics = classification_metrics(
+            labels=split.labels, probabilities=probabilities[name], class_names=split.class_names
+        )
+        figures[f"{name}_accuracy"] = metrics.get("accuracy")
+        figures[f"{name}_macro_f1"] = metrics.get("macro_f1")
+    return figures
 
 
 def describe(metrics: Mapping[str, Any]) -> str:
