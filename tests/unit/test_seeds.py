@@ -241,3 +241,41 @@ def test_three_dense_seeds_give_three_models_and_a_rerun_gives_the_same_three(tm
     ]
     assert summary["test_accuracy_mean"] == pytest.approx(np.mean(accuracies))
     assert summary["test_accuracy_std"] == pytest.approx(np.std(accuracies, ddof=1))
+
+
+# --- transferlab compare's leaderboard --------------------------------------------------------------
+
+
+def _experiment(name: str, evaluation: dict) -> dict:
+    metrics = {"metrics/evaluate.json": {"data": evaluation}, "metrics/train_head.json": {"data": {"seconds": 3.0}}}
+    return {"name": name, "data": {"metrics": metrics}}
+
+
+def test_the_leaderboard_shows_mean_and_std_where_several_seeds_were_trained():
+    from transferlab.reports import compare
+
+    single = {"test": {"accuracy": 0.91, "macro_f1": 0.9}, "val": {"accuracy": 0.89}}
+    several = {
+        "test": {"accuracy": 0.95, "macro_f1": 0.94},  # the kept seed's: the row shows the means instead
+        "val": {"accuracy": 0.96},
+        "seeds": {
+            "count": 3,
+            "test_accuracy_mean": 0.931,
+            "test_accuracy_std": 0.0042,
+            "test_macro_f1_mean": 0.925,
+            "test_macro_f1_std": 0.005,
+            "val_accuracy_mean": 0.94,
+            "val_accuracy_std": 0.011,
+        },
+    }
+    deterministic = {**single, "seeds": {"count": 1, "test_accuracy_mean": 0.91, "test_accuracy_std": 0.0}}
+    revisions = [_experiment("cmp-a", single), _experiment("cmp-b", several), _experiment("cmp-c", deterministic)]
+    exp_show = [{"experiments": [{"revs": revisions}]}]
+    rows = compare.leaderboard_rows(exp_show, ["cmp-a", "cmp-b", "cmp-c"], lambda report: None)
+    assert [row.experiment for row in rows] == ["cmp-b", "cmp-a", "cmp-c"]  # by the mean where there is one
+    assert rows[0].seeds == 3 and rows[0].test_accuracy == 0.931 and rows[0].test_accuracy_std == 0.0042
+    assert rows[2].seeds == 1 and rows[2].test_accuracy_std is None  # trained once: nothing to spread
+    lines = compare.format_table(rows).splitlines()
+    assert "seeds" in lines[0]
+    assert lines[2].split()[2:6] == ["93.1\u00b10.4%", "92.5\u00b10.5%", "94.0\u00b11.1%", "3"]
+    assert lines[3].split()[2:6] == ["91.0%", "90.0%", "89.0%", "1"]

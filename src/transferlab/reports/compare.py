@@ -76,6 +76,11 @@ class Row:
     head_seconds: float | None
     parameters: int | None
     random_init: bool
+    # With train_head.seeds > 1 the three figures above are means across the seeds, and these their std.
+    seeds: int = 1
+    test_accuracy_std: float | None = None
+    macro_f1_std: float | None = None
+    val_accuracy_std: float | None = None
 
 
 def _dig(mapping: Any, *keys: str) -> Any:
@@ -111,26 +116,53 @@ def leaderboard_rows(exp_show: list[dict], names: Sequence[str], parameters: Cal
         metrics = {path: _dig(content, "data") or {} for path, content in (data.get("metrics") or {}).items()}
         evaluation = metrics.get("metrics/evaluate.json", {})
         extract_report = metrics.get("metrics/extract_features.json", {})
+        figures = {
+            "test_accuracy": _dig(evaluation, "test", "accuracy"),
+            "macro_f1": _dig(evaluation, "test", "macro_f1"),
+            "val_accuracy": _dig(evaluation, "val", "accuracy"),
+            **seed_spread(evaluation),  # means and stds across seeds, where there are several
+        }
         rows.append(
             Row(
                 experiment=name,
                 backbone=extract_report.get("stack") or _dig(evaluation, "provenance", "backbone") or "?",
-                test_accuracy=_dig(evaluation, "test", "accuracy"),
-                macro_f1=_dig(evaluation, "test", "macro_f1"),
-                val_accuracy=_dig(evaluation, "val", "accuracy"),
                 milliseconds_per_image=extraction_cost(extract_report),
                 head_seconds=_dig(metrics.get("metrics/train_head.json", {}), "seconds"),
                 parameters=parameters(extract_report),
                 random_init=bool(extract_report.get("random_init")),
+                **figures,
             )
         )
     return sorted(rows, key=lambda row: -(row.test_accuracy or 0.0))
 
 
+def seed_spread(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    """Row fields from metrics/evaluate.json's ``seeds``: means and stds across seeds, when more than one was trained.
+
+    Empty (the kept model's own figures stand) for one seed, or a deterministic head trained once.
+    """
+    spread = evaluation.get("seeds") if isinstance(evaluation, Mapping) else None
+    if not isinstance(spread, Mapping) or int(spread.get("count") or 1) < 2:
+        return {}
+    return {
+        "seeds": int(spread["count"]),
+        "test_accuracy": spread.get("test_accuracy_mean"),
+        "test_accuracy_std": spread.get("test_accuracy_std"),
+        "macro_f1": spread.get("test_macro_f1_mean"),
+        "macro_f1_std": spread.get("test_macro_f1_std"),
+        "val_accuracy": spread.get("val_accuracy_mean"),
+        "val_accuracy_std": spread.get("val_accuracy_std"),
+    }
+
+
 def format_table(rows: Sequence[Row], failed: Mapping[str, Path | None] | None = None) -> str:
-    """A plain-text leaderboard; each failed experiment gets a row with the path of its saved log."""
+    """A plain-text leaderboard; each failed experiment gets a row with the path of its saved log.
+
+    Where an experiment trained several seeds (``train_head.seeds``), its accuracy and macro-F1
+    cells show the mean and std across them, ``93.1±0.4%``, and the ``seeds`` column their number.
+    """
     header = (
-        f"{'#':>2}  {'backbone':<40} {'test acc':>8} {'macro-F1':>8} {'val acc':>7} "
+        f"{'#':>2}  {'backbone':<40} {'test acc':>10} {'macro-F1':>10} {'val acc':>10} {'seeds':>5} "
         f"{'img/s':>7} {'ms/img':>7} {'head s':>6} {'params':>11}  experiment"
     )
     lines = [header, "-" * len(header)]
@@ -139,8 +171,9 @@ def format_table(rows: Sequence[Row], failed: Mapping[str, Path | None] | None =
         cost = f"{row.milliseconds_per_image:7.2f}" if row.milliseconds_per_image else f"{'?':>7}"
         label = row.backbone + (" (RANDOM INIT)" if row.random_init else "")
         lines.append(
-            f"{rank:>2}  {label[:40]:<40} {_percent(row.test_accuracy):>8} {_percent(row.macro_f1):>8} "
-            f"{_percent(row.val_accuracy):>7} "
+            f"{rank:>2}  {label[:40]:<40} {_percent(row.test_accuracy, row.test_accuracy_std):>10} "
+            f"{_percent(row.macro_f1, row.macro_f1_std):>10} {_percent(row.val_accuracy, row.val_accuracy_std):>10} "
+            f"{row.seeds:>5} "
             f"{speed} {cost} {_number(row.head_seconds, '.1f'):>6} {_number(row.parameters, ','):>11}  {row.experiment}"
         )
     for name, log in sorted((failed or {}).items()):
@@ -149,8 +182,10 @@ def format_table(rows: Sequence[Row], failed: Mapping[str, Path | None] | None =
     return "\n".join(lines)
 
 
-def _percent(value: float | None) -> str:
-    return f"{100 * value:.1f}%" if value is not None else "?"
+def _percent(value: float | None, std: float | None = None) -> str:
+    if value is None:
+        return "?"
+    return f"{100 * value:.1f}\u00b1{100 * std:.1f}%" if std is not None else f"{100 * value:.1f}%"
 
 
 def _number(value: float | int | None, spec: str) -> str:
