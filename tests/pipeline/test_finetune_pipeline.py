@@ -14,7 +14,7 @@ import support
 from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
 from transferlab.backbones import stack
 from transferlab.core import params
-from transferlab.features import decode, extract_features, files, tap_jobs
+from transferlab.features import decode, extract_features, extract_taps, files
 
 pytestmark = pytest.mark.slow
 SHARED_MOBILENET_V2 = "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"
@@ -32,17 +32,20 @@ def test_dvc_pipeline_with_the_finetune_head(dvc_project):
     project.dvc("repro")
 
     report = read_json(project, "metrics/extract_features.json")
-    taps = report["taps"]
+    tapped = read_json(project, "metrics/extract_taps.json")
+    taps = tapped["members"]["mobilenet_v2"]
     assert taps["layer"] == "block_13_expand" and taps["shape"] == [2, 2, 32] and taps["dtype"] == "float16"
     assert taps["computed"] == report["distinct_views"] == 54 and taps["cache_bytes"] > 0
     file_bytes = 0
     for split in ("train", "val", "test"):
         features = np.load(project.root / f"data/features/{split}.npz", allow_pickle=False)["features"]
-        activations = np.load(project.root / f"data/features/taps/{split}.npy", mmap_mode="r")
+        activations = np.load(project.root / f"data/taps/mobilenet_v2/{split}.npy", mmap_mode="r")
         assert activations.shape == (len(features), 2, 2, 32) and activations.dtype == np.float16
-        file_bytes += (project.root / f"data/features/taps/{split}.npy").stat().st_size
+        file_bytes += (project.root / f"data/taps/mobilenet_v2/{split}.npy").stat().st_size
     assert taps["file_bytes"] == file_bytes
-    assert json.loads((project.root / "data/features/taps/taps.json").read_text())["layer"] == "block_13_expand"
+    assert read_json(project, "data/taps/taps.json")["members"] == {"mobilenet_v2": "mobilenet_v2"}
+    assert read_json(project, "data/taps/mobilenet_v2/taps.json")["layer"] == "block_13_expand"
+    assert not (project.root / "data/features/taps").exists()
     assert {path.name for path in (project.root / "models/head").iterdir()} == {
         "head.json",
         "head.keras",
@@ -57,12 +60,18 @@ def test_dvc_pipeline_with_the_finetune_head(dvc_project):
         assert len(list(csv.DictReader(handle))) == 9
     project.commit("baseline")
 
-    # Only a head parameter changed: extract_features does not run, nothing is embedded.
+    # Only a head parameter changed: neither extract_features nor extract_taps runs, nothing is embedded.
     result = project.dvc("exp", "run", "-S", "train_head.finetune.epochs=1")
     assert "Running stage 'extract_features'" not in result.stdout
+    assert "Running stage 'extract_taps'" not in result.stdout
     assert "Running stage 'train_head'" in result.stdout and "Running stage 'evaluate'" in result.stdout
     assert read_json(project, "metrics/extract_features.json") == report
     assert read_json(project, "metrics/train_head.json")["epochs_run"] == 1
+
+    # Another cut: extract_taps runs again, extract_features does not.
+    moved = project.dvc("exp", "run", "-S", "train_head.finetune.from_layer=block_15_expand")
+    assert "Running stage 'extract_taps'" in moved.stdout and "Running stage 'extract_features'" not in moved.stdout
+    assert read_json(project, "metrics/extract_taps.json")["members"]["mobilenet_v2"]["layer"] == "block_15_expand"
 
     # A layer inside a residual block cannot be cut: the stage says so and lists the cut points.
     failed = project.dvc("exp", "run", "-S", "train_head.finetune.from_layer=block_14_depthwise", check=False)
@@ -98,24 +107,26 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
     for index, row in enumerate(rows):  # rows are sorted by class: each class gets 60% / 20% / 20%
         splits[("train", "train", "train", "val", "test")[index % 5]].append(row)
     settings = params.parse_section("extract_features", {"backbone": "mobilenet_v2", "weights": str(weights)})
+    members = stack.resolve_members(settings, seed=0)
+    common = {
+        "rows_by_split": splits,
+        "images_directory": folder,
+        "cache_directory": tmp_path / "cache",
+        "engine": "auto",
+        "batch_size": 32,
+        "threads": 2,
+        "seed": 0,
+        "max_image_pixels": 10**8,
+    }
     features_folder = tmp_path / "features"
-    feature_sets, report = extract_features.extract_features(
-        members=stack.resolve_members(settings, seed=0),
-        rows_by_split=splits,
-        images_directory=folder,
-        cache_directory=tmp_path / "cache",
-        engine="auto",
-        batch_size=32,
-        threads=2,
-        seed=0,
-        max_image_pixels=10**8,
-        tap_request=tap_jobs.TapRequest("auto", features_folder / "taps"),
-    )
+    feature_sets, _ = extract_features.extract_features(members=members, **common)
     files.write_feature_files(features_folder, feature_sets)
-    assert report["taps"]["layer"] == "block_13_expand" and report["taps"]["shape"] == [14, 14, 96]
-    assert report["taps"]["engine"] == "tflite" and report["taps"]["bytes_per_image"] == 14 * 14 * 96 * 2
+    plans = extract_taps.plan_taps(members, head="finetune")
+    report = extract_taps.extract_taps(plans=plans, directory=tmp_path / "taps", **common)["members"]["mobilenet_v2"]
+    assert report["layer"] == "block_13_expand" and report["shape"] == [14, 14, 96]
+    assert report["engine"] == "tflite" and report["bytes_per_image"] == 14 * 14 * 96 * 2
 
-    loaded = files.load_splits(features_folder)
+    loaded = files.load_splits(features_folder, taps_directory=tmp_path / "taps")
     options = params.TrainHeadParams(head="finetune").head_options()
     result = train_head.train_head(
         head="finetune", train=loaded["train"], val=loaded["val"], seed=0, class_weight="none", options=options
@@ -147,8 +158,9 @@ def test_taps_are_the_same_without_the_cache_and_a_corrupt_tap_is_recomputed(tmp
     settings = params.parse_section("extract_features", support.SMALL_PARAMS["extract_features"])
 
     def run(cache, out):
-        _, report = extract_features.extract_features(
-            members=stack.resolve_members(settings, seed=0),
+        (member,) = stack.resolve_members(settings, seed=0)
+        report = extract_taps.extract_taps(
+            plans=[extract_taps.TapPlan(member, "block_15_expand")],
             rows_by_split=splits,
             images_directory=folder,
             cache_directory=cache,
@@ -157,9 +169,11 @@ def test_taps_are_the_same_without_the_cache_and_a_corrupt_tap_is_recomputed(tmp
             threads=2,
             seed=0,
             max_image_pixels=10**8,
-            tap_request=tap_jobs.TapRequest("block_15_expand", out),
+            directory=out,
         )
-        return report["taps"], {split: np.load(out / f"{split}.npy") for split in splits}
+        return report["members"]["mobilenet_v2"], {
+            split: np.load(out / "mobilenet_v2" / f"{split}.npy") for split in splits
+        }
 
     cold, reference = run(tmp_path / "cache", tmp_path / "cold")
     assert cold["computed"] == len(rows) and cold["cache_hits"] == 0 and cold["layer"] == "block_15_expand"
@@ -182,7 +196,7 @@ def test_taps_are_the_same_without_the_cache_and_a_corrupt_tap_is_recomputed(tmp
     assert warm["corrupt_entries_recomputed"] == 1 and warm["computed"] == 1
     for split in splits:
         np.testing.assert_array_equal(arrays[split], reference[split])
-    assert json.loads((tmp_path / "warm" / "taps.json").read_text())["shape"] == cold["shape"]
+    assert json.loads((tmp_path / "warm" / "mobilenet_v2" / "taps.json").read_text())["shape"] == cold["shape"]
 
 
 def _description(database: Path) -> str:
@@ -190,18 +204,3 @@ def _description(database: Path) -> str:
 
     with sqlite3.connect(database) as connection:
         return connection.execute("SELECT value FROM meta WHERE name = 'description'").fetchone()[0]
-
-
-def test_a_stack_or_a_tflite_backbone_cannot_be_fine_tuned():
-    settings = params.parse_section(
-        "extract_features",
-        {
-            **support.SMALL_PARAMS["extract_features"],
-            "backbone": ["mobilenet_v2", "mobilenet"],
-            "alpha": {"mobilenet": 0.25},
-        },
-    )
-    members = stack.resolve_members(settings, seed=0)
-    with pytest.raises(ValueError, match="one registry backbone"):
-        tap_jobs.tap_member(members)
-    assert tap_jobs.tap_member(members[:1]).name == "mobilenet_v2"

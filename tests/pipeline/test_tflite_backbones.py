@@ -1,4 +1,4 @@
-"""TFLite files as backbones: features equal the Keras original's, taps, stacks, bad specs, queued runs."""
+"""TFLite files as backbones: features equal the Keras original's, stacks, bad specs, queued runs."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import support
 from transferlab.backbones import registry, stack
 from transferlab.core import params, paths
 from transferlab.data import augment, images
-from transferlab.features import engine_choice, engines, extract_features, tap_jobs
+from transferlab.features import engine_choice, engines, extract_features
 
 pytestmark = pytest.mark.slow
 SIZE = 32
@@ -153,26 +153,6 @@ def test_mirror_averaging_averages_each_image_with_its_mirror_image_and_caches_b
     _, again = extract_with(folder, rows, cache, f"tflite:{path}", mirror_average=True)
     assert again["embedded"] == 0 and again["cache_hits"] == 2 * len(rows)
     assert lowest_cosine(plain["train"].arrays["features"], model(pixels).numpy()) >= engine_choice.MINIMUM_COSINE
-
-
-def test_mirror_averaging_refuses_the_finetune_heads_tap_activations(tiny, dataset, tmp_path):
-    _, path, _ = tiny
-    folder, rows = dataset
-    members = stack.resolve_members(params.parse_section("extract_features", {"backbone": f"tflite:{path}"}), seed=0)
-    with pytest.raises(ValueError, match="mirror_average: false"):
-        extract_features.extract_features(
-            members=members,
-            rows_by_split={"train": rows},
-            images_directory=folder,
-            cache_directory=tmp_path / "cache",
-            engine="auto",
-            batch_size=5,
-            threads=2,
-            seed=0,
-            max_image_pixels=10**8,
-            tap_request=tap_jobs.TapRequest("auto", tmp_path / "taps"),
-            mirror_average=True,
-        )
 
 
 # ---------------------------------------------------------------- bad specs

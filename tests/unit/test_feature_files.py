@@ -87,7 +87,7 @@ def test_written_feature_files_read_back_with_the_images_folder_and_limit(tmp_pa
         np.testing.assert_array_equal(split.features, arrays["features"])
         assert split.labels.tolist() == LABELS.tolist() and split.class_names == CLASSES
         assert split.images_directory == tmp_path / "images" and split.max_image_pixels == 1234
-        assert split.block_engines == ("keras", "tflite") and split.taps is None
+        assert split.block_engines == ("keras", "tflite") and split.taps == {}
     assert files.stack_name(splits["val"].blocks) == "mobilenet_v2+x"
 
 

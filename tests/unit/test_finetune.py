@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -82,7 +83,7 @@ def split_with_taps(backbone, backbone_file, *, per_class: int, seed: int, layer
         labels=labels,
         class_names=CLASSES,
         blocks=(block,),
-        taps=tapped,
+        taps={"tiny": tapped},
         source=f"<{seed}>",
     )
 
@@ -238,17 +239,35 @@ def test_a_split_without_taps_or_with_other_taps_is_refused(trained):
         blocks=val.blocks,
         source="data/features/val.npz",
     )
-    with pytest.raises(ValueError, match="train_head.head is finetune"):
+    with pytest.raises(ValueError, match="train_head.head is finetune or fusion"):
         base.predict_split(trained["head"], bare)
+    tiny = val.taps["tiny"]
     other = files.Features(
         features=val.features,
         labels=val.labels,
         class_names=val.class_names,
         blocks=val.blocks,
-        taps=files.Taps(val.taps.activations, "last_conv", "tiny", val.taps.backbone_file),
+        taps={"tiny": files.Taps(tiny.activations, "last_conv", "tiny", tiny.backbone_file)},
     )
-    with pytest.raises(ValueError, match="re-run extract_features"):
+    with pytest.raises(ValueError, match="re-run extract_taps"):
         base.predict_split(trained["head"], other)
+    elsewhere = dataclasses.replace(val, taps={"other": tiny})
+    with pytest.raises(ValueError, match="not of tiny"):
+        base.predict_split(trained["head"], elsewhere)
+
+
+def test_in_a_stack_the_head_reads_its_members_taps(trained):
+    """A stack (here with a TFLite member first) is fine: the head classifies its member's taps alone."""
+    val = trained["splits"]["val"]
+    tflite = files.Block(spec="tflite:x.tflite", weights="sha", width=4, offset=0, name="x")
+    tiny = dataclasses.replace(val.blocks[0], offset=4)
+    stacked = dataclasses.replace(val, blocks=(tflite, tiny), features=np.zeros((len(val), 4 + tiny.width), np.float32))
+    from transferlab.heads import finetune
+
+    assert finetune.check_taps(stacked) is val.taps["tiny"]
+    np.testing.assert_array_equal(
+        base.predict_split(trained["head"], stacked), base.predict_split(trained["head"], val)
+    )
 
 
 def test_tap_batches_shuffle_every_epoch_and_flip_reproducibly():

@@ -22,8 +22,8 @@ import difflib
 from typing import Any
 
 AUTO = "auto"
-# Beside the features files (data/features/): taps/<split>.npy, taps/taps.json, taps/backbone.keras.
-FOLDER = "taps"
+# In the extract_taps stage's folder (data/taps/): taps.json (the index), and per member
+# <member>/<split>.npy, <member>/taps.json and <member>/backbone.keras (transferlab.features.files).
 DESCRIPTION_FILE = "taps.json"
 BACKBONE_FILE = "backbone.keras"
 

@@ -23,6 +23,9 @@ from transferlab.reports import label_issues
 def configure(parser) -> None:
     parser.add_argument("--features", type=Path, default=Path("data/features"), help="the features folder")
     parser.add_argument("--model", type=Path, default=Path("models/head"), help="the trained head")
+    parser.add_argument(
+        "--taps", type=Path, default=Path("data/taps"), help="the taps folder (read when it holds a taps.json)"
+    )
     parser.add_argument("--images", type=Path, default=Path("data/raw/images"), help="the images folder")
     parser.add_argument("--out", type=Path, default=Path("metrics/label_issues.csv"), help="the CSV to write")
     parser.add_argument(
@@ -41,7 +44,11 @@ def run(args) -> int:
     if not 2 <= args.folds <= 50 or not 1 <= args.gallery_images <= 256:
         raise ValueError("--folds must be 2..50 and --gallery-images 1..256")
     splits = files.load_splits(
-        args.features, ("train", "val", "test"), images_directory=args.images, max_image_pixels=limit
+        args.features,
+        ("train", "val", "test"),
+        images_directory=args.images,
+        max_image_pixels=limit,
+        taps_directory=args.taps if (args.taps / "taps.json").is_file() else None,
     )
     head = heads.load_head(args.model)
     head.description.check_features(splits["test"])

@@ -7,8 +7,8 @@ images decoded and resized in a thread pool while the engine runs, one batch ahe
 for every member that needs it. Which engine runs each member is chosen by
 :mod:`transferlab.features.engine_choice`.
 
-For the ``finetune`` head it also caches and exports *tap activations* of the stack's Keras
-member, from the same decoded pixels (see :mod:`transferlab.features.tap_jobs`).
+Tap activations for fine-tuning are not made here but by the extract_taps stage
+(:mod:`transferlab.features.extract_taps`), so that changing the head never reruns this stage.
 
 The cache only ever saves work, so a cache folder that cannot be used (read-only, ``/proc``, a
 file in its place, a disk that fills up during the run) never stops the stage: one warning
@@ -32,7 +32,7 @@ import numpy as np
 from transferlab.backbones import stack
 from transferlab.backbones.stack import Member
 from transferlab.core import paths
-from transferlab.features import decode, embedding_cache, engine_choice, files, mirror, tap_jobs
+from transferlab.features import decode, embedding_cache, engine_choice, files, mirror
 
 LOGGER = logging.getLogger(__name__)
 
@@ -201,7 +201,6 @@ def extract_features(
     threads: int,
     seed: int,
     max_image_pixels: int,
-    tap_request: tap_jobs.TapRequest | None = None,
     mirror_average: bool = False,
 ) -> tuple[dict[str, files.FeatureSet], dict]:
     """Embeds every row of every split with the stack; returns features files and a report.
@@ -218,7 +217,6 @@ def extract_features(
         threads: decoding threads.
         seed: seeds random-init backbones.
         max_image_pixels: decompression-bomb limit when decoding (params ``download.max_image_pixels``).
-        tap_request: also cache and export tap activations (the ``finetune`` head), or None.
         mirror_average: each row's embedding is the mean of its view's and that view's mirror
             image's (see :mod:`transferlab.features.mirror`); mirrored views are cached like any view.
     """
@@ -228,37 +226,14 @@ def extract_features(
     items = unique_items(rows_by_split)
     if not items:
         raise ValueError("the splits hold no images; check data/splits and the split params")
-    if mirror_average and tap_request is not None:
-        raise ValueError(
-            "extract_features.mirror_average averages pooled embeddings, but the finetune head trains on tap "
-            "activations (it mirrors them itself: train_head.finetune.flip); set extract_features.mirror_average: false"
-        )
     views = mirror.with_mirrors(items) if mirror_average else items
 
     def render_one(item: decode.Item, size: int) -> np.ndarray:
         return decode.render(item, images_directory=images_directory, size=size, max_image_pixels=max_image_pixels)
 
-    def fill(job: tap_jobs.TapJob) -> None:  # computes again what a tap job lost (a corrupt cache row)
-        decode.fill_misses([job], items, size=job.size, render_one=render_one, batch_size=batch_size, threads=threads)
-
     requested_cache, cache_directory = cache_directory, usable_cache_directory(cache_directory)
-    builders = {member.name: _backbone_builder(member, seed) for member in members if member.kind == "keras"}
-    with (
-        _conversion_directory(cache_directory) as converted,
-        tap_jobs.tap_cache_directory(cache_directory, tap_request) as tap_cache,
-    ):
-        tap_job = None
-        if tap_request is not None:
-            tap_job = tap_jobs.open_tap_job(
-                tap_request,
-                members,
-                items,
-                engine=engine,
-                converted=converted,
-                cache_directory=tap_cache,
-                builders=builders,
-                render_one=render_one,
-            )
+    builders = {member.name: backbone_builder(member, seed) for member in members if member.kind == "keras"}
+    with conversion_directory(cache_directory) as converted:
         runs = embed(
             members,
             views,
@@ -269,13 +244,7 @@ def extract_features(
             render_one=render_one,
             batch_size=batch_size,
             threads=threads,
-            extra_jobs=[tap_job] if tap_job else [],
         )
-        tap_report = None
-        if tap_job is not None:
-            tap_report = tap_jobs.write_taps(
-                tap_job, tap_request.directory, rows_by_split, converted=converted, fill=fill
-            )
     if mirror_average:
         for run in runs:
             run.vectors = mirror.average_mirrors(run.vectors, [item.key for item in items])
@@ -284,12 +253,10 @@ def extract_features(
     report = _report(runs, rows_by_split, views, cache_directory, time.perf_counter() - started)
     if requested_cache is not None and cache_directory is None:
         report["cache"] = f"unusable: {requested_cache}"
-    if tap_report is not None:
-        report["taps"] = {**tap_report, "cache_bytes": tap_report["cache_bytes"] if cache_directory else 0}
     return feature_sets, report
 
 
-def _backbone_builder(member: Member, seed: int) -> Callable[[], Any]:
+def backbone_builder(member: Member, seed: int) -> Callable[[], Any]:
     """Builds the member's Keras model on the first call, then returns that same model."""
     from transferlab.backbones import registry
 
@@ -361,7 +328,8 @@ def _open_cache(cache_directory: Path | None, member: Member, choice: engine_cho
 
 
 @contextlib.contextmanager
-def _conversion_directory(cache_directory: Path | None) -> Iterator[Path]:
+def conversion_directory(cache_directory: Path | None) -> Iterator[Path]:
+    """The folder for converted models and saved backbones: ``<cache>/converted``, else a temporary one."""
     # Converted TFLite models live beside the embeddings; without a cache (or when the cache's
     # converted/ cannot be written), in a temporary folder: converting again costs seconds.
     if cache_directory is not None:
@@ -417,7 +385,7 @@ def _report(
 
 
 def log_report(report: dict) -> None:
-    """Logs the stage's summary of a report: the stack's counts and speed, then the taps' line."""
+    """Logs the stage's summary of a report: the stack's counts and speed."""
     LOGGER.info(
         "%s: %d embedded, %d cache hits, %.1f s (%s images/s)",
         report["stack"],
@@ -426,13 +394,3 @@ def log_report(report: dict) -> None:
         report["seconds"],
         report["images_per_second"],
     )
-    if "taps" in report:
-        taps_report = report["taps"]
-        LOGGER.info(
-            "taps at %s %s: %d computed, %d cache hits, %.1f MB in files",
-            taps_report["layer"],
-            taps_report["shape"],
-            taps_report["computed"],
-            taps_report["cache_hits"],
-            taps_report["file_bytes"] / 1e6,
-        )

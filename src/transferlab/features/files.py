@@ -1,18 +1,26 @@
-"""The features files contract: ``data/features/{train,val,test}.npz`` and ``taps/``, writer and readers.
+"""The features files contract: ``data/features/{train,val,test}.npz`` and ``data/taps/``, writers and readers.
 
-extract_features writes these files; train_head, evaluate and export read them. Both sides live
-here, with the records the readers return (:class:`Features`, :class:`Block`, :class:`Taps`), so
-that a change to the format is one change in one module (docs/DESIGN.md describes the keys).
-The heads import these records; nothing here imports a head.
+extract_features writes the features files and extract_taps the tap activations; train_head,
+evaluate and export read them. Both sides live here, with the records the readers return
+(:class:`Features`, :class:`Block`, :class:`Taps`), so that a change to the format is one change
+in one module (docs/DESIGN.md describes the keys). The heads import these records; nothing here
+imports a head.
+
+The taps folder (``data/taps/``) holds ``taps.json``, an index naming each tapped member's
+sub-folder (``{"members": {}}`` when no head needs taps), and per member
+``<member>/{train,val,test}.npy`` (float16 maps, rows in the features files' order),
+``<member>/taps.json`` (layer, shape, engine, and a digest of each split's rows) and
+``<member>/backbone.keras`` (the frozen backbone that computed them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import zipfile
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +42,8 @@ REQUIRED_KEYS = (
     "block_offsets",
 )
 RANDOM_INIT_PREFIX = "random-init"  # the weights identity of a random-init backbone starts with it
+TAPS_FORMAT = "transferlab-taps"
+TAPS_VERSION = 2  # 2: one sub-folder per member in data/taps/ (1: data/features/taps/, one member)
 
 
 @dataclass(frozen=True)
@@ -63,17 +73,18 @@ def stack_name(blocks: Sequence[Block]) -> str:
 
 @dataclass(frozen=True, eq=False)
 class Taps:
-    """A split's cached tap activations, read by the ``finetune`` head (data/features/taps/).
+    """A split's tap activations of one member, read by the heads that fine-tune (data/taps/<member>/).
 
-    extract_features writes them when ``train_head.head`` is ``finetune``: the input of one
-    layer of the stack's Keras member, one map per features row, in the same order.
+    extract_taps writes them when a head fine-tunes a Keras member of the stack (``finetune``,
+    or ``fusion``): the input of one layer of that member, one map per features row, in the same
+    order.
 
     Attributes:
-        activations: (N, H, W, C) float16, usually a read-only memory map of ``taps/<split>.npy``.
+        activations: (N, H, W, C) float16, usually a read-only memory map of ``<member>/<split>.npy``.
         layer: the layer they feed (the first layer the head trains).
         block: the member they come from (its block name).
         backbone_file: the frozen backbone (raw pixels to embedding) that computed them.
-        description: ``taps/taps.json`` (member, weights, image size, engine, shape).
+        description: ``<member>/taps.json`` (member, weights, image size, engine, shape, rows).
     """
 
     activations: np.ndarray
@@ -101,8 +112,9 @@ class Features:
     images_directory: Path | None = None
     # The decompression-bomb limit for opening those images (params download.max_image_pixels).
     max_image_pixels: int | None = None
-    # Tap activations of the rows, when extract_features wrote them (the ``finetune`` head).
-    taps: Taps | None = None
+    # Tap activations of the rows by member name, when extract_taps wrote some and the reader
+    # was given its folder (see :func:`load_splits`); empty otherwise.
+    taps: Mapping[str, Taps] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.features.shape[0])
@@ -201,37 +213,83 @@ def load_features(
         source=str(path),
         images_directory=None if images_directory is None else Path(images_directory),
         max_image_pixels=max_image_pixels,
-        taps=load_taps(path, rows),
     )
 
 
-def load_taps(path: str | os.PathLike, rows: int) -> Taps | None:
-    """The tap activations beside a features file (``taps/<split>.npy``), memory-mapped; None if absent.
+# ---------------------------------------------------------------- tap activations (data/taps/)
+
+
+def rows_digest(sha256: Sequence[str], recipes: Sequence[str]) -> str:
+    """A digest of a split's rows in order (image sha256 and recipe): taps and features must share it."""
+    digest = hashlib.sha256()
+    for image, recipe in zip(sha256, recipes, strict=True):
+        digest.update(f"{image}\t{recipe}\n".encode())
+    return digest.hexdigest()
+
+
+def tap_folder_name(member: str) -> str:
+    """The sub-folder of data/taps/ holding one member's taps (its name, file-system safe)."""
+    return "".join(character if character.isalnum() or character in "._-" else "_" for character in member)
+
+
+def write_taps_index(directory: Path, folders: Mapping[str, str]) -> None:
+    """Writes ``taps.json``, the index of ``directory`` (data/taps/): member name -> its sub-folder.
+
+    With no member (no head needs taps) the file's bytes are always the same, so DVC sees an
+    unchanged output when only the head changed.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    index = {"format": TAPS_FORMAT, "version": TAPS_VERSION, "members": dict(sorted(folders.items()))}
+    (directory / taps_module.DESCRIPTION_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+
+
+def write_tap_description(folder: Path, description: Mapping[str, Any]) -> None:
+    """Writes one member's ``<member>/taps.json`` (see :func:`load_member_taps` for what is read back)."""
+    text = json.dumps(dict(description), indent=2, sort_keys=True) + "\n"
+    (folder / taps_module.DESCRIPTION_FILE).write_text(text, encoding="utf-8")
+
+
+def load_taps(folder: str | os.PathLike, names: Sequence[str] = SPLITS) -> dict[str, dict[str, Taps]]:
+    """Every member's tap activations in a taps folder (data/taps/), memory-mapped: {member: {split: Taps}}.
 
     Args:
-        path: the features file, e.g. ``data/features/val.npz``.
-        rows: its number of rows; the taps must have as many.
+        folder: the extract_taps stage's output folder.
+        names: the splits to read.
 
     Raises:
-        ValueError: naming the file, when it is unreadable or does not match the features.
+        ValueError: naming the file, when the folder or a file is missing, unreadable or inconsistent.
     """
-    path = Path(path)
-    folder = path.parent / taps_module.FOLDER
-    file = folder / f"{path.stem}.npy"
-    if not file.is_file():
-        return None
+    folder = Path(folder)
+    index_file = folder / taps_module.DESCRIPTION_FILE
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        members = {str(name): str(sub) for name, sub in index["members"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"{index_file} is missing or unreadable ({error!r}); run the extract_taps stage (dvc repro extract_taps)"
+        ) from None
+    return {name: {split: load_member_taps(folder / sub, split) for split in names} for name, sub in members.items()}
+
+
+def load_member_taps(folder: Path, split: str) -> Taps:
+    """One member's taps of one split (``<folder>/<split>.npy`` and ``taps.json``), memory-mapped.
+
+    Raises:
+        ValueError: naming the file, when it is missing, unreadable or not one (H, W, C) map per row.
+    """
+    file = folder / f"{split}.npy"
     try:
         description = json.loads((folder / taps_module.DESCRIPTION_FILE).read_text(encoding="utf-8"))
         activations = np.load(file, mmap_mode="r", allow_pickle=False)
         layer, block = str(description["layer"]), str(description["member"])
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
-            f"{file} or its {taps_module.DESCRIPTION_FILE} is unreadable ({error!r}); re-run extract_features"
+            f"{file} or its {taps_module.DESCRIPTION_FILE} is missing or unreadable ({error!r}); re-run extract_taps"
         ) from None
-    if activations.ndim != 4 or activations.shape[0] != rows:
+    if activations.ndim != 4 or activations.shape[0] != description.get("rows", {}).get(split):
         raise ValueError(
-            f"{file}: tap activations {activations.shape} do not give one (H, W, C) map per row of {path} "
-            f"({rows} rows); re-run extract_features"
+            f"{file}: tap activations {activations.shape} do not give one (H, W, C) map per row of the {split} "
+            f"split ({description.get('rows', {}).get(split)} rows in its taps.json); re-run extract_taps"
         )
     return Taps(
         activations=activations,
@@ -240,6 +298,27 @@ def load_taps(path: str | os.PathLike, rows: int) -> Taps | None:
         backbone_file=folder / str(description.get("backbone_file", taps_module.BACKBONE_FILE)),
         description=description,
     )
+
+
+def attach_taps(split: Features, name: str, taps: Mapping[str, Taps]) -> Features:
+    """``split`` with ``taps`` (member name -> that member's taps of this split), checked to match its rows.
+
+    Args:
+        split: the features of one split.
+        name: the split's name (train, val or test).
+        taps: that split's taps by member, from :func:`load_taps`.
+
+    Raises:
+        ValueError: a member's taps were made for other rows (another split, other augmented views).
+    """
+    expected = rows_digest(split.sha256, split.recipes)
+    for member, tapped in taps.items():
+        if tapped.description.get("rows_sha256", {}).get(name) != expected:
+            raise ValueError(
+                f"the {name} tap activations of {member} ({tapped.backbone_file.parent}) were made for other rows "
+                f"than {split.source}; run `dvc repro` so that extract_taps follows extract_features"
+            )
+    return replace(split, taps=dict(taps))
 
 
 def _blocks(arrays: Mapping[str, np.ndarray], path: Path) -> tuple[Block, ...]:
@@ -300,10 +379,13 @@ def load_splits(
     *,
     images_directory: str | os.PathLike | None = None,
     max_image_pixels: int | None = None,
+    taps_directory: str | os.PathLike | None = None,
 ) -> dict[str, Features]:
     """Reads ``<folder>/<name>.npz`` for each split name; all must share classes and blocks.
 
-    ``images_directory`` and ``max_image_pixels`` are passed on to :func:`load_features`.
+    ``images_directory`` and ``max_image_pixels`` are passed on to :func:`load_features`. With
+    ``taps_directory`` (data/taps/), each split also gets the tap activations of every member
+    there (:attr:`Features.taps`), checked to belong to its rows.
     """
     splits = {
         name: load_features(
@@ -318,4 +400,10 @@ def load_splits(
                 f"{split.source} and {first.source} differ in classes or backbones; they come from different "
                 "extractions: re-run extract_features"
             )
+    if taps_directory is not None:
+        tapped = load_taps(taps_directory, names)
+        splits = {
+            name: attach_taps(split, name, {member: by_split[name] for member, by_split in tapped.items()})
+            for name, split in splits.items()
+        }
     return splits

@@ -1,20 +1,19 @@
-"""Tap activations for the ``finetune`` head, computed from the pixels extract_features decodes.
+"""Tap activations of one Keras member at one layer: cached, computed, exported (the extract_taps stage).
 
-The ``finetune`` head trains the top of one Keras backbone from a layer on; everything below
-that layer is frozen, so its output (the *tap*: the tensor feeding
-``train_head.finetune.from_layer``) is computed once here, by the frozen bottom of the backbone
-(see :mod:`transferlab.backbones.taps`), from the same decoded pixels as the embeddings. A
-:class:`TapJob` is one more job for :func:`transferlab.features.decode.fill_misses`: it stores
-taps as float16 in the embedding cache (the namespace adds the tap layer), and
-:func:`write_taps` exports them to ``{split}.npy`` files batch by batch, so the whole set never
-sits in memory, beside ``taps.json`` and the frozen backbone.
+The heads that fine-tune (``finetune``, and ``fusion`` for its fine-tuned members) train the
+top of a Keras backbone from a layer on; everything below that layer is frozen, so its output
+(the *tap*: the tensor feeding ``from_layer``) is computed once, by the frozen bottom of the
+backbone (see :mod:`transferlab.backbones.taps`). A :class:`TapJob` is a job for
+:func:`transferlab.features.decode.fill_misses`: it stores taps as float16 in the embedding
+cache (the namespace adds the tap layer), and :func:`write_taps` exports them to
+``{split}.npy`` files batch by batch, so the whole set never sits in memory, beside
+``taps.json`` and the frozen backbone (the contract is :mod:`transferlab.features.files`').
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -28,41 +27,9 @@ import numpy as np
 
 from transferlab.backbones import taps
 from transferlab.backbones.stack import Member
-from transferlab.features import cache_files, decode, embedding_cache, engine_choice
+from transferlab.features import cache_files, decode, embedding_cache, engine_choice, files
 
 TAP_DTYPE = np.float16  # half the bytes of float32; the fine-tuned top does not notice the rounding
-
-
-@dataclass(frozen=True)
-class TapRequest:
-    """Tap activations to cache and export beside the embeddings, for the ``finetune`` head.
-
-    Attributes:
-        layer: the first layer the head trains (``train_head.finetune.from_layer``) or ``auto``
-            (the registry's ``finetune_from``); the tap is the tensor feeding it.
-        directory: where ``{split}.npy`` (float16, rows as in the features files),
-            ``taps.json`` and ``backbone.keras`` (the frozen backbone) are written.
-    """
-
-    layer: str
-    directory: Path
-
-
-def tap_member(members: list[Member]) -> Member:
-    """The stack's one member, a Keras backbone, whose top the ``finetune`` head trains.
-
-    Raises:
-        ValueError: the stack is not exactly one Keras backbone (the head has no way yet to
-            combine a fine-tuned member with the other members of a stack).
-    """
-    if len(members) != 1 or members[0].kind != "keras":
-        listed = ", ".join(f"{member.name} ({member.kind})" for member in members)
-        raise ValueError(
-            f"train_head.head=finetune fine-tunes the top of one Keras backbone, but extract_features.backbone is "
-            f"{listed}; set it to one registry backbone (`transferlab backbones` lists them), or choose another head "
-            "for a stack or a TFLite file"
-        )
-    return members[0]
 
 
 @dataclass
@@ -114,34 +81,35 @@ class TapJob:
 
 
 def open_tap_job(
-    request: TapRequest,
-    members: list[Member],
+    member: Member,
+    layer: str,
     items: list[decode.Item],
     *,
     engine: str,
     converted: Path,
     cache_directory: Path,
-    builders: dict[str, Callable[[], Any]],
+    build_backbone: Callable[[], Any],
     render_one: Callable[[decode.Item, int], np.ndarray],
 ) -> TapJob:
-    """Opens the tap cache of the stack's Keras member and chooses the engine that computes taps.
+    """Opens the tap cache of one Keras member at one layer and chooses the engine that computes taps.
 
     Args:
-        request: the layer to tap and where the files go.
-        members: the stack (one Keras backbone, see :func:`tap_member`).
+        member: a Keras member of the stack.
+        layer: the first layer the head trains, or ``auto`` (the registry's ``finetune_from``);
+            the tap is the tensor feeding it.
         items: every view; the job knows which of them are cached.
         engine: the ``extract_features.engine`` param (see engine_choice.choose_keras_engine).
         converted: the conversion folder (converted models, verdicts, saved backbones).
         cache_directory: the embedding cache folder (a temporary one when the cache is off).
-        builders: registry name -> builds (once) the member's Keras backbone.
+        build_backbone: builds (once) the member's Keras backbone.
         render_one: (item, size) -> uint8 pixels, for the engine's verification photos.
 
     Raises:
-        ValueError: the stack is not one Keras backbone, or the layer is not a valid cut point.
+        ValueError: the member is not a Keras backbone, or the layer is not a valid cut point.
     """
-    member = tap_member(members)
-    layer = taps.resolve_from_layer(member.name, request.layer)
-    build_backbone = builders[member.name]
+    if member.kind != "keras":
+        raise ValueError(f"{member.name} is a {member.kind} backbone: only Keras registry backbones can be fine-tuned")
+    layer = taps.resolve_from_layer(member.name, layer)
     choice = engine_choice.choose_keras_engine(
         requested=engine,
         build_model=lambda: taps.bottom_model(build_backbone(), layer, flatten=True),
@@ -166,7 +134,7 @@ def write_taps(
 
     Args:
         job: the tap job, after every view was computed or found cached.
-        directory: the request's folder (``{split}.npy``, ``taps.json``, ``backbone.keras``).
+        directory: the member's folder (``{split}.npy``, ``taps.json``, ``backbone.keras``).
         rows_by_split: the features files' rows, in their order.
         converted: the conversion folder, where the frozen backbone is saved once.
         fill: computes the views the job no longer has (a corrupt cache row deleted on reading).
@@ -197,10 +165,12 @@ def write_taps(
         "engine": job.choice.name,
         "backbone_file": taps.BACKBONE_FILE,
         "rows": {split: len(rows) for split, rows in rows_by_split.items()},
+        "rows_sha256": {
+            split: files.rows_digest([row["sha256"] for row in rows], [row["recipe"] for row in rows])
+            for split, rows in rows_by_split.items()
+        },
     }
-    (directory / taps.DESCRIPTION_FILE).write_text(
-        json.dumps(description, indent=2, sort_keys=True) + "\n", encoding="utf-8"
-    )
+    files.write_tap_description(directory, description)
     file_bytes = sum((directory / f"{split}.npy").stat().st_size for split in rows_by_split)
     cache_bytes = job.cache.disk_bytes()
     job.cache.close()
@@ -257,7 +227,7 @@ def _copy_backbone(job: TapJob, converted: Path, destination: Path) -> None:
     source, sha256 = _saved_backbone(job, converted)
     shutil.copyfile(source, destination)
     if cache_files.file_sha256(destination) != sha256:
-        raise ValueError(f"{source} changed while it was copied to {destination}; run extract_features again")
+        raise ValueError(f"{source} changed while it was copied to {destination}; run extract_taps again")
 
 
 def _file_key(identity: str, suffix: str) -> str:
@@ -265,12 +235,12 @@ def _file_key(identity: str, suffix: str) -> str:
 
 
 @contextlib.contextmanager
-def tap_cache_directory(cache_directory: Path | None, request: TapRequest | None) -> Iterator[Path | None]:
+def tap_cache_directory(cache_directory: Path | None) -> Iterator[Path]:
     """The cache folder taps go through: the embedding cache, or a temporary one when it is off.
 
     Taps are exported from the cache, so with the cache disabled they still need one.
     """
-    if request is None or cache_directory is not None:
+    if cache_directory is not None:
         yield cache_directory
         return
     with tempfile.TemporaryDirectory(prefix="transferlab-taps-") as temporary:

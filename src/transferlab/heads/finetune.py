@@ -3,9 +3,11 @@
 The head is the backbone's own layers from ``from_layer`` to the pooled embedding (a copy,
 with the backbone's weights: see :func:`transferlab.backbones.taps.top_model`) followed by Dropout and a
 new Dense softmax layer. It trains on *tap activations*, the input of ``from_layer``, that
-extract_features computed once per image with the frozen bottom and wrote to
-``data/features/taps/<split>.npy`` (float16). Fine-tuning from pixels would run the whole frozen
-bottom again in every epoch; here an epoch costs only the top.
+the extract_taps stage computed once per image with the frozen bottom and wrote to
+``data/taps/<member>/<split>.npy`` (float16). Fine-tuning from pixels would run the whole frozen
+bottom again in every epoch; here an epoch costs only the top. In a stack it fine-tunes one
+Keras member alone (the one extract_taps tapped; the other members are not used: the ``fusion``
+head combines them).
 
 - Batch normalization stays in inference mode: its layers are frozen (``trainable = False``,
   which in Keras 3 also uses the saved statistics while training). The shared MobileNetV2 has
@@ -86,8 +88,8 @@ class FinetuneHead:
 
     def predict_split(self, split: files.Features) -> np.ndarray:
         """Class probabilities (N, C) for the rows of ``split``, from their tap activations."""
-        check_taps(split, layer=self.layer, block=str(self.description.settings["block"]))
-        return self.predict_proba(split.taps.activations)
+        tapped = check_taps(split, layer=self.layer, block=str(self.description.settings["block"]))
+        return self.predict_proba(tapped.activations)
 
     def save(self, folder: Path) -> None:
         """Writes head.keras, backbone.keras and head.json."""
@@ -97,19 +99,31 @@ class FinetuneHead:
 
 
 def check_taps(split: files.Features, *, layer: str | None = None, block: str | None = None) -> files.Taps:
-    """The split's tap activations; ``ValueError`` saying what to re-run when absent or cut elsewhere."""
-    if split.taps is None:
+    """The split's tap activations of member ``block`` (None: the first tapped member, in stack order).
+
+    Raises:
+        ValueError: saying what to re-run, when there are none, none of ``block``, or cut at another layer.
+    """
+    if not split.taps:
         raise ValueError(
-            f"{split.source}: the finetune head trains on tap activations, but there are none beside it "
-            f"({taps.FOLDER}/); extract_features writes them when train_head.head is finetune: re-run it "
-            "(dvc repro, or dvc exp run -S train_head.head=finetune)"
+            f"{split.source}: the finetune head trains on tap activations, but none were loaded with it; the "
+            "extract_taps stage writes them (data/taps) when train_head.head is finetune or fusion: re-run it "
+            "(dvc repro, or dvc exp run -S train_head.head=finetune) and pass --taps data/taps"
         )
-    if layer is not None and (split.taps.layer, split.taps.block) != (layer, block):
+    if block is None:  # for the finetune head extract_taps taps one member
+        block = next((item.name for item in split.blocks if item.name in split.taps), next(iter(split.taps)))
+    if block not in split.taps:
         raise ValueError(
-            f"{split.source}: the tap activations feed {split.taps.block} layer '{split.taps.layer}', but the head "
-            f"starts at {block} layer '{layer}'; re-run extract_features (dvc repro) so that they match"
+            f"{split.source}: there are tap activations of {', '.join(split.taps)}, not of {block}; re-run "
+            "extract_taps (dvc repro) so that they follow train_head's params"
         )
-    return split.taps
+    tapped = split.taps[block]
+    if layer is not None and tapped.layer != layer:
+        raise ValueError(
+            f"{split.source}: the tap activations feed {block} layer '{tapped.layer}', but the head "
+            f"starts at {block} layer '{layer}'; re-run extract_taps (dvc repro) so that they match"
+        )
+    return tapped
 
 
 def train(
@@ -126,6 +140,7 @@ def train(
     flip: bool,
     patience: int,
     log_step: base.StepLogger | None = None,
+    member: str | None = None,
 ) -> base.TrainOutcome:
     """Fine-tunes the backbone's top plus a new softmax on cached tap activations.
 
@@ -142,12 +157,14 @@ def train(
         flip: mirror each training map left-right with probability 1/2.
         patience: epochs without a better validation loss before stopping.
         log_step: called after every epoch with train/val loss and accuracy.
+        member: the stack member to fine-tune (its taps must be attached to the splits); None:
+            the first tapped member (extract_taps taps one for this head).
 
     Returns:
         The head with the best epoch's weights, and a report (best and run epochs, seconds per
         epoch, the layer, trainable parameters).
     """
-    tapped, layer = _checked_inputs(train, val, from_layer)
+    tapped, layer = _checked_inputs(train, val, from_layer, member)
     keras_common.seed_everything(seed)
     backbone = keras.models.load_model(tapped.backbone_file, compile=False)
     model = build_model(backbone=backbone, layer=layer, classes=len(train.class_names), dropout=dropout, seed=seed)
@@ -159,7 +176,9 @@ def train(
     timer = _EpochTimer()
     history = model.fit(
         TapBatches(tapped.activations, train.labels, batch_size=batch_size, seed=seed, shuffle=True, flip=flip),
-        validation_data=TapBatches(val.taps.activations, val.labels, batch_size=PREDICT_BATCH_SIZE, seed=seed),
+        validation_data=TapBatches(
+            check_taps(val, block=tapped.block).activations, val.labels, batch_size=PREDICT_BATCH_SIZE, seed=seed
+        ),
         epochs=epochs,
         verbose=0,
         class_weight=keras_common.keras_class_weight(class_weight, train),
@@ -187,7 +206,9 @@ def train(
     return base.TrainOutcome(head=head, report=_report(history.history, timer.seconds, model, layer))
 
 
-def _checked_inputs(train: files.Features, val: files.Features, from_layer: str) -> tuple[files.Taps, str]:
+def _checked_inputs(
+    train: files.Features, val: files.Features, from_layer: str, member: str | None = None
+) -> tuple[files.Taps, str]:
     """The training taps and the resolved layer; ``ValueError`` when the splits cannot be fine-tuned."""
     base.check_trainable(train, val)
     if len(val) == 0:
@@ -195,12 +216,7 @@ def _checked_inputs(train: files.Features, val: files.Features, from_layer: str)
             "the finetune head stops early on validation loss, but the validation split is empty; "
             "set split.val_fraction > 0"
         )
-    if len(train.blocks) != 1:
-        raise ValueError(
-            f"{train.source}: the finetune head fine-tunes one backbone, but the features come from the stack "
-            f"{files.stack_name(train.blocks)}; set extract_features.backbone to one registry backbone"
-        )
-    tapped = check_taps(train)
+    tapped = check_taps(train, block=member)
     layer = taps.resolve_from_layer(tapped.block, from_layer)
     check_taps(train, layer=layer, block=tapped.block)
     check_taps(val, layer=layer, block=tapped.block)
