@@ -11,7 +11,7 @@ import pytest
 from conftest import FLOWERS_ARCHIVE, WEIGHTS, require_mirror
 from transferlab.backbones import registry
 from transferlab.data import augment, images
-from transferlab.features import engine_choice, engines
+from transferlab.features import cpu, engine_choice, engines
 from transferlab.tflite import rewrites
 
 pytestmark = [pytest.mark.slow, pytest.mark.real_data]
@@ -102,17 +102,22 @@ def test_the_int8_rewrite_keeps_the_weights_and_the_features(photos):
         rewrites.int8_content(LITE0.read_bytes())
 
 
-def fixed_speeds(monkeypatch, content: bytes, *, as_given: float, rewritten: float) -> None:
-    """Speed is measured on a shared machine; the choice is tested with fixed figures."""
-    monkeypatch.setattr(
-        engine_choice, "_images_per_second", lambda model, pixels: as_given if model == content else rewritten
-    )
+def fixed_speeds(monkeypatch, content: bytes, *, as_given: float, rewritten: float, batch: int = 8) -> None:
+    """Speed is measured on a shared machine; the choice is tested with fixed figures (``batch`` fastest)."""
+
+    def race(candidates, pixels):
+        return {
+            name: (as_given if model == content else rewritten) * (2 if size == batch else 1)
+            for name, (model, size) in candidates.items()
+        }
+
+    monkeypatch.setattr(engine_choice, "_race", race)
 
 
 def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, monkeypatch):
     content = require_mirror(V1).read_bytes()
     sha256 = registry.sha256_file(V1)
-    fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
+    fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0, batch=1)
 
     def choose(requested):
         return engine_choice.choose_tflite_engine(
@@ -125,20 +130,31 @@ def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, mo
         )
 
     choice = choose("auto")
-    assert choice.name == "tflite-int8" and choice.verdict["rewrite"] == "int8"
-    verdict = json.loads((tmp_path / f"{sha256}-tflite.json").read_text())
+    assert choice.name in ("tflite-int8", "tflite-float32"), "both rewrites agree with v1 and are equally fast here"
+    verdict = json.loads(engine_choice.tflite_verdict_path(tmp_path, sha256, cpu.current()).read_text())
     assert verdict["paths"]["int8"]["qualifies"] and verdict["paths"]["int8"]["lowest_cosine"] >= verdict["noise_floor"]
+    assert verdict["paths"]["float32"]["qualifies"], "float32 is a candidate, and it agrees with v1"
     assert verdict["not_applicable"] == {"static-shapes": "every tensor already has a shape"}
+    assert (
+        verdict["batch"] == 1 and verdict["images_per_second"] == 200.0 and verdict["cpu"]["key"] == cpu.current().key
+    )
+    summary = choice.summary()
+    assert summary["batch"] == 1 and summary["measured_images_per_second"] == 200.0
+    assert summary["candidates"] == {"as_given": 50.0, "int8": 100.0, "float32": 100.0}
 
     monkeypatch.setattr(
         engine_choice, "measure", lambda *arguments: pytest.fail("a remembered verdict is not measured again")
     )
-    assert choose("auto").name == "tflite-int8"
+    assert choose("auto").name == choice.name
     assert choose("tflite").name == "tflite", "engine: tflite runs the file as given"
-    features = choice.build().run(photos)
-    assert features.shape == (4, 1024) and features.dtype == np.float32
-    assert engines.cosine_similarity(features, engine_choice._outputs(content, photos, delegate=False)).min() >= 0.999
-    assert rewrites.rewrite_of_engine(choice.name) == "int8" and rewrites.rewrite_of_engine("tflite") == ""
+    engine = choice.build()
+    features = engine.run(photos)
+    assert engine.slice == 1 and features.shape == (4, 1024) and features.dtype == np.float32
+    assert engines.cosine_similarity(features, engine_choice._outputs(content, photos, delegate=False)).min() >= 0.998
+    assert (
+        rewrites.rewrite_of_engine(choice.name) == choice.verdict["rewrite"]
+        and rewrites.rewrite_of_engine("tflite") == ""
+    )
 
 
 def test_a_faster_rewrite_that_disagrees_is_not_used(photos, monkeypatch):
@@ -155,5 +171,90 @@ def test_a_faster_rewrite_that_disagrees_is_not_used(photos, monkeypatch):
     monkeypatch.setattr(rewrites, "int8_content", broken_int8)
     fixed_speeds(monkeypatch, content, as_given=50.0, rewritten=100.0)
     verdict = engine_choice.measure(content, photos)
-    assert verdict["rewrite"] == "" and not verdict["paths"]["int8"]["qualifies"]
+    assert verdict["rewrite"] != "int8" and not verdict["paths"]["int8"]["qualifies"]
     assert "(rejected)" in verdict["reason"]
+
+
+@pytest.mark.parametrize(
+    ("path", "lowest"),
+    [(V1, 0.997), (LITE0, 0.995)],
+    ids=["mobilenet_v1", "efficientnet_lite0"],
+)
+def test_the_float32_rewrite_computes_what_the_file_computes(photos, path, lowest):
+    content = require_mirror(path).read_bytes()
+    rewritten = rewrites.float32_content(content)
+
+    from ai_edge_litert.interpreter import Interpreter
+
+    interpreter = Interpreter(model_content=rewritten)
+    assert interpreter.get_input_details()[0]["dtype"] == np.uint8, "it takes the same uint8 image"
+    assert interpreter.get_output_details()[0]["dtype"] == np.float32
+    assert delegate_partitions(rewritten) == 1, "XNNPACK takes the whole float graph"
+    reference = engine_choice._outputs(content, photos, delegate=False)
+    cosine = engines.cosine_similarity(engine_choice._outputs(rewritten, photos, delegate=True), reference)
+    assert cosine.min() >= lowest
+    interpreter.allocate_tensors()
+    float_filters = [
+        interpreter.get_tensor(op["inputs"][1])
+        for op in interpreter._get_ops_details()
+        if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")
+    ]
+    quantized_filters = dequantized_filters(content)
+    assert len(float_filters) == len(quantized_filters)
+    for values, (real, _) in zip(float_filters, quantized_filters, strict=True):
+        np.testing.assert_allclose(values, real, rtol=1e-6, atol=1e-7)  # the weights' real values, in float32
+
+
+def test_the_float32_rewrite_of_edgetpu_is_measured_and_refused(photos, monkeypatch):
+    content = require_mirror(EDGETPU).read_bytes()
+    fixed_speeds(monkeypatch, content, as_given=10.0, rewritten=100.0)
+
+    verdict = engine_choice.measure(content, photos)
+
+    # The file clamps its ReLUs at calibrated maxima; the float graph does not: below the noise floor.
+    assert not verdict["paths"]["float32"]["qualifies"]
+    assert verdict["paths"]["float32"]["lowest_cosine"] < verdict["noise_floor"]
+    assert verdict["rewrite"] in ("static-shapes", "int8")
+    assert "float32" in verdict["reason"] and "(rejected)" in verdict["reason"]
+
+
+def test_a_verdict_is_remembered_per_cpu(photos, tmp_path, monkeypatch):
+    content = require_mirror(LITE0).read_bytes()
+    sha256 = registry.sha256_file(LITE0)
+    measured = []
+    real_measure = engine_choice.measure
+
+    def counting_measure(model, pixels):
+        measured.append(1)
+        return real_measure(model, pixels)
+
+    monkeypatch.setattr(engine_choice, "measure", counting_measure)
+    avx2 = cpu.CpuIdentity(model="AMD EPYC", flags=("avx", "avx2", "fma"), cpus=2)
+    vnni = cpu.CpuIdentity(model="AMD EPYC", flags=("avx", "avx2", "avx512_vnni", "avx512f", "fma"), cpus=2)
+
+    def choose(identity, as_given, rewritten):
+        fixed_speeds(monkeypatch, content, as_given=as_given, rewritten=rewritten)
+        return engine_choice.choose_tflite_engine(
+            requested="auto",
+            path=LITE0,
+            tensor="",
+            sha256=sha256,
+            conversion_directory=tmp_path,
+            sample_pixels=lambda: photos,
+            cpu_identity=identity,
+        )
+
+    assert avx2.key != vnni.key
+    assert choose(avx2, as_given=40.0, rewritten=60.0).name == "tflite-float32"
+    assert choose(vnni, as_given=90.0, rewritten=30.0).name == "tflite", "another CPU: measured afresh"
+    assert len(measured) == 2
+    assert choose(avx2, as_given=90.0, rewritten=30.0).name == "tflite-float32", "each CPU keeps its own verdict"
+    assert len(measured) == 2
+    assert {path.name for path in tmp_path.glob("*.json")} == {
+        f"{sha256}-{avx2.key}-tflite.json",
+        f"{sha256}-{vnni.key}-tflite.json",
+    }
+    moved = engine_choice.tflite_verdict_path(tmp_path, sha256, vnni)
+    moved.write_bytes(engine_choice.tflite_verdict_path(tmp_path, sha256, avx2).read_bytes())  # copied by hand
+    assert choose(vnni, as_given=90.0, rewritten=30.0).name == "tflite", "a verdict of another CPU is never served"
+    assert len(measured) == 3

@@ -9,7 +9,7 @@ import logging
 import numpy as np
 import pytest
 
-from transferlab.features import engine_choice, engines
+from transferlab.features import cpu, engine_choice, engines
 
 
 def test_pool_and_flatten_average_pools_spatial_outputs():
@@ -179,7 +179,7 @@ def test_a_garbage_tflite_verdict_is_named_and_measured_again(tmp_path, monkeypa
 
     def measure(content, pixels):
         measured.append(content)
-        return {"version": engine_choice.VERDICT_VERSION, "rewrite": "", "content_sha256": sha256, "reason": "as given"}
+        return {"version": engine_choice.TFLITE_VERDICT_VERSION, "rewrite": "", "content_sha256": sha256, "reason": ""}
 
     monkeypatch.setattr(engine_choice, "measure", measure)
     monkeypatch.setattr(engines, "TFLiteEngine", RecordingEngine)
@@ -189,7 +189,7 @@ def test_a_garbage_tflite_verdict_is_named_and_measured_again(tmp_path, monkeypa
     )
     assert engine_choice.choose_tflite_engine(**options).content_sha256 == sha256 and len(measured) == 1
     assert engine_choice.choose_tflite_engine(**options).build().content == MODEL_BYTES and len(measured) == 1
-    verdict_path = folder / f"{sha256}-tflite.json"
+    verdict_path = engine_choice.tflite_verdict_path(folder, sha256, cpu.current())
     verdict_path.write_text("")
     with caplog.at_level(logging.WARNING):
         engine_choice.choose_tflite_engine(**options)

@@ -11,10 +11,15 @@ TFLite files (:func:`choose_tflite_engine`): a rewrite of the file (see
 requantization differently from LiteRT's reference kernels. What can be asked is that a rewrite
 moves the features less than one grey level of input noise does (the *noise floor*: the lowest
 cosine between the reference kernels' features of the photos and of the photos with each pixel
-moved by -1, 0 or +1, seeded). :func:`measure` measures every applicable rewrite, keeps those
-that pass, uses the fastest, and the verdict is remembered per file (by sha256) in the embedding
-cache's conversion folder. Each rewrite has its own engine name, part of the embedding cache key,
-so embeddings of different paths never mix.
+moved by -1, 0 or +1, seeded). :func:`measure` measures the file as given (XNNPACK) and every
+applicable rewrite (static shapes, int8, float32), keeps those that pass, uses the fastest, then
+picks its batch size by measurement too (:data:`BATCH_CANDIDATES`). Which path is fastest depends
+on the CPU (int8 wins with VNNI; float32 can win on AVX2 alone), so the verdict is remembered per
+file (by sha256) *and* per CPU (:mod:`transferlab.features.cpu`) in the embedding cache's
+conversion folder: a cache folder shared between machines never serves one machine's verdict to
+another. Each rewrite has its own engine name, part of the embedding cache key, so embeddings of
+different paths never mix. Speeds are measured interleaved (one invocation of each candidate in
+turn), so a load that comes and goes on a shared machine slows every candidate alike.
 
 Nothing read back from the conversion folder is trusted (see :mod:`transferlab.features.cache_files`):
 verdicts carry a checksum, a converted model's sha256 is recorded in its verdict, and a damaged
@@ -41,7 +46,7 @@ import numpy as np
 
 from transferlab.backbones.stack import Member
 from transferlab.core import atomic
-from transferlab.features import cache_files, engines
+from transferlab.features import cache_files, cpu, engines
 from transferlab.tflite import rewrites
 
 LOGGER = logging.getLogger(__name__)
@@ -50,6 +55,8 @@ VERIFICATION_IMAGES = 16  # real photos that a converted engine must reproduce K
 VERDICT_VERSION = 2  # 2: verdicts carry a checksum and the sha256 of the model bytes to run
 SPEED_SECONDS = 1.0  # per candidate; the differences it looks for are 2x, not 10%
 SPEED_BATCH = 8
+BATCH_CANDIDATES = (1, 8, 32)  # engine batch sizes raced for the chosen path (depthwise nets can prefer 1)
+TFLITE_VERDICT_VERSION = 3  # 3: keyed by the CPU; the float32 rewrite among the candidates; batch chosen
 NOISE_SEED = 0
 
 
@@ -70,6 +77,21 @@ class ConvertedEngine:
     build: Callable[[], Any]
     verdict: dict
     content_sha256: str = ""
+
+    def summary(self) -> dict:
+        """What was chosen and why, for the metrics: engine, rewrite, batch, measured images/s, CPU."""
+        verdict = self.verdict
+        paths = verdict.get("paths") or {}
+        chosen = paths.get(verdict.get("rewrite") or "as_given", {})
+        return {
+            "engine": self.name,
+            "rewrite": verdict.get("rewrite", ""),
+            "batch": verdict.get("batch"),
+            "measured_images_per_second": verdict.get("images_per_second", chosen.get("images_per_second")),
+            "candidates": {name: report.get("images_per_second") for name, report in paths.items()},
+            "rejected": sorted(name for name, report in paths.items() if not report.get("qualifies", True)),
+            "cpu": (verdict.get("cpu") or {}).get("key", cpu.current().key),
+        }
 
 
 def verification_pixels(
@@ -200,6 +222,7 @@ def _checked_engine(
     expected: str,
     tensor: str = "",
     rewrite: str = rewrites.AS_GIVEN,
+    batch: int = 0,
 ) -> ConvertedEngine:
     """An engine that runs ``path`` (after ``rewrite``) only if those bytes have the sha256 ``expected``.
 
@@ -220,7 +243,7 @@ def _checked_engine(
                 f"{expected[:12]}... this run chose them by (the file changed during the run"
                 f"{', or the rewrite changed' if rewrite else ''}); run extract_features again"
             )
-        return engines.TFLiteEngine(path, tensor=tensor, content=content)
+        return engines.TFLiteEngine(path, tensor=tensor, content=content, batch=batch)
 
     return ConvertedEngine(name, build, verdict, content_sha256=expected)
 
@@ -236,6 +259,7 @@ def choose_tflite_engine(
     sha256: str,
     conversion_directory: Path,
     sample_pixels: Callable[[], np.ndarray],
+    cpu_identity: cpu.CpuIdentity | None = None,
 ) -> ConvertedEngine:
     """Picks how to run a ``tflite:`` backbone: the file as given, or its fastest agreeing rewrite.
 
@@ -244,9 +268,10 @@ def choose_tflite_engine(
             ``tflite`` runs the file exactly as given; ``keras`` does not apply (as given, noted).
         path: the TFLite file.
         tensor: the tapped tensor (``tflite:PATH#TENSOR``), or empty for the output.
-        sha256: the file's sha256; the verdict is remembered as ``<sha256>-tflite.json``.
+        sha256: the file's sha256; the verdict is remembered as ``<sha256>-<CPU key>-tflite.json``.
         conversion_directory: where verdicts are kept (the embedding cache's ``converted/``).
         sample_pixels: real photos at the file's input size (uint8, (N, S, S, 3)).
+        cpu_identity: the CPU the verdict is for; None: this machine's (:func:`transferlab.features.cpu.current`).
     """
     if requested != "auto":
         note = (
@@ -257,14 +282,16 @@ def choose_tflite_engine(
         return _checked_engine(
             rewrites.engine_name(rewrites.AS_GIVEN), path, {"reason": note}, None, expected=sha256, tensor=tensor
         )
-    verdict_path = conversion_directory / f"{sha256}-tflite.json"
-    verdict = _tflite_verdict(verdict_path, sha256)
+    identity = cpu_identity or cpu.current()
+    verdict_path = tflite_verdict_path(conversion_directory, sha256, identity)
+    verdict = _tflite_verdict(verdict_path, sha256, identity)
     if verdict is None:
         content = Path(path).read_bytes()
         if cache_files.content_sha256(content) != sha256:
             raise ValueError(f"{path} changed since this run read it (its sha256 is no longer {sha256}); run again")
+        LOGGER.info("Measuring how to run %s on this CPU (%s); remembered for later runs", path, identity.description)
         verdict = measure(content, sample_pixels())
-        verdict["sha256"] = sha256
+        verdict.update(sha256=sha256, cpu=identity.as_dict())
         verdict = cache_files.write_record(verdict_path, verdict)
     return _checked_engine(
         rewrites.engine_name(verdict["rewrite"]),
@@ -274,14 +301,22 @@ def choose_tflite_engine(
         expected=verdict["content_sha256"],
         tensor=tensor,
         rewrite=verdict["rewrite"],
+        batch=int(verdict.get("batch") or 0),
     )
 
 
-def _tflite_verdict(path: Path, sha256: str) -> dict | None:
-    """The remembered verdict for the file with this sha256 if it is intact, else None."""
+def tflite_verdict_path(conversion_directory: Path, sha256: str, identity: cpu.CpuIdentity) -> Path:
+    """Where the verdict for one TFLite file on one CPU is kept: ``<sha256>-<CPU key>-tflite.json``."""
+    return conversion_directory / f"{sha256}-{identity.key}-tflite.json"
+
+
+def _tflite_verdict(path: Path, sha256: str, identity: cpu.CpuIdentity) -> dict | None:
+    """The remembered verdict for the file with this sha256 on this CPU if it is intact, else None."""
     verdict = cache_files.read_record(path, consequence="measuring the rewrites again")
-    if verdict is None or verdict.get("version") != VERDICT_VERSION or verdict.get("sha256") != sha256:
+    if verdict is None or verdict.get("version") != TFLITE_VERDICT_VERSION or verdict.get("sha256") != sha256:
         return None  # absent, damaged (warned), or of another format: measure again
+    if (verdict.get("cpu") or {}).get("key") != identity.key:
+        return None  # measured on another CPU (a file copied by hand): measure here
     if verdict.get("rewrite") not in (rewrites.AS_GIVEN, *rewrites.REWRITES) or not verdict.get("content_sha256"):
         return None
     return verdict
@@ -292,20 +327,24 @@ def measure(content: bytes, pixels: np.ndarray) -> dict:
 
     A rewrite qualifies when it is bit-identical to the file on LiteRT's reference kernels, or
     when its features on XNNPACK are at least as close to the reference kernels' as the noise
-    floor (see the module docstring); the fastest of the file and the qualifying rewrites wins.
+    floor (see the module docstring); the fastest of the file and the qualifying rewrites wins,
+    and its engine batch is the fastest of :data:`BATCH_CANDIDATES`.
 
     Returns:
         ``rewrite`` (the choice, ``""`` for the file as given), ``content_sha256`` (of the
-        chosen bytes: the file after that rewrite), ``reason``, and per path:
-        ``images_per_second``, ``lowest_cosine`` (to the reference kernels), ``exact``,
-        ``qualifies``; ``noise_floor``; ``not_applicable`` (rewrite: why).
+        chosen bytes: the file after that rewrite), ``batch`` and ``images_per_second`` (the
+        chosen path's at that batch), ``reason``, and per path: ``images_per_second`` (at
+        :data:`SPEED_BATCH`), ``lowest_cosine`` (to the reference kernels), ``exact``,
+        ``qualifies``; ``batches`` (images/s of the chosen path per batch); ``noise_floor``;
+        ``not_applicable`` (rewrite: why).
     """
     problems = rewrites.candidates(content)
     applicable = [rewrite for rewrite, problem in problems.items() if not problem]
     verdict: dict[str, Any] = {
-        "version": VERDICT_VERSION,
+        "version": TFLITE_VERDICT_VERSION,
         "rewrite": rewrites.AS_GIVEN,
         "content_sha256": cache_files.content_sha256(content),
+        "batch": 0,
         "not_applicable": {k: v for k, v in problems.items() if v},
     }
     if not applicable:
@@ -314,42 +353,53 @@ def measure(content: bytes, pixels: np.ndarray) -> dict:
             + "; ".join(f"{k}: {v}" for k, v in problems.items())
             + ")"
         )
-        return verdict
+        return _with_batch(verdict, content, pixels)
     reference = _outputs(content, pixels, delegate=False)
     noisy = np.clip(pixels.astype(np.int16) + np.random.default_rng(NOISE_SEED).integers(-1, 2, pixels.shape), 0, 255)
     floor = _lowest_cosine(_outputs(content, noisy.astype(np.uint8), delegate=False), reference)
     paths = {rewrites.AS_GIVEN: _path_report(content, pixels, reference, floor, exact=True)}
-    hashes = {rewrites.AS_GIVEN: verdict["content_sha256"]}
+    contents = {rewrites.AS_GIVEN: content}
     for rewrite in applicable:
         try:
             rewritten = rewrites.rewritten_content(content, rewrite)
             exact = bool(np.array_equal(_outputs(rewritten, pixels, delegate=False), reference))
             paths[rewrite] = _path_report(rewritten, pixels, reference, floor, exact=exact)
-            hashes[rewrite] = cache_files.content_sha256(rewritten)
+            contents[rewrite] = rewritten
         except (RuntimeError, ValueError) as error:  # LiteRT refuses the rewritten file: keep the others
             verdict["not_applicable"][rewrite] = f"failed: {error}"[:300]
+    speeds = _race({name: (data, SPEED_BATCH) for name, data in contents.items()}, pixels)
+    for name, report in paths.items():
+        report["images_per_second"] = round(speeds[name], 1)
     chosen = max(
         (name for name, report in paths.items() if report["qualifies"]),
         key=lambda name: paths[name]["images_per_second"],
     )
     verdict.update(
         rewrite=chosen,
-        content_sha256=hashes[chosen],
+        content_sha256=cache_files.content_sha256(contents[chosen]),
         noise_floor=round(floor, 6),
         paths={name or "as_given": report for name, report in paths.items()},
+        reason=_reason(chosen, paths, floor),
     )
-    verdict["reason"] = _reason(chosen, paths, floor)
+    return _with_batch(verdict, contents[chosen], pixels)
+
+
+def _with_batch(verdict: dict, content: bytes, pixels: np.ndarray) -> dict:
+    """Adds the chosen path's fastest engine batch (``batch``, ``batches``, ``images_per_second``)."""
+    batches = _race({batch: (content, batch) for batch in BATCH_CANDIDATES}, pixels)
+    batch = max(batches, key=batches.get)
+    verdict.update(
+        batch=batch,
+        images_per_second=round(batches[batch], 1),
+        batches={str(size): round(rate, 1) for size, rate in batches.items()},
+    )
+    verdict["reason"] += f"; batch {batch} (images/s by batch: {verdict['batches']})"
     return verdict
 
 
 def _path_report(content: bytes, pixels: np.ndarray, reference: np.ndarray, floor: float, *, exact: bool) -> dict:
     cosine = _lowest_cosine(_outputs(content, pixels, delegate=True), reference)
-    return {
-        "images_per_second": round(_images_per_second(content, pixels), 1),
-        "lowest_cosine": round(cosine, 6),
-        "exact": exact,
-        "qualifies": exact or cosine >= floor,
-    }
+    return {"lowest_cosine": round(cosine, 6), "exact": exact, "qualifies": exact or cosine >= floor}
 
 
 def _reason(chosen: str, paths: dict, floor: float) -> str:
@@ -396,15 +446,26 @@ def _lowest_cosine(first: np.ndarray, second: np.ndarray) -> float:
     return float(engines.cosine_similarity(first, second).min())
 
 
-def _images_per_second(content: bytes, pixels: np.ndarray) -> float:
-    batch = pixels[:SPEED_BATCH]
-    interpreter = _interpreter(content, len(batch), delegate=True)
-    detail = interpreter.get_input_details()[0]
-    interpreter.set_tensor(detail["index"], _as_input(batch, detail["dtype"]))
-    interpreter.invoke()  # the first call packs XNNPACK's weights
-    rates, started = [], time.perf_counter()
-    while time.perf_counter() - started < SPEED_SECONDS or len(rates) < 2:
-        begin = time.perf_counter()
-        interpreter.invoke()
-        rates.append(len(batch) / (time.perf_counter() - begin))
-    return float(np.median(rates))
+def _race(candidates: dict[Any, tuple[bytes, int]], pixels: np.ndarray) -> dict[Any, float]:
+    """Median images/s of each candidate (model bytes, batch) on XNNPACK, invoked in turn.
+
+    Interleaving the invocations, rather than timing one candidate after the other, lets a load
+    that comes and goes on a shared machine slow every candidate alike. The photos are repeated
+    to fill a batch larger than the sample.
+    """
+    interpreters = {}
+    for name, (content, batch) in candidates.items():
+        interpreter = _interpreter(content, batch, delegate=True)
+        detail = interpreter.get_input_details()[0]
+        filled = np.resize(pixels, (batch, *pixels.shape[1:]))
+        interpreter.set_tensor(detail["index"], _as_input(filled, detail["dtype"]))
+        interpreter.invoke()  # the first call packs XNNPACK's weights
+        interpreters[name] = (interpreter, batch)
+    rates: dict[Any, list[float]] = {name: [] for name in candidates}
+    started = time.perf_counter()
+    while time.perf_counter() - started < SPEED_SECONDS * len(candidates) or min(map(len, rates.values())) < 3:
+        for name, (interpreter, batch) in interpreters.items():
+            begin = time.perf_counter()
+            interpreter.invoke()
+            rates[name].append(batch / (time.perf_counter() - begin))
+    return {name: float(np.median(values)) for name, values in rates.items()}

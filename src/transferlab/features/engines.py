@@ -21,7 +21,9 @@ import numpy as np
 
 from transferlab.core import atomic
 
-ENGINE_THREADS = max(1, os.cpu_count() or 1)  # LiteRT threads: every core (engine choice measures with these too)
+# LiteRT threads: every core (engine choice measures with these too), unless the process is one of
+# several sharing the cores: the Ray executor's workers set TRANSFERLAB_ENGINE_THREADS=1 each.
+ENGINE_THREADS = int(os.environ.get("TRANSFERLAB_ENGINE_THREADS") or 0) or max(1, os.cpu_count() or 1)
 
 
 def cosine_similarity(first: np.ndarray, second: np.ndarray) -> np.ndarray:
@@ -79,6 +81,9 @@ class TFLiteEngine:
         content: the exact model bytes to run (already read, rewritten and checked by the
             caller, see :mod:`transferlab.features.engine_choice`); ``path`` then only names
             them in messages and ``rewrite`` must be empty.
+        batch: run the images of each call in slices of at most this many (the batch that engine
+            choice measured fastest on this CPU: depthwise networks can run faster at batch 1
+            than at 32, whose activations overflow the cache); 0: each call's images at once.
     """
 
     name = "tflite"
@@ -91,6 +96,7 @@ class TFLiteEngine:
         threads: int = ENGINE_THREADS,
         rewrite: str = "",
         content: bytes | None = None,
+        batch: int = 0,
     ):
         from ai_edge_litert.interpreter import Interpreter
 
@@ -110,6 +116,7 @@ class TFLiteEngine:
         details = {detail["index"]: detail for detail in self.interpreter.get_tensor_details()}
         self._output_scale, self._output_zero_point = details[self._output_index]["quantization"]
         self._batch = 0
+        self.slice = max(0, int(batch))
         self.image_size = int(self._input["shape"][1])
 
     def _tensor_index(self, tensor: str) -> int:
@@ -134,6 +141,10 @@ class TFLiteEngine:
 
     def run(self, pixels: np.ndarray) -> np.ndarray:
         """Embeds raw pixels (N, S, S, 3) into float32 (N, D)."""
+        if self.slice and len(pixels) > self.slice:
+            return np.concatenate(
+                [self.run(pixels[start : start + self.slice]) for start in range(0, len(pixels), self.slice)]
+            )
         self._prepare(len(pixels))
         self.interpreter.set_tensor(self._input["index"], self._quantize_input(pixels))
         self.interpreter.invoke()
