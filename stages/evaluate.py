@@ -19,14 +19,23 @@ from transferlab.reports import evaluate, gallery
         "metrics": "evaluation report (JSON)",
         "plots": "folder for confusion.json, test_predictions.csv and gallery.png",
     },
-    optional={"extract_metrics": "metrics/extract_features.json, for the engine and image size in the provenance"},
+    optional={
+        "extract_metrics": "metrics/extract_features.json, for the engine and image size in the provenance",
+        "taps": "the extract_taps stage's folder (data/taps): what the heads that fine-tune classify",
+    },
     sections={"base": "base", "download": "download", "settings": "evaluate"},
 )
 def main(paths, base, download, settings):
     limit = download.max_image_pixels
     head = heads.load_head(paths.model)
     seed_record = seeds.read_record(paths.model)  # None unless train_head.seeds > 1
-    splits = files.load_splits(paths.features, ("val", "test"), images_directory=paths.images, max_image_pixels=limit)
+    splits = files.load_splits(
+        paths.features,
+        ("val", "test"),
+        images_directory=paths.images,
+        max_image_pixels=limit,
+        taps_directory=paths.taps,
+    )
     result = evaluate.evaluate(
         head=head,
         val=splits["val"],

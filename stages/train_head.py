@@ -15,12 +15,19 @@ from transferlab.heads import train_head
         "metrics": "training report (JSON)",
         "live": "folder for the dvclive per-step curves",
     },
-    optional={"images": "the dataset's image folder (data/raw/images): the scratch head trains on its pixels"},
+    optional={
+        "images": "the dataset's image folder (data/raw/images): the scratch head trains on its pixels",
+        "taps": "the extract_taps stage's folder (data/taps): the heads that fine-tune train on its activations",
+    },
     sections={"base": "base", "download": "download", "settings": "train_head"},
 )
 def main(paths, base, download, settings):
     splits = files.load_splits(
-        paths.features, ("train", "val"), images_directory=paths.images, max_image_pixels=download.max_image_pixels
+        paths.features,
+        ("train", "val"),
+        images_directory=paths.images,
+        max_image_pixels=download.max_image_pixels,
+        taps_directory=paths.taps,
     )
     with train_head.live_curves(paths.live) as log_step:
         result = train_head.train_head(
