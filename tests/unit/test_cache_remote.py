@@ -132,7 +132,7 @@ def test_an_unreachable_remote_costs_seconds_and_warns_once(monkeypatch, tmp_pat
     assert len(warnings) == 1, warnings
     assert "s3://team-cache/embeddings cannot be used" in warnings[0] and "EndpointConnectionError" in warnings[0]
     report = sync.add_to_report({"backbones": {"first": {"cache_hits": 0}}, "cache_hits": 0})
-    assert report["cache_remote"]["status"].startswith("unreachable: EndpointConnectionError")
+    assert report["cache_remote"]["status"].startswith("unusable: EndpointConnectionError")
     assert report["backbones"]["first"]["remote_hits"] == 0 and report["pushed"] == 0
 
 

@@ -14,6 +14,10 @@ import sys
 COMMANDS = {
     "backbones": ("transferlab.cli.backbones", "list the registered backbones, or describe a TFLite file"),
     "compare": ("transferlab.cli.compare", "run one experiment per backbone or stack and print a leaderboard"),
+    "cache": (
+        "transferlab.cli.cache",
+        "embedding cache sizes per namespace, locally and in the shared S3 cache; prune the local one",
+    ),
     "gate": (
         "transferlab.cli.gate",
         "fail (exit 1) when the workspace's metrics fell past the params' gate thresholds against a baseline",

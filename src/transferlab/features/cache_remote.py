@@ -482,7 +482,7 @@ class RunSync:
                     "Shared embedding cache %s: shard %s of %s is not used (%s); its rows are computed here "
                     "and pushed again",
                     self.url,
-                    shard_path(self.remote.root, member.namespace, best),
+                    f"s3://{shard_path(self.remote.root, member.namespace, best)}",
                     label,
                     error,
                 )
@@ -557,7 +557,7 @@ class RunSync:
         report["pushed"] = sum(member.pushed for member in members)
         report["cache_remote"] = {
             "url": self.url,
-            "status": "used" if self.problem is None else f"unreachable: {self.problem}",
+            "status": "used" if self.problem is None else f"unusable: {self.problem}",
             "bytes_fetched": self.remote.bytes_down if self.remote else 0,
             "bytes_pushed": self.remote.bytes_up if self.remote else 0,
             "seconds": round(self.seconds, 3),
@@ -570,7 +570,7 @@ class RunSync:
             report["pushed"],
             report["cache_remote"]["bytes_pushed"] / 1e6,
             self.seconds,
-            "" if self.problem is None else f" (unreachable: {self.problem})",
+            "" if self.problem is None else f" (unusable: {self.problem})",
         )
         return report
 
