@@ -25,6 +25,35 @@ def _isolated_environment(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "ray: uses the session's local Ray instance (`pytest -m ray` runs them alone)")
+
+
+@pytest.fixture(scope="session")
+def ray_instance():
+    """One local Ray instance for the whole session: 2 CPUs, a 200 MB object store, no dashboard.
+
+    Starting Ray costs ~10 s, so every ``ray`` test shares it; its address is exported as
+    ``RAY_ADDRESS``, so stage subprocesses (dvc repro) join it instead of starting their own.
+    """
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        logging_level="WARNING",
+        configure_logging=True,
+    )
+    previous = os.environ.get("RAY_ADDRESS")
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+    yield os.environ["RAY_ADDRESS"]
+    ray.shutdown()
+    if previous is None:
+        os.environ.pop("RAY_ADDRESS", None)
+    else:
+        os.environ["RAY_ADDRESS"] = previous
+
+
 def require_mirror(path: Path) -> Path:
     """Skips the calling test, with the reason, when a ../shared mirror file is absent."""
     if not path.exists():

@@ -19,6 +19,7 @@ same features (see :func:`usable_cache_directory`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import tempfile
 import time
@@ -32,9 +33,10 @@ import numpy as np
 from transferlab.backbones import stack
 from transferlab.backbones.stack import Member
 from transferlab.core import paths
-from transferlab.features import cache_remote, decode, embedding_cache, engine_choice, files, mirror
+from transferlab.features import decode, embedding_cache, engine_choice, executor_ray, files, mirror
 
 LOGGER = logging.getLogger(__name__)
+EXECUTORS = ("local", "ray")
 
 
 @dataclass
@@ -73,6 +75,7 @@ def embed(
     batch_size: int,
     threads: int,
     extra_jobs: Sequence[Any] = (),
+    fill: Callable[[list, list[decode.Item], int], None] | None = None,
 ) -> list[MemberRun]:
     """Embeds ``items`` with every member: cache hits first, then the misses, batch by batch.
 
@@ -87,6 +90,9 @@ def embed(
         threads: decoding threads.
         extra_jobs: more work on the same decoded pixels (a :class:`transferlab.features.tap_jobs.TapJob`):
             each has ``size``, ``label``, ``wants(item)`` and ``consume(items, pixels)``.
+        fill: (jobs of one input size, items, size) -> None, making every job get the views it
+            wants, elsewhere (the Ray executor: :mod:`transferlab.features.executor_ray`); None:
+            here, with ``render_one`` in ``threads`` threads (:func:`transferlab.features.decode.fill_misses`).
     """
     active = []
     for member in members:
@@ -103,7 +109,10 @@ def embed(
     jobs = [*active, *extra_jobs]
     for size in sorted({job.size for job in jobs}):
         group = [job for job in jobs if job.size == size]
-        decode.fill_misses(group, items, size=size, render_one=render_one, batch_size=batch_size, threads=threads)
+        if fill is not None:
+            fill(group, items, size)
+        else:
+            decode.fill_misses(group, items, size=size, render_one=render_one, batch_size=batch_size, threads=threads)
     for entry in active:
         entry.finish()
     return [entry.run for entry in active]
@@ -133,10 +142,14 @@ class _Active:
         return self.engine.run(pixels)
 
     def consume(self, chunk: list[decode.Item], pixels: np.ndarray) -> None:
-        run = self.run
         started = time.perf_counter()
         vectors = self.embed(pixels)
-        run.seconds += time.perf_counter() - started
+        self.store(chunk, vectors, time.perf_counter() - started)
+
+    def store(self, chunk: list[decode.Item], vectors: np.ndarray, seconds: float) -> None:
+        """Keeps a batch's embeddings (computed here or by a Ray worker) and writes them to the cache."""
+        run = self.run
+        run.seconds += seconds
         new = {item.key: vector for item, vector in zip(chunk, vectors, strict=True)}
         try:
             self.cache.put_many(new)  # one transaction per batch: a killed run loses only this batch
@@ -202,7 +215,8 @@ def extract_features(
     seed: int,
     max_image_pixels: int,
     mirror_average: bool = False,
-    cache_remote_url: str = "",
+    executor: str = "local",
+    ray_workers: int = 0,
 ) -> tuple[dict[str, files.FeatureSet], dict]:
     """Embeds every row of every split with the stack; returns features files and a report.
 
@@ -220,10 +234,13 @@ def extract_features(
         max_image_pixels: decompression-bomb limit when decoding (params ``download.max_image_pixels``).
         mirror_average: each row's embedding is the mean of its view's and that view's mirror
             image's (see :mod:`transferlab.features.mirror`); mirrored views are cached like any view.
-        cache_remote_url: ``extract_features.cache_remote``: the shared cache each member's missing
-            rows are fetched from, and its new rows pushed to (see :mod:`transferlab.features.cache_remote`).
+        executor: where the misses are embedded: ``local`` (here, decoding in threads) or ``ray``
+            (an actor pool, see :mod:`transferlab.features.executor_ray`; the same features).
+        ray_workers: actors with ``executor: ray``; 0 = one per CPU Ray offers.
     """
     started = time.perf_counter()
+    if executor not in EXECUTORS:
+        raise ValueError(f"Unsupported executor '{executor}'; choose one of: {', '.join(EXECUTORS)}")
     if any(member.random_init for member in members):
         LOGGER.warning("weights: none -> RANDOM-INIT backbone(s): for tests only; every output says random_init")
     items = unique_items(rows_by_split)
@@ -235,30 +252,32 @@ def extract_features(
         return decode.render(item, images_directory=images_directory, size=size, max_image_pixels=max_image_pixels)
 
     requested_cache, cache_directory = cache_directory, usable_cache_directory(cache_directory)
-    sync = cache_remote.open_sync(cache_remote_url, cache_directory)
-
-    def open_cache(member: Member, choice: engine_choice.ConvertedEngine):
-        cache = _open_cache(cache_directory, member, choice)
-        if sync is not None:  # fills the local cache with the shared rows it lacks, before any lookup
-            sync.pull(cache, [view.key for view in views], label=member.name)
-        return cache
-
     builders = {member.name: backbone_builder(member, seed) for member in members if member.kind == "keras"}
     with conversion_directory(cache_directory) as converted:
+        on_ray = functools.partial(
+            _fill_on_ray,
+            engine=engine,
+            converted=converted,
+            seed=seed,
+            render=functools.partial(
+                decode.render, images_directory=images_directory, max_image_pixels=max_image_pixels
+            ),
+            batch_size=batch_size,
+            threads=threads,
+            workers=ray_workers,
+        )
         runs = embed(
             members,
             views,
-            open_cache=open_cache,
+            open_cache=lambda member, choice: _open_cache(cache_directory, member, choice),
             choose_engine=lambda member, sample: _choose_engine(
                 member, sample, engine, converted, builders.get(member.name)
             ),
             render_one=render_one,
             batch_size=batch_size,
             threads=threads,
+            fill=on_ray if executor == "ray" else None,
         )
-    if sync is not None:  # the rows as embedded, before mirror averaging replaces them
-        for run in runs:
-            sync.push(run.member.name, run.vectors)
     if mirror_average:
         for run in runs:
             run.vectors = mirror.average_mirrors(run.vectors, [item.key for item in items])
@@ -267,11 +286,45 @@ def extract_features(
     report = _report(runs, rows_by_split, views, cache_directory, time.perf_counter() - started)
     if requested_cache is not None and cache_directory is None:
         report["cache"] = f"unusable: {requested_cache}"
-    if sync is None:
-        cache_remote.add_local_only(report)
-    else:
-        sync.add_to_report(report)
     return feature_sets, report
+
+
+def _fill_on_ray(
+    group: list[_Active], views: list[decode.Item], size: int, *, engine: str, converted: Path, seed: int, **options
+) -> None:
+    """The Ray executor's fill: each job's engine rebuilt in the actors by :func:`worker_engine`."""
+    factories = [
+        functools.partial(
+            worker_engine, job.run.member, engine, converted, seed, job.choice.name, job.choice.content_sha256
+        )
+        for job in group
+    ]
+    executor_ray.fill_misses(group, views, size=size, factories=factories, **options)
+
+
+def worker_engine(member: Member, requested: str, converted: Path, seed: int, name: str, content_sha256: str) -> Any:
+    """Builds, in a Ray worker, the engine the driver chose for ``member``: loaded, never chosen again.
+
+    The driver's verdict and converted model are read from the conversion folder ``converted``
+    (nothing is converted or measured here); the engine must have the driver's ``name`` and run
+    bytes of its ``content_sha256``, so workers can never place other features under its cache key.
+    """
+
+    def no_verdict() -> np.ndarray:  # asked for photos only when there is something to convert or measure
+        raise ValueError(
+            f"a Ray worker found no engine verdict for {member.name} in {converted}; every worker must see the "
+            "driver's cache folder (set extract_features.cache_dir to a shared file system), then run again"
+        )
+
+    build_model = backbone_builder(member, seed) if member.kind == "keras" else None
+    choice = _choose_engine(member, no_verdict, requested, converted, build_model)
+    if (choice.name, choice.content_sha256) != (name, content_sha256):
+        raise ValueError(
+            f"a Ray worker chose engine {choice.name} {choice.content_sha256[:12]} for {member.name}, not the "
+            f"driver's {name} {content_sha256[:12]} (the conversion folder {converted} changed during the run); "
+            "run again"
+        )
+    return choice.build()
 
 
 def backbone_builder(member: Member, seed: int) -> Callable[[], Any]:
