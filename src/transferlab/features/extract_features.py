@@ -33,7 +33,7 @@ import numpy as np
 from transferlab.backbones import stack
 from transferlab.backbones.stack import Member
 from transferlab.core import paths
-from transferlab.features import decode, embedding_cache, engine_choice, executor_ray, files, mirror
+from transferlab.features import cache_remote, decode, embedding_cache, engine_choice, executor_ray, files, mirror
 
 LOGGER = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
@@ -217,6 +217,7 @@ def extract_features(
     mirror_average: bool = False,
     executor: str = "local",
     ray_workers: int = 0,
+    cache_remote_url: str = "",
 ) -> tuple[dict[str, files.FeatureSet], dict]:
     """Embeds every row of every split with the stack; returns features files and a report.
 
@@ -237,6 +238,8 @@ def extract_features(
         executor: where the misses are embedded: ``local`` (here, decoding in threads) or ``ray``
             (an actor pool, see :mod:`transferlab.features.executor_ray`; the same features).
         ray_workers: actors with ``executor: ray``; 0 = one per CPU Ray offers.
+        cache_remote_url: ``extract_features.cache_remote``: the shared cache each member's missing
+            rows are fetched from, and its new rows pushed to (see :mod:`transferlab.features.cache_remote`).
     """
     started = time.perf_counter()
     if executor not in EXECUTORS:
@@ -252,6 +255,14 @@ def extract_features(
         return decode.render(item, images_directory=images_directory, size=size, max_image_pixels=max_image_pixels)
 
     requested_cache, cache_directory = cache_directory, usable_cache_directory(cache_directory)
+    sync = cache_remote.open_sync(cache_remote_url, cache_directory)
+
+    def open_cache(member: Member, choice: engine_choice.ConvertedEngine):
+        cache = _open_cache(cache_directory, member, choice)
+        if sync is not None:  # fills the local cache with the shared rows it lacks, before any lookup
+            sync.pull(cache, [view.key for view in views], label=member.name)
+        return cache
+
     builders = {member.name: backbone_builder(member, seed) for member in members if member.kind == "keras"}
     with conversion_directory(cache_directory) as converted:
         on_ray = functools.partial(
@@ -269,7 +280,7 @@ def extract_features(
         runs = embed(
             members,
             views,
-            open_cache=lambda member, choice: _open_cache(cache_directory, member, choice),
+            open_cache=open_cache,
             choose_engine=lambda member, sample: _choose_engine(
                 member, sample, engine, converted, builders.get(member.name)
             ),
@@ -278,6 +289,9 @@ def extract_features(
             threads=threads,
             fill=on_ray if executor == "ray" else None,
         )
+    if sync is not None:  # the rows as embedded, before mirror averaging replaces them
+        for run in runs:
+            sync.push(run.member.name, run.vectors)
     if mirror_average:
         for run in runs:
             run.vectors = mirror.average_mirrors(run.vectors, [item.key for item in items])
@@ -286,6 +300,10 @@ def extract_features(
     report = _report(runs, rows_by_split, views, cache_directory, time.perf_counter() - started)
     if requested_cache is not None and cache_directory is None:
         report["cache"] = f"unusable: {requested_cache}"
+    if sync is None:
+        cache_remote.add_local_only(report)
+    else:
+        sync.add_to_report(report)
     return feature_sets, report
 
 
