@@ -234,7 +234,9 @@ def test_load_head_errors_say_what_to_do(tmp_path):
     train_head.save_head(train_logistic(train_split, val_split).head, tmp_path / "head")
     payload = json.loads((tmp_path / "head" / "head.json").read_text())
     (tmp_path / "head" / "head.json").write_text(json.dumps({**payload, "head": "svm"}))
-    with pytest.raises(ValueError, match="Unsupported head 'svm'; choose one of: dense, finetune, logistic, scratch"):
+    with pytest.raises(
+        ValueError, match="Unsupported head 'svm'; choose one of: dense, finetune, fusion, logistic, scratch"
+    ):
         heads.load_head(tmp_path / "head")
     (tmp_path / "head" / "head.json").write_text(json.dumps(payload))
     (tmp_path / "head" / "logistic.npz").unlink()
@@ -251,7 +253,7 @@ def test_head_refuses_features_from_other_backbones():
 
 
 def test_unknown_head_lists_the_registered_ones():
-    with pytest.raises(ValueError, match="choose one of: dense, finetune, logistic, scratch"):
+    with pytest.raises(ValueError, match="choose one of: dense, finetune, fusion, logistic, scratch"):
         heads.head_module("svm")
 
 

@@ -243,7 +243,7 @@ class TrainHeadParams(Section):
         section = getattr(self, self.head, None)  # a head may have no settings of its own
         options = {} if section is None else section.model_dump()
         if self.head == "fusion":  # its member heads are trained with the logistic and finetune settings
-            finetune = self.finetune.model_dump(exclude={"from_layer"})  # per member: fusion.from_layer
+            finetune = self.finetune.model_dump(exclude={"from_layer", "member"})  # per member: fusion.*
             options.update(logistic_options=self.logistic.model_dump(), finetune_options=finetune)
         return options
 

@@ -53,6 +53,7 @@ register_head("logistic", "transferlab.heads.logistic")
 register_head("dense", "transferlab.heads.dense")
 register_head("scratch", "transferlab.heads.scratch", reads="pixels")
 register_head("finetune", "transferlab.heads.finetune")
+register_head("fusion", "transferlab.heads.fusion")
 
 
 def names() -> list[str]:

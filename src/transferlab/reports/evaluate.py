@@ -166,8 +166,10 @@ def evaluate(
     for split in (val, test):
         head.description.check_features(split)
     class_names = head.description.class_names
-    test_probabilities = base.predict_split(head, test)
-    val_probabilities = base.predict_split(head, val)
+    members = getattr(head, "member_probabilities", None)  # a fused model (the fusion head): its members too
+    test_members, val_members = (members(test), members(val)) if members else ({}, {})
+    test_probabilities = head.combine_members(test_members) if members else base.predict_split(head, test)
+    val_probabilities = head.combine_members(val_members) if members else base.predict_split(head, val)
     report = {
         "test": classification_metrics(labels=test.labels, probabilities=test_probabilities, class_names=class_names),
         "val": classification_metrics(labels=val.labels, probabilities=val_probabilities, class_names=class_names),
@@ -176,6 +178,8 @@ def evaluate(
     if seed_record is not None:
         kept = {"val": val_probabilities, "test": test_probabilities}
         report["seeds"] = seeds_summary(record=seed_record, kept=kept, others=other_seeds, val=val, test=test)
+    if members:
+        report["members"] = member_metrics(head, test=(test, test_members), val=(val, val_members))
     if report["provenance"]["random_init"]:
         logger.warning("random-init backbone weights: these figures say nothing about real accuracy")
     predictions = test_probabilities.argmax(axis=1)
@@ -248,13 +252,47 @@ def _split_figures(splits: Mapping[str, files.Features], probabilities: Mapping[
     return figures
 
 
+def member_metrics(
+    head: Any,
+    *,
+    test: tuple[files.Features, Mapping[str, np.ndarray]],
+    val: tuple[files.Features, Mapping[str, np.ndarray]],
+) -> dict[str, dict[str, float]]:
+    """Each member head of a fused model alone: test and val accuracy and macro-F1, and its weight.
+
+    Scalars keyed by member (``members.<key>.test_accuracy``), so that ``dvc exp show`` shows
+    what fusion adds over its best member.
+
+    Args:
+        head: a fused head (:class:`transferlab.heads.fusion.FusionHead`).
+        test: the test split and each member's probabilities on it (by key).
+        val: the same for validation.
+    """
+    names = head.description.class_names
+    report: dict[str, dict[str, float]] = {}
+    for member, weight in zip(head.members, head.weights):
+        figures: dict[str, float] = {"weight": float(weight)}
+        for prefix, (split, probabilities) in (("test", test), ("val", val)):
+            scores = classification_metrics(
+                labels=split.labels, probabilities=probabilities[member.key], class_names=names
+            )
+            if "accuracy" in scores:
+                figures.update({f"{prefix}_accuracy": scores["accuracy"], f"{prefix}_macro_f1": scores["macro_f1"]})
+        report[member.key] = figures
+    return report
+
+
 def describe(metrics: Mapping[str, Any]) -> str:
     """One line for the log: the stack and head, and their test figures (metrics/evaluate.json)."""
     test, origin = metrics["test"], metrics["provenance"]
+    members = "".join(
+        f"; member {key}: accuracy {figures['test_accuracy']:.4f} (weight {figures['weight']:.2f})"
+        for key, figures in metrics.get("members", {}).items()
+    )
     return (
         f"{origin['backbone']} + {origin['head']} head on {test['examples']} test images: "
         f"accuracy {test['accuracy']:.4f}, balanced accuracy {test['balanced_accuracy']:.4f}, "
-        f"macro-F1 {test['macro_f1']:.4f}, top-{TOP_K} {test[f'top{TOP_K}_accuracy']:.4f}"
+        f"macro-F1 {test['macro_f1']:.4f}, top-{TOP_K} {test[f'top{TOP_K}_accuracy']:.4f}{members}"
     )
 
 
