@@ -4,9 +4,14 @@ For each file (default: the three shared extractors), runs LiteRT on random uint
 prints images/s side by side, so the best batch size per model can be chosen by measurement
 (ARCHITECTURE.md: depthwise networks run faster at small batches on 2 cores). Each rewrite of
 transferlab.tflite.rewrites that applies to a file (``static-shapes`` for a file whose tensors
-lack shapes, ``int8`` for a uint8 model) is run on XNNPACK too::
+lack shapes, ``int8`` for a uint8 model, ``float32`` for any quantized model) is run on XNNPACK too.
 
-    python benchmarks/tflite_backbones.py [FILE.tflite ...] [--batches 1,8,32] [--seconds 3]
+Then it prints the CPU's identity and flags (verdicts hold for one CPU only) and, per file, what
+``engine: auto`` chooses on this machine (transferlab.features.engine_choice.measure on real
+flower photos from the mirror): the chosen path and batch, each candidate's images/s and lowest
+cosine to LiteRT's reference kernels, against the noise floor::
+
+    python benchmarks/tflite_backbones.py [FILE.tflite ...] [--batches 1,8,32] [--seconds 3] [--no-choice]
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "weights"
 DEFAULT_FILES = sorted(SHARED.glob("*_features.tflite"))
+ARCHIVE = SHARED.parent / "data" / "flower_photos.tgz"
 
 
 def images_per_second(
@@ -59,7 +65,20 @@ def main() -> None:
     parser.add_argument("--threads", default="2")
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--no-plain", action="store_true", help="skip the runs without XNNPACK")
+    parser.add_argument("--no-table", action="store_true", help="skip the batch x path table")
+    parser.add_argument("--no-choice", action="store_true", help="skip what engine: auto chooses")
     arguments = parser.parse_args()
+    from transferlab.features import cpu
+
+    print(f"CPU: {cpu.current().description} (key {cpu.current().key})")
+    if not arguments.no_table:
+        print_table(arguments)
+    if not arguments.no_choice:
+        print_choices(arguments.files)
+
+
+def print_table(arguments) -> None:
+    """Images/s per file, thread count and path (as given, without XNNPACK, each rewrite) by batch."""
     batches = [int(value) for value in arguments.batches.split(",")]
     print(
         f"{'model':<48} {'threads':>7} {'path':>13} "
@@ -86,6 +105,45 @@ def main() -> None:
                     f"{path.stem:<48} {threads:>7} {label:>13} " + " ".join(f"{rate:8.1f}" for rate in rates),
                     flush=True,
                 )
+
+
+def flower_photos(count: int, size: int) -> np.ndarray:
+    """The first ``count`` photos of the flower_photos mirror, rendered as the pipeline renders them."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    from transferlab.data import augment
+
+    photos = []
+    with tarfile.open(ARCHIVE) as archive:
+        for member in archive:
+            if member.isfile() and member.name.endswith(".jpg") and len(photos) < count:
+                image = Image.open(io.BytesIO(archive.extractfile(member).read())).convert("RGB")
+                photos.append(augment.render_view(image, "", size))
+    return np.stack(photos)
+
+
+def print_choices(files: list[Path]) -> None:
+    """What ``engine: auto`` chooses for each file on this CPU, and every candidate's figures."""
+    from transferlab.features import engine_choice
+
+    photos = flower_photos(engine_choice.VERIFICATION_IMAGES, 224)
+    print(f"\n{'model':<42} {'chosen':>13} {'batch':>5} {'img/s':>7}   candidates at batch {engine_choice.SPEED_BATCH}")
+    for path in files:
+        verdict = engine_choice.measure(path.read_bytes(), photos)
+        candidates = ", ".join(
+            f"{name} {report['images_per_second']} (cos {report['lowest_cosine']:.4f}"
+            + ("" if report["qualifies"] else ", rejected")
+            + ")"
+            for name, report in verdict.get("paths", {}).items()
+        )
+        print(
+            f"{path.stem:<42} {verdict['rewrite'] or 'as given':>13} {verdict['batch']:>5} "
+            f"{verdict.get('images_per_second', 0):>7.1f}   {candidates}; noise floor {verdict.get('noise_floor')}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
