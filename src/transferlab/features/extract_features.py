@@ -33,7 +33,16 @@ import numpy as np
 from transferlab.backbones import stack
 from transferlab.backbones.stack import Member
 from transferlab.core import paths
-from transferlab.features import cache_remote, decode, embedding_cache, engine_choice, executor_ray, files, mirror
+from transferlab.features import (
+    cache_remote,
+    cpu,
+    decode,
+    embedding_cache,
+    engine_choice,
+    executor_ray,
+    files,
+    mirror,
+)
 
 LOGGER = logging.getLogger(__name__)
 EXECUTORS = ("local", "ray")
@@ -53,6 +62,7 @@ class MemberRun:
     seconds: float = 0.0
     engine_note: str = ""
     measured_speed: float | None = None  # engine images/s, this run's or remembered by the cache
+    choice: dict = field(default_factory=dict)  # engine_choice.ConvertedEngine.summary(): what was chosen, measured
 
 
 def unique_items(rows_by_split: dict[str, list[dict]]) -> list[decode.Item]:
@@ -98,7 +108,9 @@ def embed(
     for member in members:
         choice = choose_engine(member, engine_choice.verification_pixels(items, render_one, member.image_size))
         cache = open_cache(member, choice)
-        run = MemberRun(member=member, engine=choice.name, engine_note=choice.verdict.get("reason", ""))
+        run = MemberRun(
+            member=member, engine=choice.name, engine_note=choice.verdict.get("reason", ""), choice=choice.summary()
+        )
         entry = _Active(run, cache, choice)
         try:
             run.vectors = cache.get_many([item.key for item in items])
@@ -451,6 +463,7 @@ def _report(
                 "image_size": run.member.image_size,
                 "engine": run.engine,
                 "engine_note": run.engine_note,
+                "engine_choice": run.choice,
                 "feature_dim": len(next(iter(run.vectors.values()))),
                 "cache_hits": run.hits,
                 "embedded": run.computed,
@@ -462,6 +475,7 @@ def _report(
             for run in runs
         },
         "random_init": any(run.member.random_init for run in runs),
+        "cpu": cpu.current().as_dict(),  # engine verdicts hold for this CPU only (transferlab.features.cpu)
         "rows": {split: len(rows) for split, rows in rows_by_split.items()},
         "distinct_views": len(items),
         "embedded": computed,
