@@ -82,6 +82,7 @@ def test_resolve_source_kinds(tmp_path):
     assert fetch.resolve_source(str(tarball)) == ("archive", tarball)
     assert fetch.resolve_source(str(tmp_path)) == ("folder", tmp_path)
     assert fetch.resolve_source("data.tgz", root=tmp_path) == ("archive", tmp_path / "data.tgz")
+    assert fetch.resolve_source(" s3://bucket/photos/ ") == ("s3", "s3://bucket/photos/")
 
 
 def test_resolve_source_errors(tmp_path):

@@ -308,3 +308,19 @@ def test_a_sibling_of_the_destination_is_a_fine_source(tmp_path):
     destination.mkdir()
     fetch.copy_folder(source, destination, max_files=100, max_total_bytes=10**6)
     assert sorted(p.name for p in destination.iterdir()) == ["cats", "dogs"]
+
+
+# ---------------------------------------------------------------------------------- s3:// sources (no server needed)
+
+
+def test_the_s3_listing_fingerprint_ignores_order_and_etag_quotes():
+    listing = [("a/1.jpg", 4, '"abc"'), ("b/2.jpg", 5, "def")]
+
+    assert fetch.s3_fingerprint(listing) == fetch.s3_fingerprint([listing[1], ("a/1.jpg", 4, "abc")])
+    assert fetch.s3_fingerprint(listing) != fetch.s3_fingerprint(listing[:1])
+    assert fetch.s3_fingerprint(listing) != fetch.s3_fingerprint([("a/1.jpg", 5, "abc"), listing[1]])
+
+
+def test_an_s3_url_without_a_bucket_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"names no bucket; write s3://bucket/prefix/"):
+        fetch.fetch_s3("s3:///photos/", tmp_path, max_files=10, max_total_bytes=10)

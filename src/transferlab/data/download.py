@@ -1,10 +1,10 @@
 """The download stage: fetch the dataset, verify it, extract it safely, index it, report.
 
-Each step has its own module: :mod:`transferlab.data.fetch` gets the source (URL, local archive
-or local folder) and checks the archive's sha256, :mod:`transferlab.data.archive` extracts it
-safely, :mod:`transferlab.data.index` finds the class folders and checks every file. This module
-runs them in order into a folder the stage swaps in only when everything passed, then writes the
-report, ``metrics/download.json`` (see docs/DESIGN.md).
+Each step has its own module: :mod:`transferlab.data.fetch` gets the source (URL, local archive,
+local folder, or an ``s3://`` archive or prefix) and checks the archive's sha256,
+:mod:`transferlab.data.archive` extracts it safely, :mod:`transferlab.data.index` finds the class
+folders and checks every file. This module runs them in order into a folder the stage swaps in
+only when everything passed, then writes the report, ``metrics/download.json`` (see docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def prepare_dataset(
     it and are removed whatever happens.
 
     Args:
-        source: URL, local archive or local folder (see the module docstring).
-        sha256: the archive's expected sha256; may be empty only for a local folder.
+        source: URL, local archive, local folder, ``s3://`` archive object or prefix (see :mod:`fetch`).
+        sha256: the archive's expected sha256; may be empty only for a folder (local or an s3:// prefix).
         destination: folder that receives the class folders.
         min_image_side: shorter side below this makes an image ``too-small``.
         min_images_per_class: a class with fewer usable images stops the stage.
@@ -87,8 +87,13 @@ def prepare_dataset(
     # Named after its owner, so that the next run removes it if this process is killed (core.atomic).
     with atomic.temporary_directory(destination.parent, "download") as work:
         skipped: list[tables.IndexRow] = []
-        archive_sha256 = None
-        if kind == "folder":
+        archive_sha256 = source_fingerprint = None
+        if kind == "s3":  # an archive object, or a prefix staged in the scratch folder
+            fetched = fetch.fetch_s3(location, work, max_files=max_files, max_total_bytes=max_total_bytes)
+            kind, location, source_fingerprint = fetched.kind, fetched.path, fetched.fingerprint
+        if kind == "staged":  # an s3:// prefix, already listed, bounded and name-checked: as if extracted
+            move_dataset(index.locate_dataset_root(location), destination)
+        elif kind == "folder":
             if sha256:
                 LOGGER.info("download.sha256 is not used for a local folder source (%s)", location)
             skipped = fetch.copy_folder(
@@ -133,7 +138,13 @@ def prepare_dataset(
         min_image_side=min_image_side,
         max_image_pixels=max_image_pixels,
     )
-    metrics = summarize(rows, source=source, archive_sha256=archive_sha256, seconds=time.perf_counter() - started)
+    metrics = summarize(
+        rows,
+        source=source,
+        archive_sha256=archive_sha256,
+        source_fingerprint=source_fingerprint,
+        seconds=time.perf_counter() - started,
+    )
     return DownloadResult(rows=rows, metrics=metrics)
 
 
@@ -149,9 +160,19 @@ def move_dataset(root: Path, destination: Path) -> None:
 
 
 def summarize(
-    rows: Sequence[tables.IndexRow], *, source: str, archive_sha256: str | None, seconds: float
+    rows: Sequence[tables.IndexRow],
+    *,
+    source: str,
+    archive_sha256: str | None,
+    seconds: float,
+    source_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The content of ``metrics/download.json`` (see docs/DESIGN.md)."""
+    """The content of ``metrics/download.json`` (see docs/DESIGN.md).
+
+    ``source_fingerprint`` is an ``s3://`` prefix's listing fingerprint (:func:`fetch.s3_fingerprint`),
+    None for other sources: with it, a changed bucket changes this file even when every image index row
+    stayed the same (the archive's sha256 plays that part for archives).
+    """
     ok = [row for row in rows if row.status == images.OK]
     per_class = collections.Counter(row.label for row in ok)
     excluded = [row for row in rows if row.status != images.OK]
@@ -167,6 +188,7 @@ def summarize(
     return {
         "source": source,
         "archive_sha256": archive_sha256,
+        "source_fingerprint": source_fingerprint,
         "images": len(ok),
         "classes": len(per_class),
         "images_per_class": dict(sorted(per_class.items())),

@@ -13,7 +13,15 @@ A source (``download.source``) is one of:
   by :mod:`transferlab.data.archive`);
 - a local folder holding one sub-folder per class (copied; symbolic links are skipped and
   listed in the index with status ``link``; a folder that contains the destination, such as
-  ``.``, is refused before anything is copied).
+  ``.``, is refused before anything is copied);
+- an ``s3://bucket/key`` of an archive object (downloaded, then handled as a local archive) or an
+  ``s3://bucket/prefix/`` holding one sub-folder of objects per class (listed, checked against
+  the bounds and for unsafe keys before any object is downloaded into the stage's scratch folder,
+  then handled as an extracted archive). The listing's fingerprint, a sha256 over the sorted
+  (key, size, ETag) triples, tells whether the bucket changed (:func:`fetch_s3`). Credentials and
+  the endpoint come from the standard AWS configuration (``AWS_ACCESS_KEY_ID``,
+  ``AWS_SECRET_ACCESS_KEY``, ``AWS_ENDPOINT_URL`` for SeaweedFS or MinIO, ``~/.aws``), never from
+  params.yaml; s3fs (fsspec, which DVC uses too) is imported only for these sources.
 
 Relative local paths are resolved with :func:`transferlab.core.paths.resolve_param_path`. An
 archive's sha256 is verified (:func:`verify_sha256`) before anything is extracted; an empty
@@ -22,6 +30,10 @@ archive's sha256 is verified (:func:`verify_sha256`) before anything is extracte
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
@@ -50,7 +62,7 @@ MAX_WAIT_SECONDS = 60.0
 
 
 def resolve_source(source: str, *, root: str | os.PathLike | None = None) -> tuple[str, Any]:
-    """Tells what ``source`` is: ``("url", url)``, ``("archive", path)`` or ``("folder", path)``.
+    """Tells what ``source`` is: ``("url", url)``, ``("s3", url)``, ``("archive", path)`` or ``("folder", path)``.
 
     Raises:
         ValueError: an unsupported URL scheme or a local path that does not exist.
@@ -58,10 +70,13 @@ def resolve_source(source: str, *, root: str | os.PathLike | None = None) -> tup
     source = source.strip()
     scheme = re.match(r"^([A-Za-z][A-Za-z0-9+.-]*)://", source)
     if scheme:
+        if scheme.group(1).lower() == "s3":
+            return "s3", source
         if scheme.group(1).lower() not in ("http", "https"):
             raise ValueError(
                 f"download.source {source!r}: unsupported scheme '{scheme.group(1)}://'; use an http(s) URL, "
-                "a local archive (.tgz, .tar.gz, .tar, .zip) or a local folder of class sub-folders"
+                "an s3:// object or prefix, a local archive (.tgz, .tar.gz, .tar, .zip) or a local folder of "
+                "class sub-folders"
             )
         return "url", source
     path = paths.resolve_param_path(source, root)
@@ -336,6 +351,182 @@ def _resume_offset(response: requests.Response, have: int, destination: Path) ->
     if status in _RETRYABLE_STATUS:
         raise requests.HTTPError(f"HTTP {status} {response.reason}")
     raise _PermanentHTTPError(f"HTTP {status} {response.reason}")
+
+
+# --------------------------------------------------------------------------------------------
+# S3 (and S3-compatible) object storage
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Fetch:
+    """What :func:`fetch_s3` left in the scratch folder.
+
+    Attributes:
+        kind: ``"archive"`` (one archive file, to verify and extract) or ``"staged"`` (a folder
+            of class folders, already listed, bounded and name-checked).
+        path: the archive file or the staged folder.
+        fingerprint: for a prefix, :func:`s3_fingerprint` of its listing; None for an archive
+            (its sha256 pins it).
+        objects: objects downloaded.
+    """
+
+    kind: str
+    path: Path
+    fingerprint: str | None
+    objects: int
+
+
+def fetch_s3(url: str, work: str | os.PathLike, *, max_files: int, max_total_bytes: int) -> S3Fetch:
+    """Downloads an ``s3://`` source into the scratch folder ``work``.
+
+    ``s3://bucket/key`` naming an object is an archive: downloaded as ``work/archive.part``,
+    refused first when larger than ``max_total_bytes``. Anything else, and every URL ending in
+    ``/``, is a prefix holding one sub-folder per class: every object under it is listed first,
+    and the whole source is refused, before any object is downloaded, when a key has a ``..``
+    component or an absolute path (the archive rules) or the objects exceed the bounds. The
+    objects then go into ``work/s3`` with their keys (less the prefix) as paths.
+
+    Args:
+        url: ``s3://bucket/key`` or ``s3://bucket/prefix/``; the bucket alone means all of it.
+        work: an empty scratch folder, removed by the caller.
+        max_files: most objects accepted (``download.max_files``).
+        max_total_bytes: most bytes accepted (``download.max_total_bytes``).
+
+    Returns:
+        What was fetched, with the listing's fingerprint for a prefix.
+
+    Raises:
+        ValueError: one line naming what failed and what to do: s3fs missing, no or refused
+            credentials, a missing bucket, key or prefix, an unreachable endpoint, an unsafe key,
+            more objects or bytes than the bounds.
+    """
+    work = Path(work)
+    bucket, key = _split_s3_url(url)
+    fs = _s3_filesystem(url)
+    with _s3_errors(url, fs, bucket):
+        found = fs.info(f"{bucket}/{key}") if key and not url.endswith("/") else None
+        if found is not None and found.get("type") == "file":
+            return _fetch_s3_archive(fs, url, found, work / "archive.part", max_total_bytes=max_total_bytes)
+        return _fetch_s3_prefix(fs, url, bucket, key, work / "s3", max_files=max_files, max_total_bytes=max_total_bytes)
+
+
+def s3_fingerprint(objects: list[tuple[str, int, str]]) -> str:
+    """sha256 over the sorted (key, size, ETag) triples of a listing: changes when any object is added,
+    removed, renamed or rewritten (a rewrite changes the ETag even at the same size)."""
+    canonical = json.dumps(sorted([key, int(size), etag.strip('"')] for key, size, etag in objects))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _split_s3_url(url: str) -> tuple[str, str]:
+    rest = re.sub(r"^[Ss]3://", "", url)
+    bucket, _, key = rest.partition("/")
+    if not bucket:
+        raise ValueError(
+            f"download.source {url!r} names no bucket; write s3://bucket/prefix/ (a folder of class folders) "
+            "or s3://bucket/archive.tgz"
+        )
+    return bucket, key.strip("/")
+
+
+def _s3_filesystem(url: str):
+    """An s3fs filesystem configured from the standard AWS environment (never from params.yaml)."""
+    try:
+        import s3fs
+    except ImportError:
+        raise ValueError(f"download.source {url} needs the s3fs package: pip install s3fs") from None
+    # A fresh instance: s3fs caches filesystems by arguments, which would keep stale credentials.
+    return s3fs.S3FileSystem(skip_instance_cache=True, config_kwargs={"connect_timeout": 10, "read_timeout": 60})
+
+
+def _endpoint() -> str:
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    return endpoint or "AWS S3 (set AWS_ENDPOINT_URL for another S3 server)"
+
+
+_CREDENTIALS_ADVICE = (
+    "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) for this bucket, and AWS_ENDPOINT_URL for a "
+    "server other than AWS; credentials never go in params.yaml"
+)
+
+
+@contextlib.contextmanager
+def _s3_errors(url: str, fs: Any, bucket: str):
+    """Turns s3fs/botocore errors into one ValueError line: what went wrong and what to do."""
+    from botocore import exceptions as botocore_errors
+
+    try:
+        yield
+    except ValueError:
+        raise
+    except FileNotFoundError:
+        raise ValueError(_missing(url, fs, bucket)) from None
+    except PermissionError as error:
+        raise ValueError(
+            f"download.source {url}: the S3 server at {_endpoint()} refused access ({error}); {_CREDENTIALS_ADVICE}"
+        ) from None
+    except botocore_errors.NoCredentialsError:
+        raise ValueError(f"download.source {url}: no S3 credentials found; {_CREDENTIALS_ADVICE}") from None
+    except (OSError, botocore_errors.BotoCoreError, botocore_errors.ClientError) as error:
+        raise ValueError(
+            f"download.source {url}: S3 request to {_endpoint()} failed ({type(error).__name__}: {error}). Check "
+            "that the server is reachable and AWS_ENDPOINT_URL, then run the stage again"
+        ) from None
+
+
+def _missing(url: str, fs: Any, bucket: str) -> str:
+    try:
+        fs.info(bucket)
+    except FileNotFoundError:
+        return (
+            f"download.source {url}: bucket '{bucket}' does not exist at {_endpoint()}. Fix the bucket name in "
+            "download.source (or AWS_ENDPOINT_URL), or create the bucket and upload the dataset"
+        )
+    except Exception:  # noqa: BLE001 - the first error already says enough; this only refines it
+        pass
+    return (
+        f"download.source {url}: no such object or prefix in bucket '{bucket}'. Upload the dataset there (one "
+        "sub-folder of images per class, or an archive), or fix download.source"
+    )
+
+
+def _fetch_s3_archive(fs: Any, url: str, found: dict, destination: Path, *, max_total_bytes: int) -> S3Fetch:
+    if int(found.get("size") or 0) > max_total_bytes:
+        raise _too_large(url, max_total_bytes, f"the object has {found['size']} bytes")
+    fs.get_file(found["name"], str(destination), callback=_progress(f"download {PurePosixPath(url).name}"))
+    if destination.stat().st_size > max_total_bytes:  # replaced by a larger object meanwhile
+        raise _too_large(url, max_total_bytes, f"{destination.stat().st_size} bytes arrived")
+    return S3Fetch(kind="archive", path=destination, fingerprint=None, objects=1)
+
+
+def _fetch_s3_prefix(
+    fs: Any, url: str, bucket: str, key: str, staged: Path, *, max_files: int, max_total_bytes: int
+) -> S3Fetch:
+    prefix = f"{bucket}/{key}/" if key else f"{bucket}/"
+    listing = fs.find(prefix, detail=True)
+    objects = sorted(
+        (name[len(prefix) :], int(info.get("size") or 0), str(info.get("ETag", "")))
+        for name, info in listing.items()
+        if info.get("type") == "file" and not name.endswith("/")
+    )
+    if not objects:
+        raise FileNotFoundError(prefix)
+    for relative, _, _ in objects:
+        archive._check_member_name(relative, url)  # the archive rules: no absolute path, no '..', no NUL
+    archive.check_bounds(url, len(objects), sum(size for _, size, _ in objects), max_files, max_total_bytes, "download")
+    local = [staged / relative for relative, _, _ in objects]
+    for path in {path.parent for path in local}:
+        path.mkdir(parents=True, exist_ok=True)
+    fs.get([prefix + relative for relative, _, _ in objects], [str(path) for path in local], callback=_progress(url))
+    received = sum(path.stat().st_size for path in local)  # objects may have been replaced meanwhile
+    archive.check_bounds(url, len(local), received, max_files, max_total_bytes, "download")
+    LOGGER.info("downloaded %d objects from %s", len(objects), url)
+    return S3Fetch(kind="staged", path=staged, fingerprint=s3_fingerprint(objects), objects=len(objects))
+
+
+def _progress(description: str):
+    from fsspec.callbacks import TqdmCallback
+
+    return TqdmCallback(tqdm_kwargs={"desc": description, "disable": None, "mininterval": 0.5})
 
 
 # --------------------------------------------------------------------------------------------
