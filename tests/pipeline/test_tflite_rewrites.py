@@ -258,3 +258,15 @@ def test_a_verdict_is_remembered_per_cpu(photos, tmp_path, monkeypatch):
     moved.write_bytes(engine_choice.tflite_verdict_path(tmp_path, sha256, avx2).read_bytes())  # copied by hand
     assert choose(vnni, as_given=90.0, rewritten=30.0).name == "tflite", "a verdict of another CPU is never served"
     assert len(measured) == 3
+
+
+@pytest.mark.parametrize(
+    ("path", "rewrite"), [(V1, "int8"), (LITE0, ""), (LITE0, "float32")], ids=["v1-int8", "lite0", "lite0-float32"]
+)
+def test_threads_and_the_engine_batch_leave_the_features_unchanged(photos, path, rewrite):
+    """The batch and threads chosen per CPU are not in the cache key, so they must not move a bit of the features."""
+    content = rewrites.rewritten_content(require_mirror(path).read_bytes(), rewrite)
+    reference = engines.TFLiteEngine(path, content=content, threads=2).run(photos)
+    for threads, batch in [(1, 0), (1, 1), (2, 1), (2, 3)]:
+        features = engines.TFLiteEngine(path, content=content, threads=threads, batch=batch).run(photos)
+        np.testing.assert_array_equal(features, reference, err_msg=f"threads {threads}, batch {batch}")
