@@ -1,0 +1,257 @@
+"""Scaling benchmark: the pipeline's cost per image and peak memory from 10^4 images up, and Ray's overhead.
+
+For each size (``--sizes``, default 10k 50k 200k) it writes a synthetic class-folder dataset of
+96x96 JPEGs (:func:`write_synthetic`: ten classes, each a colour and a stripe texture of its own
+angle and frequency, with jitter and noise, so a linear head learns them but not trivially), then
+runs the stage scripts as dvc.yaml runs them (download -> split -> augment -> extract_features ->
+extract_taps -> train_head -> evaluate, in a workspace per size) with MobileNet v1 alpha 0.25 at
+96 px, ImageNet weights from ``../shared/weights/mobilenet_v1_0.25_224_imagenet_no_top.h5``
+(engine auto: converted to TFLite once). Each stage runs as its own process, so its peak RSS is
+its own (``os.wait4``'s rusage; with ``executor: ray`` that is the driver's, the actors are Ray's
+processes). The logistic head trains out of core above ``--max-memory-gb`` (default 0.1 GB: 10k
+images fit, 50k and more do not), so the table also shows both solvers' accuracy.
+
+Then, for the sizes in ``--ray-sizes``, extract_features again on a cold cache with
+``executor: ray`` and 1 and 2 workers, beside the local figure (images/s from the stage's
+metrics, Ray's start included).
+
+``--flowers PATH.tgz`` instead runs the pipeline on flower_photos with MobileNetV2 (the mirror's
+dequantized ImageNet weights, 224 px) and trains the logistic head in memory and out of core on the
+same features, printing both test accuracies.
+
+Run it on an otherwise idle machine: on a shared one, every figure is pessimistic.
+
+Usage::
+
+    python benchmarks/scale.py --sizes 10000 50000 --ray-sizes 50000 --work /tmp/scale
+    python benchmarks/scale.py --flowers ../shared/data/flower_photos.tgz --work /tmp/scale-flowers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("TRANSFERLAB_SHARED", ROOT.parent / "shared"))
+STAGES = ("download", "split", "augment", "extract_features", "extract_taps", "train_head", "evaluate")
+CLASSES = 10
+SIDE = 96
+BACKBONE = {
+    "backbone": "mobilenet",
+    "alpha": 0.25,
+    "weights": str(SHARED / "weights" / "mobilenet_v1_0.25_224_imagenet_no_top.h5"),
+    "image_size": 96,
+    "engine": "auto",
+}
+FLOWERS_BACKBONE = {
+    "backbone": "mobilenet_v2",
+    "alpha": 1.0,
+    "weights": str(SHARED / "weights" / "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"),
+    "image_size": 224,
+    "engine": "auto",
+}
+
+
+def write_synthetic(root: Path, count: int, *, seed: int = 0) -> Path:
+    """Writes ``count`` 96x96 JPEGs in ten class folders (kept: a second call with the same count reuses them)."""
+    done = root / ".complete"
+    if done.exists() and done.read_text() == str(count):
+        return root
+    rng = np.random.default_rng(seed)
+    colours = rng.uniform(60, 200, size=(CLASSES, 3))
+    angles = np.linspace(0, np.pi, CLASSES, endpoint=False)
+    frequencies = 2 + (np.arange(CLASSES) % 4) * 1.5  # stripes per image side
+    y, x = np.mgrid[0:SIDE, 0:SIDE] / SIDE
+    for index in range(count):
+        label = index % CLASSES
+        folder = root / f"class_{label:02d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        angle = angles[label] + rng.normal(0, 0.15)
+        phase = rng.uniform(0, 2 * np.pi)
+        stripes = np.sin(2 * np.pi * frequencies[label] * (x * np.cos(angle) + y * np.sin(angle)) + phase)
+        colour = colours[label] + rng.normal(0, 25, 3)
+        pixels = colour + 40 * stripes[..., None] + rng.normal(0, 20, (SIDE, SIDE, 3))
+        Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{index:07d}.jpg", quality=85)
+    done.write_text(str(count))
+    return root
+
+
+def stage_commands() -> dict[str, list[str]]:
+    """Each stage's command as dvc.yaml writes it, run with this interpreter and this repository's scripts."""
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    commands = {}
+    for name in STAGES:
+        words = shlex.split(stages[name]["cmd"])
+        commands[name] = [sys.executable, str(ROOT / words[1]), *words[2:]]
+    return commands
+
+
+def write_params(workspace: Path, **sections: dict[str, Any]) -> Path:
+    """The repository's params.yaml with ``sections`` merged in, written into ``workspace``."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for name, values in sections.items():
+        for key, value in values.items():
+            if isinstance(value, dict):
+                params[name].setdefault(key, {}).update(value)
+            else:
+                params[name][key] = value
+    path = workspace / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def run_stage(command: list[str], workspace: Path, log: Path) -> dict[str, float]:
+    """Runs one stage script; returns its wall seconds and its own peak RSS (MiB)."""
+    started = time.perf_counter()
+    with log.open("a") as output:
+        process = subprocess.Popen(command, cwd=workspace, stdout=output, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:2])} failed ({process.returncode}); see {log}")
+    return {"seconds": time.perf_counter() - started, "peak_rss_mib": usage.ru_maxrss / 1024}
+
+
+def run_pipeline(workspace: Path, params: dict[str, dict], stages=STAGES, **flags: str) -> dict[str, dict]:
+    """Runs ``stages`` in ``workspace`` with ``params`` merged into the repository's; returns each stage's figures."""
+    workspace.mkdir(parents=True, exist_ok=True)
+    write_params(workspace, **params)
+    commands = stage_commands()
+    figures = {}
+    for name in stages:
+        command = commands[name]
+        for flag, value in flags.items():  # e.g. another --out for a second extract_features
+            if flag in command:
+                command[command.index(flag) + 1] = value
+        figures[name] = run_stage(command, workspace, workspace / "stages.log")
+        print(f"  {name:17s} {figures[name]['seconds']:8.1f} s  {figures[name]['peak_rss_mib']:7.0f} MiB", flush=True)
+    return figures
+
+
+def size_params(source: Path, count: int, work: Path, max_memory_gb: float) -> dict[str, dict]:
+    return {
+        "download": {"source": str(source), "sha256": "", "max_files": count + 1000},
+        "split": {"val_fraction": 0.1, "test_fraction": 0.1},
+        "augment": {"copies": 0, "preview_images": 2},
+        "extract_features": {**BACKBONE, "cache_dir": str(work / f"cache-{count}-local"), "executor": "local"},
+        "train_head": {"head": "logistic", "logistic": {"max_memory_gb": max_memory_gb}},
+        "evaluate": {"gallery_images": 4},
+    }
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def benchmark_size(count: int, work: Path, *, max_memory_gb: float, ray: bool) -> dict:
+    print(f"== {count} images", flush=True)
+    started = time.perf_counter()
+    source = write_synthetic(work / f"synthetic-{count}", count)
+    print(f"  (dataset written in {time.perf_counter() - started:.0f} s)", flush=True)
+    workspace = work / f"run-{count}"
+    params = size_params(source, count, work, max_memory_gb)
+    result = {"images": count, "stages": run_pipeline(workspace, params)}
+    result["extract"] = read_json(workspace / "metrics" / "extract_features.json")["images_per_second"]
+    result["train_head"] = read_json(workspace / "metrics" / "train_head.json")
+    result["evaluate"] = read_json(workspace / "metrics" / "evaluate.json")
+    if ray:
+        result["ray"] = {}
+        for workers in (1, 2):
+            name = f"ray{workers}"
+            params["extract_features"].update(
+                executor="ray", ray_workers=workers, cache_dir=str(work / f"cache-{count}-{name}")
+            )
+            print(f"  extract_features with executor: ray, {workers} worker(s)", flush=True)
+            figures = run_pipeline(
+                workspace,
+                params,
+                stages=("extract_features",),
+                **{"--out": f"data/features-{name}", "--metrics": f"metrics/extract_features-{name}.json"},
+            )
+            metrics = read_json(workspace / "metrics" / f"extract_features-{name}.json")
+            result["ray"][name] = {**figures["extract_features"], "images_per_second": metrics["images_per_second"]}
+    return result
+
+
+def print_table(results: list[dict]) -> None:
+    print("\nper stage: seconds per 1000 images / peak RSS (MiB)")
+    print(f"{'images':>8} " + " ".join(f"{name[:16]:>17}" for name in STAGES))
+    for result in results:
+        cells = []
+        for name in STAGES:
+            figures = result["stages"][name]
+            cells.append(f"{figures['seconds'] * 1000 / result['images']:7.2f} /{figures['peak_rss_mib']:6.0f}")
+        print(f"{result['images']:>8} " + " ".join(f"{cell:>17}" for cell in cells))
+    print("\nextract_features images/s (cold cache, whole stage incl. start-up), and the head")
+    print(f"{'images':>8} {'local':>8} {'ray x1':>8} {'ray x2':>8} {'ray2/local':>10}  head solver, test accuracy")
+    for result in results:
+        ray = result.get("ray", {})
+        one, two = (ray.get(name, {}).get("images_per_second") for name in ("ray1", "ray2"))
+        ratio = f"{two / result['extract']:.2f}" if two else "-"
+        accuracy = result["evaluate"].get("test", {}).get("accuracy", result["evaluate"].get("test_accuracy"))
+        print(
+            f"{result['images']:>8} {result['extract']:>8} {one or '-':>8} {two or '-':>8} {ratio:>10}  "
+            f"{result['train_head'].get('solver', '?')}, {accuracy}"
+        )
+
+
+def benchmark_flowers(archive: Path, work: Path) -> None:
+    """Logistic head in memory vs out of core on the same flower_photos features."""
+    workspace = work / "flowers"
+    params = {
+        "download": {"source": str(archive), "sha256": ""},
+        "augment": {"preview_images": 2},
+        "extract_features": {**FLOWERS_BACKBONE, "cache_dir": str(work / "cache-flowers")},
+        "train_head": {"head": "logistic"},
+        "evaluate": {"gallery_images": 4},
+    }
+    figures = {"in memory": run_pipeline(workspace, params)}
+    in_memory = read_json(workspace / "metrics" / "evaluate.json")
+    params["train_head"]["logistic"] = {"max_memory_gb": 1e-6}
+    figures["out of core"] = run_pipeline(workspace, params, stages=("train_head", "evaluate"))
+    out_of_core = read_json(workspace / "metrics" / "evaluate.json")
+    print(json.dumps({"in_memory": in_memory, "out_of_core": out_of_core, "stages": figures}, indent=1)[:6000])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
+    parser.add_argument(
+        "--ray-sizes", type=int, nargs="*", default=[50_000], help="sizes also run on Ray (1, 2 workers)"
+    )
+    parser.add_argument("--max-memory-gb", type=float, default=0.1, help="train_head.logistic.max_memory_gb")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/transferlab-scale"))
+    parser.add_argument("--flowers", type=Path, help="flower_photos.tgz: compare the two logistic solvers instead")
+    arguments = parser.parse_args()
+    arguments.work.mkdir(parents=True, exist_ok=True)
+    if arguments.flowers:
+        benchmark_flowers(arguments.flowers.resolve(), arguments.work.resolve())
+        return
+    results = []
+    for count in arguments.sizes:
+        results.append(
+            benchmark_size(
+                count,
+                arguments.work.resolve(),
+                max_memory_gb=arguments.max_memory_gb,
+                ray=count in arguments.ray_sizes,
+            )
+        )
+        (arguments.work / "results.json").write_text(json.dumps(results, indent=1))
+        print_table(results)
+
+
+if __name__ == "__main__":
+    main()
