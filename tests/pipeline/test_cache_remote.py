@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import threading
@@ -226,3 +227,26 @@ def test_with_the_server_stopped_mid_run_the_run_completes_locally_with_one_warn
     assert log.count("cannot be used") == 1 and f"The shared embedding cache {url} cannot be used" in log
     reference, _ = extract(dataset, tmp_path / "local-only", "")
     np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), reference["train"].arrays["features"])
+
+
+def test_through_dvc_a_teammate_with_an_empty_cache_embeds_nothing_and_the_url_reruns_nothing(
+    dvc_project, remote, s3_server, tmp_path
+):
+    project = dvc_project
+    project.environment.update(s3_server.env())
+    project.set_params(extract_features={"cache_remote": remote})
+    project.commit("shared cache")
+    project.dvc("repro", "extract_features")
+    metrics = project.root / "metrics" / "extract_features.json"
+    first = json.loads(metrics.read_text())
+    assert first["pushed"] == first["embedded"] > 0 and first["remote_hits"] == 0
+
+    project.set_params(extract_features={"cache_remote": ""})  # where shared rows come from changes no feature
+    assert "up to date" in project.dvc("status", "extract_features").stdout
+
+    shutil.rmtree(tmp_path / "embedding-cache")  # a teammate's machine: an empty local cache
+    project.environment["TRANSFERLAB_CACHE_REMOTE"] = remote  # as CI sets it from a secret
+    project.dvc("repro", "--force", "--single-item", "extract_features")
+    second = json.loads(metrics.read_text())
+    assert (second["embedded"], second["remote_hits"], second["pushed"]) == (0, first["embedded"], 0)
+    assert "up to date" in project.dvc("status", "extract_features").stdout
