@@ -457,8 +457,8 @@ class RunSync:
             missing = cache.missing(member.needed)
             if missing:
                 self._fill(cache, member, set(missing), label)
-        except embedding_cache.CacheUnavailable:
-            raise  # the local cache's trouble: extract_features handles it
+        except embedding_cache.CacheUnavailable as error:  # the local cache's trouble, not the remote's
+            LOGGER.warning("%s: the local cache cannot take the shared rows (%s); embedding them instead", label, error)
         except Exception as error:  # noqa: BLE001 - the remote only ever saves work: any failure means "without it"
             self._give_up(f"fetching rows of {label}", error)
         self.seconds += time.perf_counter() - started
@@ -586,7 +586,8 @@ def add_local_only(report: dict) -> dict:
     """Marks a run's report as one without a shared cache (same keys as :meth:`RunSync.add_to_report`)."""
     for entry in report.get("backbones", {}).values():
         entry.update(remote_hits=0, pushed=0, local_hits=entry.get("cache_hits", 0))
-    report.update(remote_hits=0, pushed=0, local_hits=report.get("cache_hits", 0), cache_remote="none")
+    report.update(remote_hits=0, pushed=0, local_hits=report.get("cache_hits", 0))
+    report["cache_remote"] = {"url": "", "status": "off", "bytes_fetched": 0, "bytes_pushed": 0, "seconds": 0.0}
     return report
 
 
