@@ -11,7 +11,7 @@ import yaml
 from test_extract_features import stage_workspace
 
 import support
-from transferlab.features import cpu
+from transferlab.features import cpu, engine_choice
 
 pytestmark = pytest.mark.slow
 HEAVY = ("tensorflow", "keras", "ai_edge_litert", "tf_keras")
@@ -33,7 +33,7 @@ def run_stage_reporting_imports(root) -> list[str]:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def test_a_fully_cached_run_imports_no_tensorflow_and_reports_the_chosen_engine(tmp_path):
+def test_cached_runs_import_no_tensorflow_and_report_the_chosen_engine(tmp_path):
     root = stage_workspace(tmp_path, per_class=3)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["extract_features"].update(engine="auto", batch_size=4)  # converted to TFLite, checked against Keras
@@ -49,3 +49,12 @@ def test_a_fully_cached_run_imports_no_tensorflow_and_reports_the_chosen_engine(
     assert member["engine"] == "tflite" and member["engine_choice"]["engine"] == "tflite"
     assert member["engine_images_per_second"] == first["backbones"][name]["engine_images_per_second"]
     assert report["cpu"] == cpu.current().as_dict() and report["cpu"]["flags"] == list(cpu.current().flags)
+    choice = first["backbones"][name]["engine_choice"]
+    assert choice["batch"] in engine_choice.BATCH_CANDIDATES and choice["measured_images_per_second"] > 0
+    assert choice["cpu"] == cpu.current().key and member["engine_choice"] == choice, "remembered, not measured again"
+
+    for database in (tmp_path / "cache").glob("*/*.sqlite*"):  # a new dataset: converted model cached, no rows
+        database.unlink()
+    imported = run_stage_reporting_imports(root)
+    assert "tensorflow" not in imported and "keras" not in imported, "the converted model runs without TensorFlow"
+    assert json.loads((root / "metrics" / "extract_features.json").read_text())["embedded"] == 9

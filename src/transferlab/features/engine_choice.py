@@ -55,6 +55,7 @@ VERIFICATION_IMAGES = 16  # real photos that a converted engine must reproduce K
 VERDICT_VERSION = 2  # 2: verdicts carry a checksum and the sha256 of the model bytes to run
 SPEED_SECONDS = 1.0  # per candidate; the differences it looks for are 2x, not 10%
 SPEED_BATCH = 8
+SPEED_SAMPLES = 25  # invocations per candidate that end a race early (small models: milliseconds, not seconds)
 BATCH_CANDIDATES = (1, 8, 32)  # engine batch sizes raced for the chosen path (depthwise nets can prefer 1)
 TFLITE_VERDICT_VERSION = 3  # 3: keyed by the CPU; the float32 rewrite among the candidates; batch chosen
 NOISE_SEED = 0
@@ -132,6 +133,8 @@ def choose_keras_engine(
     conversion_directory: Path,
     identity: str,
     sample_pixels: Callable[[], np.ndarray],
+    choose_batch: bool = False,
+    cpu_identity: cpu.CpuIdentity | None = None,
 ) -> ConvertedEngine:
     """Picks ``keras`` or ``tflite`` for a Keras backbone; the verdict is remembered on disk.
 
@@ -141,6 +144,9 @@ def choose_keras_engine(
         conversion_directory: where converted models and verdicts are kept (in the cache dir).
         identity: a key naming backbone + weights + input size; the converted file's name.
         sample_pixels: gives a batch of real photos to check the converted model against Keras.
+        choose_batch: also choose the converted model's engine batch by measurement on this CPU
+            (:data:`BATCH_CANDIDATES`; remembered per CPU beside the verdict, measured without TensorFlow).
+        cpu_identity: the CPU that batch is chosen for; None: this machine's.
 
     Raises:
         ValueError: ``tflite`` was requested but the conversion does not agree with Keras.
@@ -159,7 +165,15 @@ def choose_keras_engine(
         verdict = cache_files.write_record(verdict_path, verdict)  # after the model: it vouches for it
     if verdict["agrees"]:
         tflite_path = converted_model_path(verdict_path, verdict["tflite_sha256"])
-        return _checked_engine("tflite", tflite_path, verdict, verdict_path, expected=verdict["tflite_sha256"])
+        batch = 0
+        if choose_batch and requested == "auto":
+            record = _converted_batch(verdict_path, verdict, cpu_identity or cpu.current(), sample_pixels)
+            verdict = {**verdict, **{name: record[name] for name in ("batch", "batches", "images_per_second", "cpu")}}
+            verdict["reason"] += f"; batch {record['batch']} (images/s by batch: {record['batches']})"
+            batch = int(record["batch"])
+        return _checked_engine(
+            "tflite", tflite_path, verdict, verdict_path, expected=verdict["tflite_sha256"], batch=batch
+        )
     if requested == "tflite":
         raise ValueError(
             f"the TFLite conversion of {identity} does not agree with Keras ({verdict['reason']}); "
@@ -167,6 +181,38 @@ def choose_keras_engine(
         )
     LOGGER.warning("TFLite engine not used for %s (%s); falling back to Keras", identity, verdict["reason"])
     return ConvertedEngine("keras", lambda: engines.KerasEngine(build_model()), verdict)
+
+
+def _converted_batch(
+    verdict_path: Path, verdict: dict, identity: cpu.CpuIdentity, sample_pixels: Callable[[], np.ndarray]
+) -> dict:
+    """The converted model's fastest engine batch on this CPU: ``<key>-<CPU key>-batch.json``, else measured.
+
+    Depthwise networks can run faster at batch 1 than at 32 on LiteRT (their activations at 32
+    overflow the cache), by how much depends on the CPU; the batch does not change the features
+    (tests/pipeline/test_tflite_rewrites.py), so it is not part of the embedding cache key.
+    """
+    path = verdict_path.with_name(f"{verdict_path.stem}-{identity.key}-batch.json")
+    record = cache_files.read_record(path, consequence="measuring the batch again")
+    if (
+        record is not None
+        and record.get("version") == TFLITE_VERDICT_VERSION
+        and record.get("tflite_sha256") == verdict["tflite_sha256"]
+        and (record.get("cpu") or {}).get("key") == identity.key
+        and record.get("batch") in BATCH_CANDIDATES
+    ):
+        return record
+    content = converted_model_path(verdict_path, verdict["tflite_sha256"]).read_bytes()
+    if cache_files.content_sha256(content) != verdict["tflite_sha256"]:
+        raise ValueError(
+            f"the converted model beside {verdict_path} changed during the run; run extract_features again"
+        )
+    LOGGER.info(
+        "Measuring the converted model's batch on this CPU (%s); remembered for later runs", identity.description
+    )
+    record = _with_batch({"reason": ""}, content, sample_pixels())
+    record.update(version=TFLITE_VERDICT_VERSION, tflite_sha256=verdict["tflite_sha256"], cpu=identity.as_dict())
+    return cache_files.write_record(path, record)
 
 
 def converted_model_path(verdict_path: Path, sha256: str) -> Path:
@@ -463,7 +509,10 @@ def _race(candidates: dict[Any, tuple[bytes, int]], pixels: np.ndarray) -> dict[
         interpreters[name] = (interpreter, batch)
     rates: dict[Any, list[float]] = {name: [] for name in candidates}
     started = time.perf_counter()
-    while time.perf_counter() - started < SPEED_SECONDS * len(candidates) or min(map(len, rates.values())) < 3:
+    while min(map(len, rates.values())) < 3 or (
+        time.perf_counter() - started < SPEED_SECONDS * len(candidates)
+        and min(map(len, rates.values())) < SPEED_SAMPLES
+    ):
         for name, (interpreter, batch) in interpreters.items():
             begin = time.perf_counter()
             interpreter.invoke()

@@ -394,6 +394,7 @@ def _choose_engine(
         conversion_directory=converted,
         identity=engine_choice.conversion_identity(member),
         sample_pixels=sample,
+        choose_batch=True,
     )
 
 
