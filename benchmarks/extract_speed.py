@@ -295,7 +295,9 @@ def _print_stack(results: list[dict]) -> None:
             )
     floor = engine_total + decode_seconds
     stack_seconds = by_variant["stack"]["seconds"]
+    in_stack = sum(member["engine_seconds"] for member in stack_members.values())
     print(f"decode alone: {decode_seconds:.1f} s; members' engine-only sum + one decode: {floor:.1f} s")
+    print(f"engine seconds inside the stack: {in_stack:.1f} s (alone: {engine_total:.1f} s)")
     print(
         f"stack cold (verdicts known): {stack_seconds:.1f} s; gap {stack_seconds - floor:+.1f} s "
         f"({100 * (stack_seconds - floor) / floor:+.0f}%)"

@@ -92,6 +92,7 @@ class ConvertedEngine:
             "candidates": {name: report.get("images_per_second") for name, report in paths.items()},
             "rejected": sorted(name for name, report in paths.items() if not report.get("qualifies", True)),
             "cpu": (verdict.get("cpu") or {}).get("key", cpu.current().key),
+            "conversion_seconds": verdict.get("seconds"),  # build (TensorFlow import), convert, verify: once
         }
 
 
@@ -243,20 +244,29 @@ def _keras_verdict(verdict_path: Path, identity: str) -> dict | None:
 def _convert_and_verify(
     build_model: Callable[[], Any], directory: Path, key: str, sample_pixels: Callable[[], np.ndarray]
 ) -> dict:
-    model = build_model()
+    started = time.perf_counter()
+    model = build_model()  # imports TensorFlow: the first run's start-up (issue 15 item 7), logged below
+    built = time.perf_counter()
     try:
         content = engines.converted_content(model)
     except Exception as error:  # the converter raises many types; any failure means "use Keras"
         return {"agrees": False, "reason": f"conversion failed: {type(error).__name__}: {error}"[:500], "cosine": None}
+    converted = time.perf_counter()
     sha256 = cache_files.content_sha256(content)
     tflite_path = converted_model_path(directory / f"{key}.json", sha256)
     with atomic.atomic_path(tflite_path) as temporary:
         temporary.write_bytes(content)
-    converted = engines.TFLiteEngine(tflite_path, content=content)  # the bytes checked are the bytes recorded
-    cosine = verify_against_keras(converted, engines.KerasEngine(model), sample_pixels())
+    engine = engines.TFLiteEngine(tflite_path, content=content)  # the bytes checked are the bytes recorded
+    cosine = verify_against_keras(engine, engines.KerasEngine(model), sample_pixels())
     agrees = cosine >= MINIMUM_COSINE
     reason = f"lowest cosine {cosine:.6f} on real photos (needs >= {MINIMUM_COSINE})"
-    return {"agrees": agrees, "reason": reason, "cosine": cosine, "tflite_sha256": sha256}
+    seconds = {
+        "build": round(built - started, 2),
+        "convert": round(converted - built, 2),
+        "verify": round(time.perf_counter() - converted, 2),
+    }
+    LOGGER.info("Converted the backbone to TFLite: %s s (build includes importing TensorFlow)", seconds)
+    return {"agrees": agrees, "reason": reason, "cosine": cosine, "tflite_sha256": sha256, "seconds": seconds}
 
 
 def _checked_engine(
