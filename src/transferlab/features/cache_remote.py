@@ -46,7 +46,8 @@ from typing import Any
 
 import numpy as np
 
-from transferlab.features import cache_files, embedding_cache
+from transferlab.core import atomic
+from transferlab.features import cache_files, embedding_cache, engine_choice
 
 LOGGER = logging.getLogger(__name__)
 
@@ -345,6 +346,53 @@ class Remote:
                 sizes[name[: -len(".shard")]] = int(entry.get("size") or 0)
         return sizes
 
+    def conversions(self, key: str) -> list[str]:
+        """The shared converted models of one Keras backbone (verdict names), oldest first: the first is the team's."""
+        try:
+            listed = self.fs.ls(f"{self.root}/converted/{key}", detail=True)
+        except FileNotFoundError:
+            return []
+        verdicts = []
+        for entry in listed:
+            name = entry["name"].rsplit("/", 1)[-1]
+            if name.endswith(".json") and _is_key(name[: -len(".json")]):
+                verdicts.append((str(entry.get("LastModified") or ""), name[: -len(".json")]))
+        return [name for _, name in sorted(verdicts)]
+
+    def fetch_conversion(self, key: str, sha256: str, directory: Path) -> None:
+        """Puts a shared converted model and its verdict into the local conversion folder (model first).
+
+        Raises:
+            ShardError: the verdict is damaged or not an agreeing one for this model, or the model's bytes
+                are not ``sha256``.
+        """
+        verdict_text = self.fs.cat_file(f"{self.root}/converted/{key}/{sha256}.json")
+        try:
+            verdict = json.loads(verdict_text)
+        except ValueError as error:
+            raise ShardError(f"its verdict is not JSON ({error})") from error
+        if not isinstance(verdict, dict) or verdict.get(cache_files.CHECKSUM_FIELD) != cache_files.record_checksum(
+            verdict
+        ):
+            raise ShardError("its verdict does not match its checksum")
+        if not verdict.get("agrees") or verdict.get("tflite_sha256") != sha256:
+            raise ShardError("its verdict does not vouch for this model")
+        content = self.fs.cat_file(f"{self.root}/converted/{key}/{sha256}.tflite")
+        if cache_files.content_sha256(content) != sha256:
+            raise ShardError("the sha256 of the model's bytes is not its name (damaged or tampered)")
+        self.bytes_down += len(content)
+        verdict_path = directory / f"{key}.json"
+        with atomic.atomic_path(engine_choice.converted_model_path(verdict_path, sha256)) as temporary:
+            temporary.write_bytes(content)
+        atomic.write_text(verdict_path, verdict_text.decode("utf-8"))  # after the model: it vouches for it
+
+    def push_conversion(self, key: str, verdict: dict, model: bytes) -> None:
+        """Shares a converted model and its verdict: ``converted/<key>/<sha256>.tflite``, then ``.json``."""
+        sha256 = verdict["tflite_sha256"]
+        self.fs.pipe_file(f"{self.root}/converted/{key}/{sha256}.tflite", model)
+        self.fs.pipe_file(f"{self.root}/converted/{key}/{sha256}.json", json.dumps(verdict).encode("utf-8"))
+        self.bytes_up += len(model)
+
     def _require_bucket(self) -> None:
         bucket = self.root.split("/", 1)[0]
         if not self.fs.exists(bucket):
@@ -520,6 +568,75 @@ class RunSync:
         self.seconds += time.perf_counter() - started
         return member.pushed
 
+    def adopt_conversions(self, members: Sequence[Any], directory: Path, engine: str) -> None:
+        """Before engines are chosen: each Keras member runs the team's converted model, if one was shared.
+
+        Converting a Keras backbone to TFLite is not byte-for-byte reproducible, and the namespace
+        holds the sha256 of the bytes run, so two machines converting on their own would never
+        share a row. The oldest shared conversion (``converted/<key>/<sha256>.{tflite,json}``)
+        is the team's: it replaces a different local one. A local marker remembers the agreement,
+        so a later run with the same model makes no request.
+        """
+        for member, key in self._converted_members(members, engine):
+            local = _local_conversion(directory, key)
+            if local is not None and self._marker(key) == local["tflite_sha256"]:
+                continue
+            started = time.perf_counter()
+            try:
+                for candidate in self.remote.conversions(key):
+                    if local is not None and candidate == local["tflite_sha256"]:
+                        self._mark(key, candidate)
+                        break
+                    try:
+                        self.remote.fetch_conversion(key, candidate, directory)
+                    except ShardError as error:
+                        LOGGER.warning(
+                            "Shared converted model %s of %s is not used (%s)", candidate, member.name, error
+                        )
+                        continue
+                    LOGGER.info("%s runs the team's converted model %s", member.name, candidate[:16])
+                    self._mark(key, candidate)
+                    break
+            except Exception as error:  # noqa: BLE001 - see pull
+                self._give_up(f"fetching the converted model of {member.name}", error)
+            self.seconds += time.perf_counter() - started
+
+    def push_conversions(self, members: Sequence[Any], directory: Path, engine: str) -> None:
+        """After the run: shares each Keras member's converted model if the remote has none yet."""
+        for member, key in self._converted_members(members, engine):
+            local = _local_conversion(directory, key)
+            if local is None or self._marker(key) == local["tflite_sha256"]:
+                continue
+            started = time.perf_counter()
+            try:
+                sha256 = local["tflite_sha256"]
+                if not self.remote.conversions(key):
+                    model = engine_choice.converted_model_path(directory / f"{key}.json", sha256).read_bytes()
+                    if cache_files.content_sha256(model) == sha256:
+                        self.remote.push_conversion(key, local, model)
+                shared = self.remote.conversions(key)  # again: a concurrent first push may have won
+                if shared and shared[0] == sha256:
+                    self._mark(key, sha256)
+            except Exception as error:  # noqa: BLE001 - see pull
+                self._give_up(f"pushing the converted model of {member.name}", error)
+            self.seconds += time.perf_counter() - started
+
+    def _converted_members(self, members: Sequence[Any], engine: str) -> list[tuple[Any, str]]:
+        if not self.usable or engine == "keras":
+            return []
+        return [(member, conversion_key(member)) for member in members if member.kind == "keras"]
+
+    def _marker_path(self, key: str) -> Path:
+        return local_manifest_directory(self.remote.cache_directory, self.url, "converted") / f"{key}.json"
+
+    def _marker(self, key: str) -> str | None:
+        record = cache_files.read_record(self._marker_path(key), consequence="asking the remote again")
+        return None if record is None else record.get("tflite_sha256")
+
+    def _mark(self, key: str, sha256: str) -> None:
+        with contextlib.suppress(OSError):
+            cache_files.write_record(self._marker_path(key), {"tflite_sha256": sha256})
+
     def _give_up(self, action: str, error: BaseException) -> None:
         if self.problem is None:
             self.problem = _reason(error)
@@ -573,6 +690,19 @@ class RunSync:
             "" if self.problem is None else f" (unusable: {self.problem})",
         )
         return report
+
+
+def conversion_key(member: Any) -> str:
+    """The name :func:`engine_choice.choose_keras_engine` files a Keras member's conversion under."""
+    return hashlib.sha256(engine_choice.conversion_identity(member).encode()).hexdigest()
+
+
+def _local_conversion(directory: Path, key: str) -> dict | None:
+    """The local verdict of a Keras member's conversion if it agrees with Keras and names its model."""
+    verdict = cache_files.read_record(directory / f"{key}.json", consequence="converting the backbone again")
+    if verdict is None or not verdict.get("agrees") or not _is_key(str(verdict.get("tflite_sha256"))):
+        return None
+    return verdict
 
 
 def _description(cache: Any) -> dict:

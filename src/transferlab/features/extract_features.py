@@ -289,6 +289,8 @@ def extract_features(
             threads=threads,
             workers=ray_workers,
         )
+        if sync is not None:  # the team's converted models: everyone's rows then land in the same namespaces
+            sync.adopt_conversions(members, converted, engine)
         runs = embed(
             members,
             views,
@@ -304,6 +306,7 @@ def extract_features(
     if sync is not None:  # the rows as embedded, before mirror averaging replaces them
         for run in runs:
             sync.push(run.member.name, run.vectors)
+        sync.push_conversions(members, converted, engine)
     if mirror_average:
         for run in runs:
             run.vectors = mirror.average_mirrors(run.vectors, [item.key for item in items])
