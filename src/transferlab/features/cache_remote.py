@@ -15,6 +15,11 @@ made for many writers and no coordination (no locks, no object is ever rewritten
   written *after* its shard. Readers only look at shards that have a manifest, so a writer
   killed between the two leaves an orphan that nobody reads.
 
+- ``converted/<key>/<sha256>.tflite`` and ``.json``: Keras backbones' TFLite conversions and
+  their verdicts. Conversion is not byte-reproducible and a namespace holds the sha256 of the
+  bytes run, so the oldest shared conversion is adopted by every machine (see
+  :meth:`RunSync.adopt_conversions`); otherwise no two machines would share a row on ``engine: auto``.
+
 A reader lists the manifests of a namespace only when its local cache misses rows (a warm run
 makes no request at all), keeps a local copy of each manifest (they never change), fetches the
 fewest shards that hold the missing keys, checks each shard's sha256 against its name and its
