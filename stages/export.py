@@ -7,7 +7,7 @@ from transferlab.backbones import stack
 from transferlab.core import atomic, stage
 from transferlab.data import tables
 from transferlab.export import build, check
-from transferlab.features import files
+from transferlab.features import embedding_cache, extract_features, files
 
 
 @stage.define(
@@ -29,7 +29,12 @@ def main(paths, base, download, extract, settings):
     build.check_consistency(members=members, head=head, test=test)
     predictions = tables.read_predictions(paths.test_predictions)
     rows = check.select_rows(predictions, count=settings.check_images, seed=base.seed)
-    with atomic.atomic_directory(paths.out) as folder:
+    cache_directory = embedding_cache.cache_directory(extract.cache_dir) if extract.cache else None
+    # Keras backbones are taken from extract_features' conversion folder, not converted again.
+    with (
+        atomic.atomic_directory(paths.out) as folder,
+        extract_features.conversion_directory(cache_directory) as converted,
+    ):
         manifest = build.write_export(
             folder,
             members=members,
@@ -39,6 +44,11 @@ def main(paths, base, download, extract, settings):
             tflite=settings.tflite,
             max_image_pixels=download.max_image_pixels,
             block_engines=test.block_engines,
+            keras=settings.keras,
+            conversion_directory=converted,
+            sample_pixels=check.photo_sample(
+                rows, images_directory=paths.images, max_image_pixels=download.max_image_pixels
+            ),
         )
         agreement = check.check_against_evaluate(
             folder, rows=rows, images_directory=paths.images, max_image_pixels=download.max_image_pixels

@@ -53,7 +53,10 @@ def exported(tmp_path_factory):
             patch.setenv(key, value)
         project = support.make_project(base)
         # The image size limit is a param: the manifest must record this value, not a default.
-        project.set_params(export={"tflite": True, "check_images": 0}, download={"max_image_pixels": 40_000_000})
+        # Both formats of one Keras classifier (export.keras); test_export_reuse.py covers the default layout.
+        project.set_params(
+            export={"tflite": True, "keras": True, "check_images": 0}, download={"max_image_pixels": 40_000_000}
+        )
         project.dvc("repro", "export")
         keras_run = snapshot(project.root, "keras", base)
         tiny_tflite(project.root / "tiny.tflite")
@@ -278,7 +281,8 @@ def small_photos(tmp_path_factory):
         shutil.rmtree(base / "photos")  # make_project's default photos, replaced by 100x100 ones (outside git)
         support.write_dataset(base / "photos", per_class=40, size=(100, 100))
         project.set_params(
-            extract_features={"image_size": SMALL_PHOTO_SIZE}, export={"tflite": True, "check_images": 0}
+            extract_features={"image_size": SMALL_PHOTO_SIZE},
+            export={"tflite": True, "keras": True, "check_images": 0},
         )
         project.dvc("repro", "export")
     return project

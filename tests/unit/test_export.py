@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -83,6 +84,27 @@ def test_consistency_check_names_what_changed():
         build.check_consistency(members=changed, head=head, test=features_for(head))
     with pytest.raises(ValueError, match="differ from the head"):
         build.check_consistency(members=members_for(head), head=head, test=features_for(logistic_head(widths=(4, 2))))
+
+
+def test_the_layout_follows_the_head_the_members_and_the_formats_asked_for():
+    head = logistic_head()
+    keras_members = members_for(head)
+    file_member = Member(
+        spec="tflite:f.tflite", name="f", kind="tflite", identity="f", weights_identity="s", image_size=32
+    )
+    with_file = [keras_members[0], file_member]
+    layout = build.choose_layout
+    # A head on Keras embeddings, TFLite only: the backbone files (from the conversion cache) + the head.
+    assert layout(members=keras_members, head=head, tflite=True, keras=False) == "stack"
+    # model.keras wanted, or the only format: one Keras classifier (model.tflite converted from it).
+    assert layout(members=keras_members, head=head, tflite=True, keras=True) == "classifier"
+    assert layout(members=keras_members, head=head, tflite=False, keras=False) == "classifier"
+    # A TFLite member cannot live in a Keras model; a pixel head is one.
+    assert layout(members=with_file, head=head, tflite=False, keras=True) == "stack"
+    pixel = logistic.LogisticHead(
+        dataclasses.replace(head.description, head="scratch"), head.standardizer, head.coef, head.intercept
+    )
+    assert layout(members=keras_members, head=pixel, tflite=True, keras=False) == "classifier"
 
 
 def test_a_head_export_does_not_know_is_refused_by_name():
@@ -216,7 +238,10 @@ def test_a_class_evaluate_predicted_that_the_export_does_not_know_is_a_clear_err
 
 def test_export_params_defaults_and_validation():
     settings = params.parse_section("export", None)
-    assert settings.tflite is True and settings.check_images == 200
+    assert settings.tflite is True and settings.check_images == 200 and settings.keras is False
+    assert params.parse_section("export", {"keras": True}).keras is True
+    with pytest.raises(ValueError, match="export.keras"):
+        params.parse_section("export", {"keras": "sometimes"})
     with pytest.raises(ValueError, match="export.check_images"):
         params.parse_section("export", {"check_images": -1})
     with pytest.raises(ValueError, match="unknown key"):

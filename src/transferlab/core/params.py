@@ -28,6 +28,7 @@ OFFICIAL_FLOWERS_SHA256 = "4c54ace7911aaffe13a365c34f650e71dd5bf1be0a58b464e5a71
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 # extract_features.cache_remote: s3://bucket[/prefix], S3's bucket naming rules, no empty path parts.
+_S3_URL = re.compile(r"s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^/\s]+)*")
 
 
 class Section(BaseModel):
@@ -254,6 +255,8 @@ class EvaluateParams(Section):
 
 class ExportParams(Section):
     tflite: bool = True
+    # Also model.keras beside the TFLite files: costs TensorFlow, a Keras build and a conversion per export.
+    keras: bool = False
     check_images: Annotated[int, Field(ge=0)] = 200  # 0 = every test image
 
 

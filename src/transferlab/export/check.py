@@ -27,7 +27,7 @@ Keras export's old in-graph resize: model.tflite 735/735 with confidences within
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,22 @@ def select_rows(rows: Sequence[dict[str, str]], *, count: int, seed: int) -> lis
         return list(rows)
     chosen = np.random.default_rng(seed).choice(len(rows), size=count, replace=False)
     return [rows[index] for index in sorted(chosen.tolist())]
+
+
+def photo_sample(
+    rows: Sequence[dict[str, str]], *, images_directory: Path, max_image_pixels: int, count: int = 16
+) -> Callable[[int], np.ndarray]:
+    """size -> the first ``count`` rows' photos resized the pipeline's way, uint8 (N, size, size, 3).
+
+    Nothing is opened until it is called (a warm conversion folder never asks for photos); the
+    images are checked to be those evaluate saw, as in :func:`check_against_evaluate`.
+    """
+
+    def pixels(size: int) -> np.ndarray:
+        pictures = [_open_checked(images_directory, row, max_image_pixels) for row in rows[:count]]
+        return predict.resize_all(pictures, [size])[size]
+
+    return pixels
 
 
 def check_against_evaluate(
