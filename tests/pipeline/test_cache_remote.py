@@ -12,7 +12,9 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -21,7 +23,7 @@ import s3_server as s3
 import support
 from transferlab.backbones import stack
 from transferlab.core import params
-from transferlab.features import cache_remote, embedding_cache, extract_features
+from transferlab.features import cache_files, cache_remote, embedding_cache, extract_features
 
 pytestmark = pytest.mark.slow
 SETTINGS = {**support.SMALL_PARAMS["extract_features"], "engine": "keras"}
@@ -252,3 +254,28 @@ def test_through_dvc_a_teammate_with_an_empty_cache_embeds_nothing_and_the_url_r
     second = json.loads(metrics.read_text())
     assert (second["embedded"], second["remote_hits"], second["pushed"]) == (0, first["embedded"], 0)
     assert "up to date" in project.dvc("status", "extract_features").stdout
+
+
+def test_a_tampered_shared_conversion_is_skipped_and_the_next_intact_one_adopted(remote, tmp_path, caplog):
+    member = SimpleNamespace(
+        kind="keras", name=MEMBER, identity="mobilenet_v2@0.35", weights_identity="random-init-seed0", image_size=32
+    )
+    key = cache_remote.conversion_key(member)
+    shared = cache_remote.Remote(remote, None)
+    models = [b"the first conversion's bytes" * 50, b"the second conversion's bytes" * 50]
+    for model in models:  # written in this order: the first is the oldest, the team's
+        verdict = {"agrees": True, "tflite_sha256": cache_files.content_sha256(model), "identity": "x", "version": 1}
+        shared.push_conversion(key, {**verdict, "checksum": cache_files.record_checksum(verdict)}, model)
+        time.sleep(1.1)  # S3 times objects to the second
+    first = cache_files.content_sha256(models[0])
+    shared.fs.pipe_file(f"{shared.root}/converted/{key}/{first}.tflite", b"tampered")
+    directory = tmp_path / "cache" / "converted"
+
+    sync = cache_remote.RunSync(remote, tmp_path / "cache")
+    with caplog.at_level(logging.WARNING, logger="transferlab.features.cache_remote"):
+        sync.adopt_conversions([member], directory, "auto")
+    assert f"Shared converted model {first} of {MEMBER} is not used" in caplog.text
+    adopted = json.loads((directory / f"{key}.json").read_text())
+    second = cache_files.content_sha256(models[1])
+    assert adopted["tflite_sha256"] == second and sync.problem is None
+    assert (directory / f"{key}-{second[:16]}.tflite").read_bytes() == models[1]
