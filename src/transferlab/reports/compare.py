@@ -436,6 +436,7 @@ def prefetch(
                 seed=sections["base"].seed,
                 max_image_pixels=sections["download"].max_image_pixels,
                 mirror_average=settings.mirror_average,
+                cache_remote_url=settings.cache_remote,  # teammates get what the prefetch embeds
             )
         except ValueError as error:
             complete = False
