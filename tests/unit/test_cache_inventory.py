@@ -1,6 +1,6 @@
 """`transferlab cache list/prune` on a local cache: sizes per namespace; atomic pruning that spares databases in use.
 
-The remote side of `cache list` is tested against a real S3 server in tests/pipeline/test_cache_remote.py.
+The remote side of `cache list` is tested against a real S3 server in tests/pipeline/test_shared_cache_s3.py.
 """
 
 from __future__ import annotations

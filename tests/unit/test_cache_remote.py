@@ -1,6 +1,6 @@
 """The shared embedding cache's formats (shards, manifests, URLs), its unreachable case, and dvc.yaml's params.
 
-The round trips through a real S3 server are in tests/pipeline/test_cache_remote.py.
+The round trips through a real S3 server are in tests/pipeline/test_shared_cache_s3.py.
 """
 
 from __future__ import annotations

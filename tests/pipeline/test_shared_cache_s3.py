@@ -182,7 +182,7 @@ import json, pathlib, sys
 import numpy as np
 sys.path.insert(0, sys.argv[1])
 import support
-from test_cache_remote import extract
+from test_shared_cache_s3 import extract
 folder = pathlib.Path(sys.argv[2])
 rows = support.rows_for(folder)
 features, report = extract((folder, rows), pathlib.Path(sys.argv[3]), sys.argv[4], rows[: int(sys.argv[5])])
