@@ -8,8 +8,9 @@ extract_taps -> train_head -> evaluate, in a workspace per size) with MobileNet 
 96 px, ImageNet weights from ``../shared/weights/mobilenet_v1_0.25_224_imagenet_no_top.h5``
 (engine auto: converted to TFLite once). Each stage runs as its own process, so its peak RSS is
 its own (``os.wait4``'s rusage; with ``executor: ray`` that is the driver's, the actors are Ray's
-processes). The logistic head trains out of core above ``--max-memory-gb`` (default 0.1 GB: 10k
-images fit, 50k and more do not), so the table also shows both solvers' accuracy.
+processes). The logistic head trains out of core above ``--max-memory-gb`` (default 0.05 GB: the
+8k training rows of 10k images fit in 16 MB, the 40k of 50k images need 82 MB), so the table
+also shows both solvers' accuracy.
 
 Then, for the sizes in ``--ray-sizes``, extract_features again on a cold cache with
 ``executor: ray`` and 1 and 2 workers, beside the local figure (images/s from the stage's
@@ -17,14 +18,17 @@ metrics, Ray's start included).
 
 ``--flowers PATH.tgz`` instead runs the pipeline on flower_photos with MobileNetV2 (the mirror's
 dequantized ImageNet weights, 224 px) and trains the logistic head in memory and out of core on the
-same features, printing both test accuracies.
+same features, printing both test accuracies. ``--components`` (after those runs, in the same
+``--work``) measures one core's cost per image of each part: decode + resize, the engine, the
+embedding cache's writes and reads, and the bytes read per image (the input of docs/SCALING.md).
 
 Run it on an otherwise idle machine: on a shared one, every figure is pessimistic.
 
 Usage::
 
     python benchmarks/scale.py --sizes 10000 50000 --ray-sizes 50000 --work /tmp/scale
-    python benchmarks/scale.py --flowers ../shared/data/flower_photos.tgz --work /tmp/scale-flowers
+    python benchmarks/scale.py --flowers ../shared/data/flower_photos.tgz --work /tmp/scale
+    python benchmarks/scale.py --components --flowers ../shared/data/flower_photos.tgz --work /tmp/scale  # after both
 """
 
 from __future__ import annotations
@@ -225,17 +229,78 @@ def benchmark_flowers(archive: Path, work: Path) -> None:
     print(json.dumps({"in_memory": in_memory, "out_of_core": out_of_core, "stages": figures}, indent=1)[:6000])
 
 
+def per_image_milliseconds(function, count: int) -> float:
+    started = time.perf_counter()
+    for index in range(count):
+        function(index)
+    return (time.perf_counter() - started) * 1000 / count
+
+
+def benchmark_components(work: Path, archive: Path | None) -> None:
+    """One core's cost per image of each part: decode + resize, engine, cache write and read, bytes read."""
+    results = {}
+    folders = {"synthetic 96 px": (work / "synthetic-10000", 96)}
+    if archive is not None:
+        folders["flowers 224 px"] = (work / "flowers" / "data" / "raw" / "images", 224)
+    for name, (folder, size) in folders.items():
+        if folder.exists():
+            results[name] = decode_costs(folder, size)
+    for label, pattern in (("mobilenet 0.25 @96", "cache-10000-local"), ("mobilenet_v2 1.0 @224", "cache-flowers")):
+        models = sorted((work / pattern / "converted").glob("*.tflite"))
+        if models:
+            results[label] = engine_and_cache_costs(models[0], work / "component-cache")
+    print(json.dumps(results, indent=1))
+
+
+def decode_costs(folder: Path, size: int) -> dict[str, float]:
+    from transferlab.features import decode
+
+    paths = sorted(str(path.relative_to(folder)) for path in folder.glob("*/*.jpg"))[:400]
+    items = [decode.Item("0" * 64, "", path) for path in paths]
+
+    def render(index: int) -> None:
+        decode.render(items[index], images_directory=folder, size=size, max_image_pixels=10**8)
+
+    return {
+        "decode_resize_ms": round(per_image_milliseconds(render, len(items)), 3),
+        "file_kib": round(sum((folder / path).stat().st_size for path in paths) / len(paths) / 1024, 1),
+    }
+
+
+def engine_and_cache_costs(model: Path, cache_folder: Path) -> dict[str, float]:
+    from transferlab.features import embedding_cache, engines
+
+    engine = engines.TFLiteEngine(model, threads=1)
+    pixels = np.random.default_rng(0).integers(0, 255, (32, engine.image_size, engine.image_size, 3), dtype=np.uint8)
+    width = engine.run(pixels).shape[1]
+    figures = {"engine_ms_one_thread": round(per_image_milliseconds(lambda _: engine.run(pixels), 10) / 32, 3)}
+    cache = embedding_cache.EmbeddingCache(cache_folder, f"{width:064x}", description={"probe": str(model)})
+    rows = {(f"{index:064x}", ""): np.ones(width, np.float32) for index in range(3200)}
+    batches = [dict(list(rows.items())[start : start + 32]) for start in range(0, len(rows), 32)]
+    figures["cache_write_ms"] = round(
+        per_image_milliseconds(lambda index: cache.put_many(batches[index]), len(batches)) / 32, 4
+    )
+    figures["cache_read_ms"] = round(per_image_milliseconds(lambda _: cache.get_many(list(rows)), 1) / len(rows), 4)
+    figures["embedding_kib"] = round(width * 4 / 1024, 2)
+    cache.close()
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[10_000, 50_000, 200_000])
     parser.add_argument(
         "--ray-sizes", type=int, nargs="*", default=[50_000], help="sizes also run on Ray (1, 2 workers)"
     )
-    parser.add_argument("--max-memory-gb", type=float, default=0.1, help="train_head.logistic.max_memory_gb")
+    parser.add_argument("--max-memory-gb", type=float, default=0.05, help="train_head.logistic.max_memory_gb")
     parser.add_argument("--work", type=Path, default=Path("/tmp/transferlab-scale"))
     parser.add_argument("--flowers", type=Path, help="flower_photos.tgz: compare the two logistic solvers instead")
+    parser.add_argument("--components", action="store_true", help="per-image costs of each part (after a run)")
     arguments = parser.parse_args()
     arguments.work.mkdir(parents=True, exist_ok=True)
+    if arguments.components:
+        benchmark_components(arguments.work.resolve(), arguments.flowers)
+        return
     if arguments.flowers:
         benchmark_flowers(arguments.flowers.resolve(), arguments.work.resolve())
         return

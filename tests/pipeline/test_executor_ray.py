@@ -7,6 +7,7 @@ on the engine ``auto``, so the driver converts it to TFLite once and the workers
 
 from __future__ import annotations
 
+import json
 import shutil
 import signal
 import sqlite3
@@ -126,3 +127,22 @@ def test_a_worker_killed_mid_run_loses_nothing_and_the_features_are_identical(tm
     assert report["embedded"] + report["cache_hits"] == len(rows) and cached_rows(cache) == len(rows)
     local, _ = local_reference(folder, rows, cache, tmp_path, **settings)
     assert_same_features(features, local)
+
+
+def test_dvc_exp_run_with_the_ray_executor_gives_the_local_features_and_metrics(dvc_project):
+    """The stage through DVC joins the session's Ray ($RAY_ADDRESS); support's projects run the Keras engine."""
+    project = dvc_project
+    project.dvc("repro", "evaluate")
+    local_features = {split: np.load(project.root / f"data/features/{split}.npz") for split in ("train", "val", "test")}
+    local_evaluation = json.loads((project.root / "metrics/evaluate.json").read_text())
+    project.commit("local")
+
+    ray_cache = project.root.parent / "ray-cache"
+    project.dvc("exp", "run", "-S", "extract_features.executor=ray", "-S", f"extract_features.cache_dir={ray_cache}")
+
+    report = json.loads((project.root / "metrics/extract_features.json").read_text())
+    assert report["embedded"] == 54 and report["cache_hits"] == 0, "a fresh cache: every view embedded on Ray"
+    for split, arrays in local_features.items():
+        on_ray = np.load(project.root / f"data/features/{split}.npz")
+        np.testing.assert_array_equal(on_ray["features"], arrays["features"], err_msg=split)
+    assert json.loads((project.root / "metrics/evaluate.json").read_text()) == local_evaluation

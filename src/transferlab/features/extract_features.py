@@ -277,13 +277,13 @@ def extract_features(
 
     builders = {member.name: backbone_builder(member, seed) for member in members if member.kind == "keras"}
     with conversion_directory(cache_directory) as converted:
-        on_ray = functools.partial(
+        on_ray = functools.partial(  # absolute paths: Ray workers run in folders of their own
             _fill_on_ray,
             engine=engine,
-            converted=converted,
+            converted=Path(converted).resolve(),
             seed=seed,
             render=functools.partial(
-                decode.render, images_directory=images_directory, max_image_pixels=max_image_pixels
+                decode.render, images_directory=Path(images_directory).resolve(), max_image_pixels=max_image_pixels
             ),
             batch_size=batch_size,
             threads=threads,
