@@ -120,3 +120,72 @@ def test_a_server_that_never_answers_fails_with_weeds_log(tmp_path):
         server.start(attempts=1)
 
     assert _gone(server.process.pid)
+
+
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "local_s3.sh"
+
+
+def _free_block(size: int = 8) -> int:
+    """A port P with P..P+size-1 all free on 127.0.0.1 (the block local_s3.sh takes)."""
+    for _ in range(50):
+        base = s3.free_ports(1)[0]
+        if base + size > 65535:
+            continue
+        try:
+            held = []
+            for port in range(base, base + size):
+                sock = socket.socket()
+                held.append(sock)
+                sock.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError("no block of free ports")
+
+
+@pytest.mark.slow
+def test_local_s3_script_serves_with_the_printed_credentials_only(tmp_path):
+    port = _free_block()
+    log = tmp_path / "script.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(
+            ["bash", str(SCRIPT), str(tmp_path / "s3"), str(port)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while "export AWS_DEFAULT_REGION" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        exported = dict(line.split()[1].split("=", 1) for line in log.read_text().splitlines() if "export " in line)
+        assert exported["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{port}"
+        server = s3.S3Server(tmp_path / "unused", access_key=exported["AWS_ACCESS_KEY_ID"])
+        server.secret_key, server.endpoint_url = exported["AWS_SECRET_ACCESS_KEY"], exported["AWS_ENDPOINT_URL"]
+        fs, error = server.filesystem(), None
+        while time.monotonic() < deadline:
+            try:
+                fs.pipe("team-bucket/hello.txt", b"hi")  # buckets are created on first upload
+                break
+            except Exception as failure:  # noqa: BLE001 - not up yet
+                error = failure
+                time.sleep(0.25)
+        else:
+            raise AssertionError(f"local_s3.sh never answered ({error}):\n{log.read_text()}")
+        assert fs.cat("team-bucket/hello.txt") == b"hi"
+        with pytest.raises(PermissionError):
+            server.filesystem(anon=True, key=None, secret=None).cat("team-bucket/hello.txt")
+        assert (tmp_path / "s3" / "identities.json").stat().st_mode & 0o077 == 0
+    finally:
+        s3.stop_process_group(process, grace=1.0)
+    assert _gone(process.pid)
+
+
+def test_local_s3_script_refuses_a_bad_port(tmp_path):
+    result = subprocess.run(["bash", str(SCRIPT), str(tmp_path), "80"], capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 2 and "S3_PORT must be a number from 1024 to 65527" in result.stderr
+    assert not (tmp_path / "identities.json").exists()
