@@ -60,6 +60,11 @@ def flip_4_kb(path: Path) -> None:
     path.write_bytes(bytes(content))
 
 
+def keras_verdicts(cache: Path) -> list[Path]:
+    """The converted backbones' verdicts (not the per-CPU batch records beside them)."""
+    return [path for path in (cache / "converted").glob("*.json") if not path.name.endswith("-batch.json")]
+
+
 def forget_embeddings(cache: Path) -> None:
     for database in cache.glob("*/*.sqlite*"):
         database.unlink()
@@ -71,7 +76,7 @@ def test_a_damaged_converted_model_or_verdict_is_recomputed_and_gives_the_undama
     clean, report = run_extraction(folder, rows, cache)
     assert report["backbones"]["mobilenet_v2"]["engine"] == "tflite"
     (model,) = (cache / "converted").glob("*.tflite")
-    (verdict,) = (cache / "converted").glob("*.json")
+    (verdict,) = keras_verdicts(cache)
 
     forget_embeddings(cache)  # so the run must embed everything again, with whatever model it loads
     flip_4_kb(model)
@@ -98,7 +103,7 @@ def test_rows_of_a_damaged_model_that_slipped_through_never_reach_the_good_key(d
     cache = tmp_path / "cache"
     clean, _ = run_extraction(folder, rows, cache)
     (model,) = (cache / "converted").glob("*.tflite")
-    (verdict_path,) = (cache / "converted").glob("*.json")
+    (verdict_path,) = keras_verdicts(cache)
     good_model, good_verdict = model.read_bytes(), verdict_path.read_text()
 
     flip_4_kb(model)  # and forge the record, as if the damage had happened before it was written
