@@ -218,15 +218,25 @@ def test_the_float32_rewrite_of_edgetpu_is_measured_and_refused(photos, monkeypa
     assert "float32" in verdict["reason"] and "(rejected)" in verdict["reason"]
 
 
+def test_the_float32_rewrite_is_not_a_candidate_when_it_drops_the_tapped_tensor(photos, monkeypatch):
+    content = require_mirror(LITE0).read_bytes()
+    fixed_speeds(monkeypatch, content, as_given=10.0, rewritten=100.0)
+
+    assert rewrites.float32_dropped_tensors(content) == {"tfl.quantize"}  # the image as int8
+    verdict = engine_choice.measure(content, photos, tensor="tfl.quantize")
+    assert verdict["rewrite"] == "" and "drops the tapped tensor 'tfl.quantize'" in verdict["not_applicable"]["float32"]
+    assert engine_choice.measure(content, photos)["rewrite"] == "float32", "the graph output is kept"
+
+
 def test_a_verdict_is_remembered_per_cpu(photos, tmp_path, monkeypatch):
     content = require_mirror(LITE0).read_bytes()
     sha256 = registry.sha256_file(LITE0)
     measured = []
     real_measure = engine_choice.measure
 
-    def counting_measure(model, pixels):
+    def counting_measure(model, pixels, **options):
         measured.append(1)
-        return real_measure(model, pixels)
+        return real_measure(model, pixels, **options)
 
     monkeypatch.setattr(engine_choice, "measure", counting_measure)
     avx2 = cpu.CpuIdentity(model="AMD EPYC", flags=("avx", "avx2", "fma"), cpus=2)

@@ -177,7 +177,7 @@ def test_a_garbage_tflite_verdict_is_named_and_measured_again(tmp_path, monkeypa
     sha256 = hashlib.sha256(MODEL_BYTES).hexdigest()
     measured = []
 
-    def measure(content, pixels):
+    def measure(content, pixels, **options):
         measured.append(content)
         return {"version": engine_choice.TFLITE_VERDICT_VERSION, "rewrite": "", "content_sha256": sha256, "reason": ""}
 

@@ -346,7 +346,7 @@ def choose_tflite_engine(
         if cache_files.content_sha256(content) != sha256:
             raise ValueError(f"{path} changed since this run read it (its sha256 is no longer {sha256}); run again")
         LOGGER.info("Measuring how to run %s on this CPU (%s); remembered for later runs", path, identity.description)
-        verdict = measure(content, sample_pixels())
+        verdict = measure(content, sample_pixels(), tensor=tensor)
         verdict.update(sha256=sha256, cpu=identity.as_dict())
         verdict = cache_files.write_record(verdict_path, verdict)
     return _checked_engine(
@@ -378,13 +378,14 @@ def _tflite_verdict(path: Path, sha256: str, identity: cpu.CpuIdentity) -> dict 
     return verdict
 
 
-def measure(content: bytes, pixels: np.ndarray) -> dict:
+def measure(content: bytes, pixels: np.ndarray, *, tensor: str = "") -> dict:
     """Measures the file and each applicable rewrite on real photos; returns the verdict.
 
     A rewrite qualifies when it is bit-identical to the file on LiteRT's reference kernels, or
     when its features on XNNPACK are at least as close to the reference kernels' as the noise
     floor (see the module docstring); the fastest of the file and the qualifying rewrites wins,
-    and its engine batch is the fastest of :data:`BATCH_CANDIDATES`.
+    and its engine batch is the fastest of :data:`BATCH_CANDIDATES`. ``tensor``: the tapped
+    tensor (``tflite:PATH#TENSOR``), which a rewrite must keep.
 
     Returns:
         ``rewrite`` (the choice, ``""`` for the file as given), ``content_sha256`` (of the
@@ -395,6 +396,8 @@ def measure(content: bytes, pixels: np.ndarray) -> dict:
         ``not_applicable`` (rewrite: why).
     """
     problems = rewrites.candidates(content)
+    if tensor and not problems[rewrites.FLOAT32] and tensor in rewrites.float32_dropped_tensors(content):
+        problems[rewrites.FLOAT32] = f"it drops the tapped tensor '{tensor}' (a cast between two float tensors)"
     applicable = [rewrite for rewrite, problem in problems.items() if not problem]
     verdict: dict[str, Any] = {
         "version": TFLITE_VERDICT_VERSION,

@@ -308,6 +308,15 @@ def float32_content(content: bytes) -> bytes:
     return _to_bytes(model)
 
 
+def float32_dropped_tensors(content: bytes) -> set[str]:
+    """Names of the tensors :func:`float32_content` no longer computes: the outputs of QUANTIZE/DEQUANTIZE ops."""
+    model = _model_object(content)
+    graph = model.subgraphs[0]
+    codes = _op_names(model)
+    casts = [op for op in graph.operators if codes[op.opcodeIndex] in ("QUANTIZE", "DEQUANTIZE")]
+    return {graph.tensors[op.outputs[0]].name.decode(errors="replace") for op in casts}
+
+
 def _to_float32(model: Any, tensor: Any) -> None:
     """Turns one quantized tensor (a constant or an activation) into float32 real values."""
     from ai_edge_litert import schema_py_generated as schema
