@@ -79,6 +79,38 @@ def test_metrics_equal_hand_computed_values():
     assert report["log_loss"] == pytest.approx(expected_log_loss)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_metrics_equal_scikit_learns_with_ties_unpredicted_and_absent_classes(seed):
+    # evaluate computes them with NumPy (no scikit-learn import in the head loop): the same figures.
+    from sklearn import metrics
+
+    rng = np.random.default_rng(seed)
+    classes = ("a", "b", "c", "d", "e")
+    labels = rng.choice([0, 1, 2, 4], size=40)  # class d never occurs
+    probabilities = rng.dirichlet(np.ones(5), size=40)
+    probabilities[:8] = np.round(probabilities[:8], 1)  # ties for the top-2 ranking
+    probabilities[:, 3 if seed % 2 else 1] *= 0.01  # a class (almost) never predicted
+    probabilities /= probabilities.sum(axis=1, keepdims=True)
+    report = evaluate.classification_metrics(labels=labels, probabilities=probabilities, class_names=classes)
+    predictions, every = probabilities.argmax(axis=1), np.arange(5)
+    precision, recall, f1, support = metrics.precision_recall_fscore_support(
+        labels, predictions, labels=every, zero_division=0
+    )
+    assert report["accuracy"] == pytest.approx(metrics.accuracy_score(labels, predictions))
+    assert report["balanced_accuracy"] == pytest.approx(metrics.balanced_accuracy_score(labels, predictions))
+    assert report["macro_f1"] == pytest.approx(
+        metrics.f1_score(labels, predictions, labels=every, average="macro", zero_division=0)
+    )
+    assert report["log_loss"] == pytest.approx(metrics.log_loss(labels, probabilities, labels=every))
+    assert report["top2_accuracy"] == pytest.approx(
+        metrics.top_k_accuracy_score(labels, probabilities, k=2, labels=every)
+    )
+    for index, name in enumerate(classes):
+        assert report["per_class"][name] == pytest.approx(
+            {"precision": precision[index], "recall": recall[index], "f1": f1[index], "support": support[index]}
+        )
+
+
 def test_top2_is_perfect_with_two_classes_and_metrics_of_an_empty_split_are_just_a_count():
     assert evaluate.top_k_accuracy(np.array([0, 1]), np.array([[0.9, 0.1], [0.8, 0.2]]), k=2) == 1.0
     empty = evaluate.classification_metrics(

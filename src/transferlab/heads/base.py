@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-from sklearn import base as sklearn_base
 
 from transferlab.features import files
 
@@ -135,12 +134,16 @@ class TrainOutcome:
     report: dict[str, Any]
 
 
-class BlockStandardizer(sklearn_base.TransformerMixin, sklearn_base.BaseEstimator):
-    """Per-block standardization as a scikit-learn transformer.
+class BlockStandardizer:
+    """Per-block standardization, with scikit-learn's fit/transform names.
 
     Each column is centred and divided by its standard deviation (a constant column by 1, as
     ``StandardScaler`` does); each block is then scaled by ``sqrt(D / (B * width))`` so that
     every one of the B blocks carries the same total variance, ``D / B``.
+
+    Plain NumPy: loading a head (evaluate, export, predict) imports no scikit-learn, which costs
+    1.5-2 s per process on a 2-core machine (issue 15's head loop). As a scikit-learn pipeline
+    step, use :func:`transferlab.heads.logistic.pipeline_standardizer`.
 
     Args:
         widths: the width of each block, in column order; they must sum to the feature width.
@@ -156,6 +159,9 @@ class BlockStandardizer(sklearn_base.TransformerMixin, sklearn_base.BaseEstimato
         self.mean_ = data.mean(axis=0)
         self.scale_ = deviation * self.block_factors()
         return self
+
+    def fit_transform(self, features: np.ndarray, labels: Any = None) -> np.ndarray:
+        return self.fit(features, labels).transform(features)
 
     def transform(self, features: np.ndarray) -> np.ndarray:
         if not hasattr(self, "scale_"):

@@ -6,24 +6,27 @@ fitted. It is deliberately not refitted on train + val, so that the validation f
 honest estimate. The grid is walked from strong to weak regularization with warm starts, so each
 fit starts from the previous solution; the whole sweep takes about a second on flower_photos.
 
-Imports scikit-learn only, never TensorFlow: the train_head stage re-runs in a few seconds.
+Imports scikit-learn only to train, never TensorFlow: the train_head stage re-runs in a few seconds, and
+loading a trained head (evaluate, export, predict) imports neither.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import threadpoolctl
-from sklearn import exceptions, linear_model, pipeline
 
 from transferlab.features import files
 from transferlab.heads import base, logistic_sgd
+
+if TYPE_CHECKING:  # scikit-learn is imported where a head is trained: loading one (evaluate, export) needs none
+    from sklearn import pipeline
 
 NAME = "logistic"
 DETERMINISTIC = True  # lbfgs on the same rows gives the same model for any seed: train_head.seeds trains it once
@@ -91,12 +94,15 @@ def train(
         :mod:`transferlab.heads.logistic_sgd`; ``iterations`` then counts epochs, and ``converged``
         says it ran them all).
     """
+    import threadpoolctl
+    from sklearn import linear_model, pipeline
+
     base.check_trainable(train, val)
     grid = _checked_grid(c_grid, validation_rows=len(val), select_by=select_by)
     out_of_core = logistic_sgd.matrix_gigabytes(len(train), sum(train.widths)) > max_memory_gb
     model = pipeline.Pipeline(
         [
-            ("standardize", base.BlockStandardizer(widths=train.widths)),
+            ("standardize", pipeline_standardizer(train.widths)),
             (
                 "classify",
                 linear_model.LogisticRegression(
@@ -174,6 +180,8 @@ def _fit_one(
     settings: dict[str, Any],
     log_step: base.StepLogger | None,
 ) -> _Candidate:
+    from sklearn import exceptions
+
     model.set_params(classify__C=c)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", exceptions.ConvergenceWarning)
@@ -211,6 +219,25 @@ def _fit_out_of_core(
             log_step(scores)
         candidates.append(_Candidate(c=c, head=head, scores=scores, converged=True, iterations=logistic_sgd.EPOCHS))
     return candidates
+
+
+def pipeline_standardizer(widths: Sequence[int]) -> Any:
+    """A :class:`transferlab.heads.base.BlockStandardizer` that is also a scikit-learn estimator.
+
+    For ``Pipeline``, ``clone`` and cross-validation (``reports.label_issues``); the class is made
+    on first use, so that importing this module imports no scikit-learn.
+    """
+    return _pipeline_standardizer_class()(widths=widths)
+
+
+@functools.cache
+def _pipeline_standardizer_class() -> type:
+    from sklearn import base as sklearn_base
+
+    class PipelineStandardizer(sklearn_base.TransformerMixin, sklearn_base.BaseEstimator, base.BlockStandardizer):
+        """BlockStandardizer as a scikit-learn transformer (get_params/set_params from its ``widths``)."""
+
+    return PipelineStandardizer
 
 
 def _head_from(model: pipeline.Pipeline, train: files.Features, settings: dict[str, Any]) -> LogisticHead:

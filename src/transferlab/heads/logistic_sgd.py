@@ -26,12 +26,15 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-from sklearn import exceptions, linear_model
 
 from transferlab.features import files
 from transferlab.heads import base
+
+if TYPE_CHECKING:  # imported where a head is trained: predict_proba (evaluate, export) needs no scikit-learn
+    from sklearn import linear_model
 
 LOGGER = logging.getLogger(__name__)
 CHUNK_ROWS = 8192  # rows held at once: 8192 x 1280 float64 = 84 MB, whatever the dataset's size
@@ -80,6 +83,8 @@ def fit(
         seed: seeds the row order of each epoch and SGD itself.
         class_weight: None, or ``balanced`` (weights computed from the labels, as scikit-learn does).
     """
+    from sklearn import exceptions, linear_model
+
     standardizer = streaming_standardizer(train.features, train.widths)
     classes = np.arange(len(train.class_names))
     weights = _class_weights(train.labels, classes) if class_weight == "balanced" else None

@@ -61,7 +61,7 @@ def cross_validated_probabilities(
     import threadpoolctl
     from sklearn import linear_model, model_selection, pipeline
 
-    from transferlab.heads import base
+    from transferlab.heads import logistic
 
     smallest = int(np.bincount(labels).min()) if len(labels) else 0
     if smallest < 2:
@@ -70,7 +70,7 @@ def cross_validated_probabilities(
         )
     model = pipeline.Pipeline(
         [
-            ("standardize", base.BlockStandardizer(widths=widths)),
+            ("standardize", logistic.pipeline_standardizer(widths)),
             ("classify", linear_model.LogisticRegression(C=c, max_iter=max_iter, random_state=seed)),
         ]
     )
