@@ -13,6 +13,8 @@ same epochs (no early stopping), side by side with the CPU's flags:
 
 Each prints seconds per epoch (the first, which traces or compiles, and the median of the rest)
 and validation accuracy after the last epoch: a faster loop must not change it beyond noise.
+Under load, compare the CPU seconds per epoch (this process, all threads): wall time then
+mostly measures the other processes.
 
 **taps vs pixels** (``--variants taps,pixels``): both train the same layers (the backbone from
 ``from_layer`` up, batch norm frozen, plus Dropout and a softmax) on the same training rows,
@@ -352,7 +354,7 @@ def _number(value) -> str:
 def _print(results: list[dict]) -> None:
     print(
         f"\n{'variant':<20} {'rows':>5} {'epochs':>6} {'1st epoch s':>11} {'median epoch s':>14} {'total s':>8} "
-        f"{'val acc':>7} {'peak RSS GiB':>12} {'epoch vs first':>14} {'median epoch CPU s':>18}"
+        f"{'val acc':>7} {'peak RSS GiB':>12} {'vs 1st variant':>14} {'median epoch CPU s':>18}"
     )
     reference = results[0]["median_epoch_seconds"]
     for result in results:
