@@ -21,6 +21,7 @@ import pytest
 import s3_server as s3
 
 import support
+from transferlab import cli
 from transferlab.backbones import stack
 from transferlab.core import params
 from transferlab.features import cache_files, cache_remote, embedding_cache, extract_features
@@ -279,3 +280,25 @@ def test_a_tampered_shared_conversion_is_skipped_and_the_next_intact_one_adopted
     second = cache_files.content_sha256(models[1])
     assert adopted["tflite_sha256"] == second and sync.problem is None
     assert (directory / f"{key}-{second[:16]}.tflite").read_bytes() == models[1]
+
+
+def test_cache_push_seeds_the_shared_cache_with_what_it_lacks(remote, tmp_path, capsys):
+    namespace, description = "cd" * 32, {"name": MEMBER, "engine": "tflite"}
+    rows = {(f"{number:064x}", ""): np.full(8, number, np.float32) for number in range(30)}
+    with embedding_cache.EmbeddingCache(tmp_path / "a", namespace, description=description) as cache:
+        cache.put_many(rows)
+    cache_remote.Remote(remote, None).push(namespace, dict(list(rows.items())[:10]), description)
+    model = b"a converted model's bytes" * 40
+    verdict = {"agrees": True, "tflite_sha256": cache_files.content_sha256(model), "identity": "x", "version": 1}
+    converted = tmp_path / "a" / "converted"
+    key = "ef" * 32
+    cache_files.write_record(converted / f"{key}.json", verdict)
+    (converted / f"{key}-{verdict['tflite_sha256'][:16]}.tflite").write_bytes(model)
+
+    arguments = ["cache", "push", "--cache-dir", str(tmp_path / "a"), "--remote", remote]
+    assert cli.main(arguments) == 0 and "20 rows pushed" in capsys.readouterr().out
+    assert cli.main(arguments) == 0 and "0 rows pushed" in capsys.readouterr().out
+    assert cache_remote.Remote(remote, None).conversions(key) == [verdict["tflite_sha256"]]
+    sync = cache_remote.RunSync(remote, tmp_path / "b")
+    with embedding_cache.EmbeddingCache(tmp_path / "b", namespace, description={}) as reader:
+        assert sync.pull(reader, list(rows), label="reader") == 30

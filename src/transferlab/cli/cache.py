@@ -2,7 +2,8 @@
 
 ``list`` shows rows and bytes per namespace (backbone, weights, size, engine), locally and, with
 a shared cache (``--remote``, else params.yaml's ``extract_features.cache_remote``, else
-``$TRANSFERLAB_CACHE_REMOTE``), remotely. ``prune`` removes local namespaces, each atomically;
+``$TRANSFERLAB_CACHE_REMOTE``), remotely. ``push`` seeds the shared cache with the local rows it
+lacks (a run pushes only when its local cache missed rows). ``prune`` removes local namespaces, each atomically;
 the shared cache is never pruned from here (its objects are immutable; expire them with the
 bucket's lifecycle rules). The library is :mod:`transferlab.features.cache_inventory`.
 """
@@ -26,12 +27,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     listing.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]", help="the shared cache (default: the params')")
     listing.add_argument("--local-only", action="store_true", help="do not list the shared cache")
     listing.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    push = actions.add_parser("push", help="seed the shared cache with the local rows (and conversions) it lacks")
+    push.add_argument("--remote", metavar="s3://BUCKET[/PREFIX]", help="the shared cache (default: the params')")
+    push.add_argument("--namespace", nargs="+", default=[], metavar="NS", help="only these namespaces (or prefixes)")
     prune = actions.add_parser("prune", help="remove local namespaces (each database atomically)")
     prune.add_argument("--namespace", nargs="+", default=[], metavar="NS", help="namespaces (or unique prefixes)")
     prune.add_argument("--older-than", type=float, metavar="DAYS", help="namespaces not written for DAYS days")
     prune.add_argument("--all", action="store_true", help="every namespace")
     prune.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
-    for each in (listing, prune):
+    for each in (listing, push, prune):
         each.add_argument("--cache-dir", type=Path, help="the local cache folder (default: the params')")
         each.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default params.yaml)")
 
@@ -43,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
     local = cache_inventory.local_namespaces(directory)
     if args.action == "prune":
         return _prune(args, local)
+    if args.action == "push":
+        return _push(args, directory, local, settings)
     url = "" if args.local_only else cache_remote.remote_url(args.remote or settings.cache_remote)
     remote, problem = None, None
     if url:
@@ -64,6 +70,18 @@ def run(args: argparse.Namespace) -> int:
 def _settings(path: Path):
     raw = params_module.read_params_file(path) if path.exists() else {}
     return params_module.parse_section("extract_features", raw.get("extract_features"))
+
+
+def _push(args: argparse.Namespace, directory: Path, local: list[dict], settings) -> int:
+    url = cache_remote.remote_url(args.remote or settings.cache_remote)
+    if not url:
+        raise ValueError("no shared cache: give --remote s3://BUCKET[/PREFIX] (or set extract_features.cache_remote)")
+    chosen = cache_inventory.select(local, namespaces=args.namespace) if args.namespace else local
+    results = cache_inventory.push_local(directory, url, chosen)
+    for result in results:
+        print(f"{result['namespace'][:12]}: {result['pushed']} rows pushed ({result['bytes'] / 1e6:.1f} MB)")
+    print(f"{sum(result['pushed'] for result in results)} rows pushed to {url}")
+    return 0
 
 
 def _prune(args: argparse.Namespace, local: list[dict]) -> int:

@@ -27,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from transferlab.features import cache_remote, embedding_cache
+from transferlab.features import cache_files, cache_remote, embedding_cache, engine_choice
 
 LOGGER = logging.getLogger(__name__)
 SECONDS_PER_DAY = 86400
@@ -169,6 +169,71 @@ def _figures(entry: dict | None, names: tuple[str, ...], totals: list[int], offs
         totals[offset + index] += value or 0
         cells.append("?" if value is None else f"{value / 1e6:.1f}" if name == "bytes" else str(value))
     return cells
+
+
+# -- seeding the shared cache ----------------------------------------------------------------------
+
+ROWS_PER_PUSH = 10_000  # rows read and pushed at a time: about 50 MB of pooled float32 embeddings
+
+
+def push_local(
+    directory: str | os.PathLike, url: str, entries: list[dict[str, Any]], *, fs: Any = None
+) -> list[dict[str, Any]]:
+    """Pushes the rows of local namespaces that the shared cache lacks, and conversions it has none of.
+
+    A run pushes only when its local cache missed rows; this seeds the shared cache from a local
+    one filled before it existed (or by runs without it). Tap namespaces are left out: runs share
+    pooled embeddings only.
+
+    Returns:
+        One entry per namespace: ``namespace``, ``pushed`` rows, ``bytes`` uploaded.
+
+    Raises:
+        ValueError: the remote cannot be used.
+    """
+    directory = Path(directory)
+    results = []
+    try:
+        remote = cache_remote.Remote(url, directory, fs=fs)
+        _push_conversions(remote, directory / "converted")
+        for entry in entries:
+            if entry["problem"] or entry["description"].get("tap"):
+                continue
+            namespace, before = entry["namespace"], remote.bytes_up
+            shared = set().union(
+                *(cache_remote.manifest_keys(record) for record in remote.manifests(namespace).values())
+            )
+            missing = [key for key in _local_keys(Path(entry["path"])) if key not in shared]
+            with embedding_cache.EmbeddingCache(directory, namespace, description=entry["description"]) as cache:
+                description = cache.description()
+                for start in range(0, len(missing), ROWS_PER_PUSH):
+                    rows = cache.get_many(missing[start : start + ROWS_PER_PUSH])
+                    remote.push(namespace, rows, description)
+            results.append({"namespace": namespace, "pushed": len(missing), "bytes": remote.bytes_up - before})
+    except (ValueError, embedding_cache.CacheUnavailable):
+        raise
+    except Exception as error:  # noqa: BLE001 - one line for anything the S3 stack raises
+        raise ValueError(f"the shared embedding cache {url} cannot be used ({cache_remote._reason(error)})") from error
+    return results
+
+
+def _local_keys(path: Path) -> list[tuple[str, str]]:
+    connection = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=_LOCK_TIMEOUT_SECONDS)
+    try:
+        return [(sha256, recipe) for sha256, recipe in connection.execute("SELECT sha256, recipe FROM entries")]
+    finally:
+        connection.close()
+
+
+def _push_conversions(remote: cache_remote.Remote, converted: Path) -> None:
+    for verdict_path in sorted(converted.glob("*.json")):
+        key = verdict_path.stem
+        verdict = cache_remote.local_conversion(converted, key) if embedding_cache._SHA256.fullmatch(key) else None
+        if verdict is None or remote.conversions(key):
+            continue
+        model = engine_choice.converted_model_path(verdict_path, verdict["tflite_sha256"]).read_bytes()
+        if cache_files.content_sha256(model) == verdict["tflite_sha256"]:
+            remote.push_conversion(key, verdict, model)
 
 
 # -- pruning ----------------------------------------------------------------------------------------

@@ -583,7 +583,7 @@ class RunSync:
         so a later run with the same model makes no request.
         """
         for member, key in self._converted_members(members, engine):
-            local = _local_conversion(directory, key)
+            local = local_conversion(directory, key)
             if local is not None and self._marker(key) == local["tflite_sha256"]:
                 continue
             started = time.perf_counter()
@@ -609,7 +609,7 @@ class RunSync:
     def push_conversions(self, members: Sequence[Any], directory: Path, engine: str) -> None:
         """After the run: shares each Keras member's converted model if the remote has none yet."""
         for member, key in self._converted_members(members, engine):
-            local = _local_conversion(directory, key)
+            local = local_conversion(directory, key)
             if local is None or self._marker(key) == local["tflite_sha256"]:
                 continue
             started = time.perf_counter()
@@ -702,7 +702,7 @@ def conversion_key(member: Any) -> str:
     return hashlib.sha256(engine_choice.conversion_identity(member).encode()).hexdigest()
 
 
-def _local_conversion(directory: Path, key: str) -> dict | None:
+def local_conversion(directory: Path, key: str) -> dict | None:
     """The local verdict of a Keras member's conversion if it agrees with Keras and names its model."""
     verdict = cache_files.read_record(directory / f"{key}.json", consequence="converting the backbone again")
     if verdict is None or not verdict.get("agrees") or not _is_key(str(verdict.get("tflite_sha256"))):
