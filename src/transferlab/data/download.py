@@ -92,6 +92,8 @@ def prepare_dataset(
             fetched = fetch.fetch_s3(location, work, max_files=max_files, max_total_bytes=max_total_bytes)
             kind, location, source_fingerprint = fetched.kind, fetched.path, fetched.fingerprint
         if kind == "staged":  # an s3:// prefix, already listed, bounded and name-checked: as if extracted
+            if sha256:
+                LOGGER.info("download.sha256 is not used for an s3:// prefix (%s)", source)
             move_dataset(index.locate_dataset_root(location), destination)
         elif kind == "folder":
             if sha256:
