@@ -6,7 +6,7 @@ from transferlab import heads
 from transferlab.backbones import stack
 from transferlab.core import atomic, stage
 from transferlab.data import tables
-from transferlab.export import build, check
+from transferlab.export import build, check, fused
 from transferlab.features import embedding_cache, extract_features, files
 
 
@@ -35,7 +35,7 @@ def main(paths, base, download, extract, settings):
         atomic.atomic_directory(paths.out) as folder,
         extract_features.conversion_directory(cache_directory) as converted,
     ):
-        manifest = build.write_export(
+        manifest = (fused.write_fused if fused.is_fused(head) else build.write_export)(
             folder,
             members=members,
             head=head,

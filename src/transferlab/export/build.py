@@ -62,7 +62,8 @@ from transferlab.heads import base, seeds
 
 FEATURE_HEADS = ("logistic", "dense")  # classify the backbones' pooled embeddings
 PIXEL_HEADS = ("finetune", "scratch")  # are (with their own backbone part) one Keras model of the pixels
-EXPORTABLE_HEADS = FEATURE_HEADS + PIXEL_HEADS
+FUSED_HEADS = ("fusion",)  # one head per member, combined: the fused layout (transferlab.export.fused)
+EXPORTABLE_HEADS = FEATURE_HEADS + PIXEL_HEADS + FUSED_HEADS
 PROVENANCE_MEMBER_KEYS = ("name", "spec", "kind", "image_size", "alpha", "weights", "random_init", "width")
 RESIZE_RULE = {
     "rule": "pillow-bilinear",

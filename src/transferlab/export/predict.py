@@ -57,7 +57,7 @@ KERAS_FILE = "model.keras"
 TFLITE_FILE = "model.tflite"
 HEAD_FOLDER = "head"
 BACKBONES_FOLDER = "backbones"
-LAYOUTS = ("classifier", "stack")
+LAYOUTS = ("classifier", "stack", "fused")
 FORMATS = ("auto", "keras", "tflite")
 FORMAT_KEYS = {"tflite": "tflite_model", "keras": "keras_model"}  # the manifest key naming each format's file
 DEFAULT_MODEL_FOLDER = Path("models") / "export"
@@ -132,6 +132,8 @@ def check_manifest(manifest: dict[str, Any], *, where: str | os.PathLike = MANIF
         key.require(manifest, "members", bool, "a non-empty list for a stack")
         for index, member in enumerate(manifest["members"]):
             _check_stack_member(key, member, f"members[{index}].")
+    elif manifest["layout"] == "fused":
+        _check_fused(key, manifest)
     else:
         _check_inputs(key, manifest)
     for name, path in referenced_files(manifest).items():
@@ -151,6 +153,46 @@ def _check_stack_member(key: _KeyCheck, member: Any, prefix: str) -> None:
     key.optional(member, "tensor", lambda value: isinstance(value, str), "a tensor name or empty", prefix)
 
 
+def _check_fused(key: _KeyCheck, manifest: dict[str, Any]) -> None:
+    """A fused export: members (a file for those a logistic head reads), member heads, their weights."""
+    key.require(manifest, "members", bool, "a non-empty list for a fused model")
+    for index, member in enumerate(manifest["members"]):
+        key.mapping(member, f"members[{index}]")
+        if "file" in member:
+            _check_stack_member(key, member, f"members[{index}].")
+        key.require(member, "width", _is_positive, "a positive integer", f"members[{index}].")
+    key.require(manifest, "fusion", lambda value: isinstance(value, dict), "a mapping")
+    key.require(
+        manifest["fusion"], "heads", lambda value: isinstance(value, list) and value, "a non-empty list", "fusion."
+    )
+    count = len(manifest["members"])
+    for index, entry in enumerate(manifest["fusion"]["heads"]):
+        prefix = f"fusion.heads[{index}]."
+        key.mapping(entry, prefix[:-1])
+        key.require(entry, "key", _is_text, "a name", prefix)
+        key.require(entry, "head", lambda value: value in ("logistic", "finetune"), "logistic or finetune", prefix)
+        key.require(entry, "weight", _is_weight, "a number in [0, 1]", prefix)
+        key.relative(entry.get("folder", ""), f"{prefix}folder")
+        key.require(
+            entry, "blocks", _member_indices(count), f"a non-empty list of member indices below {count}", prefix
+        )
+        if entry["head"] == "finetune":
+            key.require(entry, "file", _is_text, "a file name", prefix)
+            key.require(entry, "image_size", _is_positive, "a positive integer", prefix)
+        else:
+            for block in entry["blocks"]:
+                if "file" not in manifest["members"][block]:
+                    key.fail(f"'{prefix}blocks' reads members[{block}], which has no backbone file")
+
+
+def _member_indices(count: int) -> Callable[[Any], bool]:
+    return lambda value: isinstance(value, list) and bool(value) and all(_is_count(i) and i < count for i in value)
+
+
+def _is_weight(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+
+
 def _check_inputs(key: _KeyCheck, manifest: dict[str, Any]) -> None:
     if not (manifest.get("keras_model") or manifest.get("tflite_model")):
         return
@@ -165,6 +207,12 @@ def referenced_files(manifest: dict[str, Any]) -> dict[str, str]:
     named = {"labels": manifest.get("labels", LABELS_FILE)}
     if manifest["layout"] == "stack":
         named.update({f"members[{index}].file": member["file"] for index, member in enumerate(manifest["members"])})
+    elif manifest["layout"] == "fused":
+        named.update(
+            {f"members[{i}].file": member["file"] for i, member in enumerate(manifest["members"]) if "file" in member}
+        )
+        heads = manifest["fusion"]["heads"]
+        named.update({f"fusion.heads[{i}].file": entry["file"] for i, entry in enumerate(heads) if "file" in entry})
     else:
         named.update({key: manifest[key] for key in ("keras_model", "tflite_model") if manifest.get(key)})
     return named
@@ -291,7 +339,7 @@ def verify_files(folder: Path, manifest: dict[str, Any]) -> None:
 
 def available_formats(manifest: dict[str, Any]) -> tuple[str, ...]:
     """The formats the folder can run, preferred first (``tflite`` before ``keras``)."""
-    if manifest["layout"] == "stack":
+    if manifest["layout"] in ("stack", "fused"):
         return ("tflite",)
     return tuple(name for name, key in FORMAT_KEYS.items() if manifest.get(key))
 
@@ -371,6 +419,8 @@ def load(
         raise ValueError(f"{paths['labels']} disagrees with {MANIFEST_FILE}; re-run `dvc repro export`")
     if manifest["layout"] == "stack":
         runner = StackRunner(folder, manifest)
+    elif manifest["layout"] == "fused":
+        runner = FusedRunner(folder, manifest)
     elif chosen == "tflite":
         runner = TFLiteClassifierRunner(paths["tflite_model"], manifest["inputs"])
     else:
@@ -495,6 +545,58 @@ class StackRunner:
         pixels = resize_all(pictures, {int(member["image_size"]) for member in self.members})
         blocks = [engine.run(pixels[int(member["image_size"])]) for engine, member in zip(self.engines, self.members)]
         return self.head.predict_proba(np.concatenate(blocks, axis=1))
+
+
+class FusedRunner:
+    """A fused export: frozen members' .tflite backbones and their logistic heads, fine-tuned members'
+    .tflite classifiers, and the fusion head's combiner (:func:`transferlab.heads.fusion.combine`)."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]):
+        from transferlab import heads
+        from transferlab.features import engines
+
+        head_folder = _listed_head_folder(folder, manifest)  # refused before any file in it is read
+        self.members = manifest["members"]
+        self.engines: dict[int, Any] = {}
+        for index, member in enumerate(self.members):
+            if "file" in member:
+                path = inside(folder, member["file"], f"members[{index}].file")
+                self.engines[index] = _tflite_engine(engines, path, member.get("tensor", ""))
+        self.heads: list[tuple[dict[str, Any], Any]] = []
+        for index, entry in enumerate(manifest["fusion"]["heads"]):
+            if entry["head"] == "finetune":
+                path = inside(folder, entry["file"], f"fusion.heads[{index}].file")
+                runner = TFLiteClassifierRunner(path, [{"image_size": entry["image_size"]}])
+            else:
+                member_folder = inside(folder, entry["folder"], f"fusion.heads[{index}].folder")
+                if not member_folder.is_relative_to(head_folder):
+                    raise ValueError(f"{folder / MANIFEST_FILE}: 'fusion.heads[{index}].folder' is not inside the head")
+                runner = heads.load_head(member_folder)
+            self.heads.append((entry, runner))
+        self.weights = [float(entry["weight"]) for entry, _ in self.heads]
+
+    def predict(self, pictures: Sequence[Image.Image]) -> np.ndarray:
+        from transferlab.heads import fusion
+
+        sizes = {int(self.members[index]["image_size"]) for index in self.engines}
+        pixels = resize_all(pictures, sizes)
+        embeddings = {
+            index: engine.run(pixels[int(self.members[index]["image_size"])]) for index, engine in self.engines.items()
+        }
+        parts = []
+        for entry, runner in self.heads:
+            if entry["head"] == "finetune":
+                parts.append(runner.predict(pictures))
+            else:
+                parts.append(runner.predict_proba(np.concatenate([embeddings[i] for i in entry["blocks"]], axis=1)))
+        return fusion.combine(parts, self.weights)
+
+
+def _tflite_engine(engines: Any, path: Path, tensor: str) -> Any:
+    try:
+        return engines.TFLiteEngine(path, tensor=tensor)
+    except (RuntimeError, ValueError) as error:
+        raise ValueError(f"LiteRT cannot load {path} ({_short(error, 200)}); re-run `dvc repro export`") from None
 
 
 def _listed_head_folder(folder: Path, manifest: dict[str, Any]) -> Path:
