@@ -243,6 +243,8 @@ def filesystem() -> Any:
     """
     import s3fs  # an optional dependency's import costs ~0.3 s: only when a remote is set
 
+    for name in ("aiobotocore.credentials", "botocore.credentials", "botocore.configprovider"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # "Found credentials in environment variables" per run
     config = {
         "connect_timeout": CONNECT_TIMEOUT_SECONDS,
         "read_timeout": READ_TIMEOUT_SECONDS,
