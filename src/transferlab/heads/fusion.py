@@ -32,6 +32,7 @@ figures in metrics/evaluate.json (``members.<key>.test_accuracy``).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import itertools
 import logging
 import re
@@ -52,6 +53,9 @@ JOINT_KEY = "frozen"
 PROBABILITY_FLOOR = 1e-12  # log(0) guard: a member certain of a wrong class must not veto every other
 MAX_GRID_POINTS = 200_000
 TIE_TOLERANCE = 1e-9  # nats per image: validation log-likelihoods this close count as equal
+# The member heads' modules, imported when used (finetune imports Keras). Not through the head
+# registry: transferlab.heads imports this module by name, and the import graph stays acyclic.
+MEMBER_MODULES = {"logistic": "transferlab.heads.logistic", "finetune": "transferlab.heads.finetune"}
 logger = logging.getLogger(__name__)
 
 
@@ -353,8 +357,6 @@ def _train_member(
     finetune_options: Mapping[str, Any],
     log_step: base.StepLogger | None,
 ) -> MemberHead:
-    from transferlab import heads
-
     names = [train.blocks[index].name or train.blocks[index].spec for index in blocks]
     member_train = member_split(train, blocks, kind=kind)
     member_val = member_split(val, blocks, kind=kind)
@@ -368,8 +370,8 @@ def _train_member(
     else:
         options = dict(logistic_options)
     logger.info("fusion: training the %s head of %s", kind, " + ".join(names))
-    outcome = heads.train(
-        kind, train=member_train, val=member_val, seed=seed, class_weight=class_weight, log_step=log_step, **options
+    outcome = importlib.import_module(MEMBER_MODULES[kind]).train(
+        train=member_train, val=member_val, seed=seed, class_weight=class_weight, log_step=log_step, **options
     )
     return MemberHead(key=key, blocks=blocks, kind=kind, head=outcome.head)
 
@@ -401,15 +403,17 @@ def _weights_text(members: Sequence[MemberHead], weights: np.ndarray) -> str:
 
 def load(folder: Path, description: base.HeadDescription) -> FusionHead:
     """Loads a head written by :meth:`FusionHead.save`."""
-    from transferlab import heads
-
     entries = description.settings.get("members")
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"{folder}/head.json lists no fusion members; re-run train_head")
     members = []
     for entry in entries:
         member_folder = Path(folder) / MEMBERS_FOLDER / str(entry["key"])
-        head = heads.load_head(member_folder)
+        if entry.get("head") not in MEMBER_MODULES or not member_folder.is_dir():
+            raise ValueError(f"{member_folder} is not a member head head.json lists; re-run train_head")
+        head = importlib.import_module(MEMBER_MODULES[entry["head"]]).load(
+            member_folder, base.read_description(member_folder)
+        )
         blocks = tuple(int(index) for index in entry["blocks"])
         if head.description.head != entry["head"] or len(head.description.blocks) != len(blocks):
             raise ValueError(
