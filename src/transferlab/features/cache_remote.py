@@ -218,7 +218,7 @@ def check_manifest(record: Any, *, namespace: str, sha256: str) -> dict:
     Raises:
         ShardError: damaged, or about another shard.
     """
-    if not isinstance(record, dict) or record.get(cache_files.CHECKSUM_FIELD) != cache_files.record_checksum(record):
+    if not _intact(record):
         raise ShardError("it does not match its checksum")
     if record.get("format") != MANIFEST_FORMAT or record.get("namespace") != namespace or record.get("shard") != sha256:
         raise ShardError("it describes another shard, namespace or format")
@@ -226,6 +226,11 @@ def check_manifest(record: Any, *, namespace: str, sha256: str) -> dict:
     if not isinstance(keys, list) or record.get("rows") != len(keys):
         raise ShardError("its keys and row count disagree")
     return record
+
+
+def _intact(record: Any) -> bool:
+    """Whether a parsed record is a JSON object that matches its own checksum (:mod:`cache_files`)."""
+    return isinstance(record, dict) and record.get(cache_files.CHECKSUM_FIELD) == cache_files.record_checksum(record)
 
 
 def manifest_keys(record: Mapping[str, Any]) -> set[Key]:
@@ -378,9 +383,7 @@ class Remote:
             verdict = json.loads(verdict_text)
         except ValueError as error:
             raise ShardError(f"its verdict is not JSON ({error})") from error
-        if not isinstance(verdict, dict) or verdict.get(cache_files.CHECKSUM_FIELD) != cache_files.record_checksum(
-            verdict
-        ):
+        if not _intact(verdict):
             raise ShardError("its verdict does not match its checksum")
         if not verdict.get("agrees") or verdict.get("tflite_sha256") != sha256:
             raise ShardError("its verdict does not vouch for this model")
