@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 
 import pytest
+import s3_server as s3
 from test_download_stage import Workspace, make_flowers, make_tgz, sha256
 
 from transferlab.data import fetch
@@ -166,4 +167,15 @@ def test_a_prefix_over_the_bounds_is_refused_before_anything_is_downloaded(tmp_p
         fetch.fetch_s3(f"s3://{s3_bucket}/p/", tmp_path, max_files=10, max_total_bytes=29)
     with pytest.raises(ValueError, match=r"the object has 10 bytes, more than download\.max_total_bytes=9"):
         fetch.fetch_s3(f"s3://{s3_bucket}/p/cats/0.jpg", tmp_path, max_files=10, max_total_bytes=9)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unreachable_endpoint_is_one_clear_line(tmp_path, aws, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{s3.free_ports(1)[0]}")  # nothing listens there
+
+    with pytest.raises(
+        ValueError, match=r"S3 request to http://127\.0\.0\.1:\d+ failed .*server is reachable"
+    ) as error:
+        fetch.fetch_s3("s3://photos/flowers/", tmp_path, **LIMITS)
+    assert "\n" not in str(error.value)
     assert list(tmp_path.iterdir()) == []
