@@ -527,11 +527,13 @@ class RunSync:
         member.listed = True
         candidates = {name: manifest_keys(record) for name, record in manifests.items()}
         rejected: set[str] = set()
-        while missing:
-            best = max(sorted(candidates), key=lambda name: len(candidates[name] & missing), default=None)
-            if best is None or not candidates[best] & missing:
+        # The shards holding most missing keys first; one that overlaps those fetched is skipped
+        # once it adds nothing (linear in shards x keys, where a strict greedy cover is quadratic).
+        for best in sorted(candidates, key=lambda name: (-len(candidates[name] & missing), name)):
+            if not missing:
                 break
-            del candidates[best]
+            if not candidates[best] & missing:
+                continue
             try:
                 rows = self.remote.fetch(member.namespace, best)
             except ShardError as error:
