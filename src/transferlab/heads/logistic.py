@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from transferlab.features import files
-from transferlab.heads import base, logistic_sgd
+from transferlab.heads import base, logistic_streaming
 
 if TYPE_CHECKING:  # scikit-learn is imported where a head is trained: loading one (evaluate, export) needs none
     from sklearn import pipeline
@@ -45,7 +45,7 @@ class LogisticHead:
 
     def predict_proba(self, features: np.ndarray) -> np.ndarray:
         """Class probabilities (N, C) for raw features (N, D), computed a chunk of rows at a time."""
-        return logistic_sgd.predict_proba(self.standardizer, self.coef, self.intercept, features)
+        return logistic_streaming.predict_proba(self.standardizer, self.coef, self.intercept, features)
 
     def save(self, folder: Path) -> None:
         """Writes standardizer.npz, logistic.npz and head.json into ``folder`` (no pickles)."""
@@ -90,16 +90,15 @@ def train(
 
     Returns:
         The chosen head, and a report with ``c``, ``converged``, ``iterations`` and ``solver``:
-        ``lbfgs``, or ``sgd`` when the training matrix exceeds ``max_memory_gb`` (see
-        :mod:`transferlab.heads.logistic_sgd`; ``iterations`` then counts epochs, and ``converged``
-        says it ran them all).
+        ``lbfgs``, or ``lbfgs-streaming`` when the training matrix exceeds ``max_memory_gb`` (the
+        same objective, summed over chunks of rows: :mod:`transferlab.heads.logistic_streaming`).
     """
     import threadpoolctl
     from sklearn import linear_model, pipeline
 
     base.check_trainable(train, val)
     grid = _checked_grid(c_grid, validation_rows=len(val), select_by=select_by)
-    out_of_core = logistic_sgd.matrix_gigabytes(len(train), sum(train.widths)) > max_memory_gb
+    out_of_core = logistic_streaming.matrix_gigabytes(len(train), sum(train.widths)) > max_memory_gb
     model = pipeline.Pipeline(
         [
             ("standardize", pipeline_standardizer(train.widths)),
@@ -126,10 +125,10 @@ def train(
     # 0.5-3 s on two, worst when other processes share the cores).
     if out_of_core:
         logger.info(
-            "training matrix %.2f GB > train_head.logistic.max_memory_gb %g: SGD out of core, %d rows per chunk",
-            logistic_sgd.matrix_gigabytes(len(train), sum(train.widths)),
+            "training matrix %.2f GB > train_head.logistic.max_memory_gb %g: lbfgs out of core, %d rows per chunk",
+            logistic_streaming.matrix_gigabytes(len(train), sum(train.widths)),
             max_memory_gb,
-            logistic_sgd.CHUNK_ROWS,
+            logistic_streaming.CHUNK_ROWS,
         )
         candidates = _fit_out_of_core(grid, train, val, settings, log_step)
     else:
@@ -153,7 +152,7 @@ def train(
             "c": best.c,
             "converged": best.converged,
             "iterations": best.iterations,
-            "solver": "sgd" if out_of_core else "lbfgs",
+            "solver": "lbfgs-streaming" if out_of_core else "lbfgs",
         },
     )
 
@@ -205,19 +204,25 @@ def _fit_out_of_core(
     settings: dict[str, Any],
     log_step: base.StepLogger | None,
 ) -> list[_Candidate]:
-    standardizer, fitted = logistic_sgd.fit(
-        train, c_grid=grid, seed=settings["seed"], class_weight=_sklearn_class_weight(settings["class_weight"])
+    standardizer, fitted = logistic_streaming.fit(
+        train,
+        c_grid=grid,
+        max_iter=settings["max_iter"],
+        class_weight=_sklearn_class_weight(settings["class_weight"]),
     )
     candidates = []
-    for c, (coef, intercept) in zip(grid, fitted, strict=True):
-        head = LogisticHead(base.description_for(NAME, train, settings, _files()), standardizer, coef, intercept)
+    for c, model in zip(grid, fitted, strict=True):
+        description = base.description_for(NAME, train, settings, _files())
+        head = LogisticHead(description, standardizer, model["coef"], model["intercept"])
         scores = _scores(head, train, "train")
         if len(val):
             scores.update(_scores(head, val, "val"))
-        logger.info("C=%-8g %s (SGD, %d epochs)", c, _format(scores), logistic_sgd.EPOCHS)
+        logger.info("C=%-8g %s%s", c, _format(scores), "" if model["converged"] else " (not converged)")
         if log_step is not None:
             log_step(scores)
-        candidates.append(_Candidate(c=c, head=head, scores=scores, converged=True, iterations=logistic_sgd.EPOCHS))
+        candidates.append(
+            _Candidate(c=c, head=head, scores=scores, converged=model["converged"], iterations=model["iterations"])
+        )
     return candidates
 
 
