@@ -170,7 +170,7 @@ def converted_content(model: Any) -> bytes:
     import tensorflow as tf
 
     try:
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([_frozen_call(model)])
+        converter = tf.lite.TFLiteConverter.from_concrete_functions([_frozen_call(model)], model)
         with contextlib.redirect_stdout(io.StringIO()):
             return converter.convert()
     except Exception:  # noqa: BLE001 - any failure of the short way: the converter's own way decides
