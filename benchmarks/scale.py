@@ -34,6 +34,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -215,7 +216,7 @@ def benchmark_flowers(archive: Path, work: Path) -> None:
     """Logistic head in memory vs out of core on the same flower_photos features."""
     workspace = work / "flowers"
     params = {
-        "download": {"source": str(archive), "sha256": ""},
+        "download": {"source": str(archive), "sha256": hashlib.sha256(archive.read_bytes()).hexdigest()},
         "augment": {"preview_images": 2},
         "extract_features": {**FLOWERS_BACKBONE, "cache_dir": str(work / "cache-flowers")},
         "train_head": {"head": "logistic"},

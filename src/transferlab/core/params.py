@@ -151,7 +151,7 @@ class LogisticParams(Section):
     ]
     max_iter: Annotated[int, Field(ge=10, le=100_000)] = 1000
     select_by: Literal["accuracy", "log_loss"] = "accuracy"
-    # Above this many GB of training matrix the head trains out of core (SGD over chunks).
+    # Above this many GB of training matrix the head trains out of core (L-BFGS over row chunks).
     max_memory_gb: Annotated[float, Field(gt=0.0, le=4096.0)] = 4.0
 
     @field_validator("c_grid")
