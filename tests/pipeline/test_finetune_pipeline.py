@@ -18,16 +18,24 @@ from transferlab.features import decode, extract_features, extract_taps, files
 
 pytestmark = pytest.mark.slow
 SHARED_MOBILENET_V2 = "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"
+EDGETPU = "mobilenet_edgetpu_1.0_224_uint8_features.tflite"
 
 
 def read_json(project, path):
     return json.loads((project.root / path).read_text())
 
 
-def test_dvc_pipeline_with_the_finetune_head(dvc_project):
+def test_dvc_pipeline_with_the_finetune_head_in_a_stack_with_a_tflite_member(dvc_project, capsys):
+    """The Keras member of [mobilenet_v2, tflite:EdgeTPU] is fine-tuned alone: trained, evaluated, exported."""
+    from transferlab import cli
+
     project = dvc_project
+    edgetpu = require_mirror(WEIGHTS / EDGETPU)
     finetune = {"from_layer": "block_13_expand", "epochs": 2, "batch_size": 8}
-    project.set_params(train_head={"head": "finetune", "finetune": finetune})
+    project.set_params(
+        extract_features={"backbone": ["mobilenet_v2", f"tflite:{edgetpu}"]},
+        train_head={"head": "finetune", "finetune": finetune},
+    )
     project.commit("finetune head")
     project.dvc("repro")
 
@@ -43,6 +51,7 @@ def test_dvc_pipeline_with_the_finetune_head(dvc_project):
         assert activations.shape == (len(features), 2, 2, 32) and activations.dtype == np.float16
         file_bytes += (project.root / f"data/taps/mobilenet_v2/{split}.npy").stat().st_size
     assert taps["file_bytes"] == file_bytes
+    assert set(report["backbones"]) == {"mobilenet_v2", edgetpu.stem}
     assert read_json(project, "data/taps/taps.json")["members"] == {"mobilenet_v2": "mobilenet_v2"}
     assert read_json(project, "data/taps/mobilenet_v2/taps.json")["layer"] == "block_13_expand"
     assert not (project.root / "data/features/taps").exists()
@@ -57,7 +66,14 @@ def test_dvc_pipeline_with_the_finetune_head(dvc_project):
     evaluated = read_json(project, "metrics/evaluate.json")
     assert evaluated["provenance"]["head"] == "finetune" and evaluated["test"]["examples"] == 9
     with (project.root / "metrics/evaluate/test_predictions.csv").open() as handle:
-        assert len(list(csv.DictReader(handle))) == 9
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 9
+    exported = read_json(project, "metrics/export.json")
+    assert exported["provenance"]["head"] == "finetune" and exported["formats"]["keras"]["top1_agreement"] >= 0.99
+    paths = [str(project.root / "data/raw/images" / row["path"]) for row in rows]
+    assert cli.main(["predict", *paths, "--model", str(project.root / "models/export"), "--json"]) == 0
+    predicted = [item["predictions"][0]["class"] for item in json.loads(capsys.readouterr().out)]
+    assert predicted == [row["predicted"] for row in rows]
     project.commit("baseline")
 
     # Only a head parameter changed: neither extract_features nor extract_taps runs, nothing is embedded.
@@ -68,14 +84,11 @@ def test_dvc_pipeline_with_the_finetune_head(dvc_project):
     assert read_json(project, "metrics/extract_features.json") == report
     assert read_json(project, "metrics/train_head.json")["epochs_run"] == 1
 
-    # Another cut: extract_taps runs again, extract_features does not.
-    moved = project.dvc("exp", "run", "-S", "train_head.finetune.from_layer=block_15_expand")
-    assert "Running stage 'extract_taps'" in moved.stdout and "Running stage 'extract_features'" not in moved.stdout
-    assert read_json(project, "metrics/extract_taps.json")["members"]["mobilenet_v2"]["layer"] == "block_15_expand"
-
-    # A layer inside a residual block cannot be cut: the stage says so and lists the cut points.
+    # Another cut reruns extract_taps, never extract_features; one inside a residual block cannot be
+    # cut: the stage says so and lists the cut points.
     failed = project.dvc("exp", "run", "-S", "train_head.finetune.from_layer=block_14_depthwise", check=False)
     assert failed.returncode != 0
+    assert "Running stage 'extract_taps'" in failed.stdout and "Running stage 'extract_features'" not in failed.stdout
     assert "cannot be cut in front of 'block_14_depthwise'" in failed.stderr and "block_14_expand" in failed.stderr
 
 
