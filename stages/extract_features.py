@@ -42,6 +42,7 @@ def main(paths, base, settings, download):
             cache_remote_url=settings.cache_remote,
             executor=settings.executor,
             ray_workers=settings.ray_workers,
+            storage_dtype=settings.storage_dtype,
         )
         files.write_feature_files(temporary, feature_sets)
     atomic.write_json(paths.metrics, report)

@@ -59,6 +59,7 @@ def test_every_key_in_params_yaml_is_commented():
         ("extract_features", {"cache_remote": "s3://Team_Cache"}, r"extract_features\.cache_remote: must be empty"),
         ("extract_features", {"cache_remote": "s3://team-cache//x"}, r"extract_features\.cache_remote: must be empty"),
         ("extract_features", {"ray_workers": -1}, r"extract_features\.ray_workers: Input should be greater than or"),
+        ("extract_features", {"storage_dtype": "int8"}, r"extract_features\.storage_dtype: Input should be 'float32'"),
         (
             "train_head",
             {"logistic": {"max_memory_gb": 0}},

@@ -121,6 +121,7 @@ class ExtractFeaturesParams(Section):
     mirror_average: bool = False
     executor: Literal["local", "ray"] = "local"
     ray_workers: Annotated[int, Field(ge=0, le=4096)] = 0  # 0 = one per CPU Ray offers
+    storage_dtype: Literal["float32", "float16"] = "float32"
 
     @field_validator("cache_remote")
     @classmethod

@@ -188,14 +188,31 @@ class _Active:
         self.cache.close()
 
 
-def assemble(rows: list[dict], runs: list[MemberRun], class_names: list[str]) -> files.FeatureSet:
-    """Concatenates each row's member embeddings in stack order into one features file."""
+def assemble(
+    rows: list[dict], runs: list[MemberRun], class_names: list[str], *, storage_dtype: str = "float32"
+) -> files.FeatureSet:
+    """Concatenates each row's member embeddings in stack order into one features file.
+
+    Args:
+        rows: the split's rows.
+        runs: each member's embeddings by key.
+        class_names: the class names (labels index them).
+        storage_dtype: ``float32``, or ``float16`` (half the bytes; refused if a value would overflow it).
+    """
     widths = [len(next(iter(run.vectors.values()))) if run.vectors else 0 for run in runs]
     offsets = np.cumsum([0, *widths[:-1]]).astype(np.int64)
     features = np.zeros((len(rows), sum(widths)), dtype=np.float32)
     for index, row in enumerate(rows):
         key = (row["sha256"], row["recipe"])
         features[index] = np.concatenate([run.vectors[key] for run in runs]) if runs else []
+    if storage_dtype == "float16":
+        largest = float(np.abs(features).max()) if features.size else 0.0
+        if largest > np.finfo(np.float16).max:
+            raise ValueError(
+                f"an embedding value ({largest:.4g}) exceeds float16's range; "
+                "set extract_features.storage_dtype: float32"
+            )
+        features = features.astype(np.float16)
     label_index = {name: position for position, name in enumerate(class_names)}
     return files.FeatureSet(
         {
@@ -230,6 +247,7 @@ def extract_features(
     executor: str = "local",
     ray_workers: int = 0,
     cache_remote_url: str = "",
+    storage_dtype: str = "float32",
 ) -> tuple[dict[str, files.FeatureSet], dict]:
     """Embeds every row of every split with the stack; returns features files and a report.
 
@@ -250,6 +268,7 @@ def extract_features(
         executor: where the misses are embedded: ``local`` (here, decoding in threads) or ``ray``
             (an actor pool, see :mod:`transferlab.features.executor_ray`; the same features).
         ray_workers: actors with ``executor: ray``; 0 = one per CPU Ray offers.
+        storage_dtype: the features files' float type, ``float32`` or ``float16``.
         cache_remote_url: ``extract_features.cache_remote``: the shared cache each member's missing
             rows are fetched from, and its new rows pushed to (see :mod:`transferlab.features.cache_remote`).
     """
@@ -311,7 +330,9 @@ def extract_features(
         for run in runs:
             run.vectors = mirror.average_mirrors(run.vectors, [item.key for item in items])
     class_names = sorted({row["label"] for rows in rows_by_split.values() for row in rows})
-    feature_sets = {split: assemble(rows, runs, class_names) for split, rows in rows_by_split.items()}
+    feature_sets = {
+        split: assemble(rows, runs, class_names, storage_dtype=storage_dtype) for split, rows in rows_by_split.items()
+    }
     report = _report(runs, rows_by_split, views, cache_directory, time.perf_counter() - started)
     if requested_cache is not None and cache_directory is None:
         report["cache"] = f"unusable: {requested_cache}"

@@ -1,0 +1,62 @@
+"""extract_features.storage_dtype: float16 features files, read back and trained on; overflow refused."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from transferlab.features import extract_features, files
+from transferlab.heads import logistic
+
+CLASSES = ["a", "b"]
+
+
+def member_run(vectors: dict) -> extract_features.MemberRun:
+    member = SimpleNamespace(spec="mobilenet", name="mobilenet", weights_identity="random-init-seed0")
+    return extract_features.MemberRun(member=member, engine="tflite", vectors=vectors)
+
+
+def rows_and_runs(values: np.ndarray):
+    rows = [
+        {
+            "sha256": f"{index:064x}",
+            "recipe": "",
+            "path": f"{CLASSES[index % 2]}/{index}.jpg",
+            "label": CLASSES[index % 2],
+        }
+        for index in range(len(values))
+    ]
+    vectors = {(row["sha256"], ""): value for row, value in zip(rows, values, strict=True)}
+    return rows, [member_run(vectors)]
+
+
+def test_float16_files_hold_the_rounded_features_and_train_a_head(tmp_path):
+    rng = np.random.default_rng(0)
+    labels = np.arange(60) % 2
+    values = (rng.normal(size=(60, 8)) + 2.0 * labels[:, None]).astype(np.float32)
+    rows, runs = rows_and_runs(values)
+    feature_set = extract_features.assemble(rows, runs, CLASSES, storage_dtype="float16")
+    files.write_feature_files(tmp_path, {"train": feature_set, "val": feature_set})
+
+    loaded = files.load_splits(tmp_path, ("train", "val"))
+    assert loaded["train"].features.dtype == np.float16
+    np.testing.assert_array_equal(loaded["train"].features, values.astype(np.float16))
+    outcome = logistic.train(
+        train=loaded["train"],
+        val=loaded["val"],
+        seed=0,
+        class_weight="none",
+        c_grid=[1.0],
+        max_iter=100,
+        select_by="accuracy",
+    )
+    assert np.mean(outcome.head.predict_proba(loaded["val"].features).argmax(axis=1) == labels) > 0.9
+
+
+def test_float16_refuses_values_it_cannot_hold():
+    rows, runs = rows_and_runs(np.array([[1.0, 70000.0], [0.5, 2.0]], dtype=np.float32))
+    with pytest.raises(ValueError, match="exceeds float16's range; set extract_features.storage_dtype: float32"):
+        extract_features.assemble(rows, runs, CLASSES, storage_dtype="float16")
+    assert extract_features.assemble(rows, runs, CLASSES).arrays["features"].dtype == np.float32
