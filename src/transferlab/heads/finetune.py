@@ -140,7 +140,6 @@ def train(
     flip: bool,
     patience: int,
     log_step: base.StepLogger | None = None,
-    member: str | None = None,
 ) -> base.TrainOutcome:
     """Fine-tunes the backbone's top plus a new softmax on cached tap activations.
 
@@ -157,14 +156,12 @@ def train(
         flip: mirror each training map left-right with probability 1/2.
         patience: epochs without a better validation loss before stopping.
         log_step: called after every epoch with train/val loss and accuracy.
-        member: the stack member to fine-tune (its taps must be attached to the splits); None:
-            the first tapped member (extract_taps taps one for this head).
 
     Returns:
         The head with the best epoch's weights, and a report (best and run epochs, seconds per
         epoch, the layer, trainable parameters).
     """
-    tapped, layer = _checked_inputs(train, val, from_layer, member)
+    tapped, layer = _checked_inputs(train, val, from_layer)
     keras_common.seed_everything(seed)
     backbone = keras.models.load_model(tapped.backbone_file, compile=False)
     model = build_model(backbone=backbone, layer=layer, classes=len(train.class_names), dropout=dropout, seed=seed)
@@ -206,17 +203,19 @@ def train(
     return base.TrainOutcome(head=head, report=_report(history.history, timer.seconds, model, layer))
 
 
-def _checked_inputs(
-    train: files.Features, val: files.Features, from_layer: str, member: str | None = None
-) -> tuple[files.Taps, str]:
-    """The training taps and the resolved layer; ``ValueError`` when the splits cannot be fine-tuned."""
+def _checked_inputs(train: files.Features, val: files.Features, from_layer: str) -> tuple[files.Taps, str]:
+    """The training taps and the resolved layer; ``ValueError`` when the splits cannot be fine-tuned.
+
+    The member fine-tuned is the first block of ``train`` with taps: the one extract_taps tapped
+    for this head (a stack's other members are not used), or the one block of a member's slice.
+    """
     base.check_trainable(train, val)
     if len(val) == 0:
         raise ValueError(
             "the finetune head stops early on validation loss, but the validation split is empty; "
             "set split.val_fraction > 0"
         )
-    tapped = check_taps(train, block=member)
+    tapped = check_taps(train)
     layer = taps.resolve_from_layer(tapped.block, from_layer)
     check_taps(train, layer=layer, block=tapped.block)
     check_taps(val, layer=layer, block=tapped.block)
