@@ -217,3 +217,55 @@ def _description(database: Path) -> str:
 
     with sqlite3.connect(database) as connection:
         return connection.execute("SELECT value FROM meta WHERE name = 'description'").fetchone()[0]
+
+
+def test_taps_of_two_keras_members_each_get_a_folder_and_a_warm_rerun_computes_none(tmp_path):
+    """The fusion head's case: several members tapped at once, each image decoded once per input size."""
+    folder = support.write_dataset(tmp_path / "photos", per_class=3)
+    rows = support.rows_for(folder)
+    splits = {"train": rows[::2], "val": rows[1::4], "test": rows[3::4]}
+    values = {
+        **support.SMALL_PARAMS["extract_features"],
+        "backbone": ["mobilenet_v2", "mobilenet"],
+        "alpha": {"mobilenet_v2": 0.35, "mobilenet": 0.25},
+    }
+    members = stack.resolve_members(params.parse_section("extract_features", values), seed=0)
+    plans = extract_taps.plan_taps(members, head="fusion", fusion_from_layer={"mobilenet": "conv_dw_11"})
+    assert [(plan.member.name, plan.layer) for plan in plans] == [
+        ("mobilenet_v2", "block_13_expand"),
+        ("mobilenet", "conv_dw_11"),
+    ]
+
+    def run(out):
+        return extract_taps.extract_taps(
+            plans=plans,
+            rows_by_split=splits,
+            images_directory=folder,
+            cache_directory=tmp_path / "cache",
+            engine="keras",
+            batch_size=4,
+            threads=2,
+            seed=0,
+            max_image_pixels=10**8,
+            directory=out,
+        )["members"]
+
+    cold = run(tmp_path / "cold")
+    assert {name: report["computed"] for name, report in cold.items()} == {
+        "mobilenet_v2": len(rows),
+        "mobilenet": len(rows),
+    }
+    warm = run(tmp_path / "warm")
+    assert {name: (report["computed"], report["cache_hits"]) for name, report in warm.items()} == {
+        "mobilenet_v2": (0, len(rows)),
+        "mobilenet": (0, len(rows)),
+    }
+    loaded = files.load_taps(tmp_path / "warm")
+    assert sorted(loaded) == ["mobilenet", "mobilenet_v2"]
+    assert loaded["mobilenet"]["val"].layer == "conv_dw_11" and loaded["mobilenet_v2"]["val"].layer == "block_13_expand"
+    for name, by_split in loaded.items():
+        assert by_split["train"].backbone_file.is_file()
+        for split, tapped in by_split.items():
+            assert tapped.activations.shape[0] == len(splits[split]) and tapped.activations.dtype == np.float16
+            cold_file = tmp_path / "cold" / files.tap_folder_name(name) / f"{split}.npy"
+            np.testing.assert_array_equal(np.asarray(tapped.activations), np.load(cold_file))
