@@ -1,4 +1,4 @@
-"""extract_features.storage_dtype: float16 features files, read back and trained on; overflow refused."""
+"""extract_features.storage_dtype: float16 features files, read back and trained on; overflow and truncation refused."""
 
 from __future__ import annotations
 
@@ -60,3 +60,16 @@ def test_float16_refuses_values_it_cannot_hold():
     with pytest.raises(ValueError, match="exceeds float16's range; set extract_features.storage_dtype: float32"):
         extract_features.assemble(rows, runs, CLASSES, storage_dtype="float16")
     assert extract_features.assemble(rows, runs, CLASSES).arrays["features"].dtype == np.float32
+
+
+@pytest.mark.parametrize("kept", [0.5, 0.98])
+def test_a_truncated_features_file_is_refused_with_its_name(tmp_path, kept):
+    rows, runs = rows_and_runs(np.random.default_rng(1).normal(size=(40, 8)).astype(np.float32))
+    files.write_feature_files(
+        tmp_path, {"train": extract_features.assemble(rows, runs, CLASSES, storage_dtype="float16")}
+    )
+    path = tmp_path / "train.npz"
+    content = path.read_bytes()
+    path.write_bytes(content[: int(len(content) * kept)])
+    with pytest.raises(ValueError, match=r"train\.npz is not a readable features file .*re-run extract_features"):
+        files.load_features(path)
