@@ -116,7 +116,7 @@ def test_a_head_export_does_not_know_is_refused_by_name():
         head.intercept,
     )
     with pytest.raises(
-        ValueError, match="supports the logistic, dense, finetune, scratch heads; models/head is a 'knn' head"
+        ValueError, match="supports the logistic, dense, finetune, scratch, fusion heads; models/head is a 'knn' head"
     ):
         build.check_consistency(members=members_for(head), head=other, test=features_for(head))
 
@@ -321,7 +321,7 @@ FILE_ROW = {"bytes": 3, "sha256": "0" * 64}
 @pytest.mark.parametrize(
     "changes, message",
     [
-        ({"layout": ["classifier"]}, r"'layout' must be one of classifier, stack, not \['classifier'\]"),
+        ({"layout": ["classifier"]}, r"'layout' must be one of classifier, stack, fused, not \['classifier'\]"),
         ({"class_names": "daisy"}, r"'class_names' must be a non-empty list of distinct class names, not 'daisy'"),
         ({"class_names": ["daisy", "daisy"]}, r"'class_names' must be a non-empty list of distinct"),
         ({"files": ["labels.txt"]}, r"'files' must be a mapping"),
