@@ -50,9 +50,13 @@ def main(paths, base, download, extract, settings):
                 rows, images_directory=paths.images, max_image_pixels=download.max_image_pixels
             ),
         )
-        agreement = check.check_against_evaluate(
-            folder, rows=rows, images_directory=paths.images, max_image_pixels=download.max_image_pixels
+        checked, why = check.sample_first(
+            rows, seed=base.seed, backbones_as_embedded=build.backbones_as_embedded(manifest)
         )
+        agreement = check.check_against_evaluate(
+            folder, rows=checked, images_directory=paths.images, max_image_pixels=download.max_image_pixels
+        )
+        agreement.update(selected_images=len(rows), checked_because=why)
         # One format that disagrees never costs the user the others: drop it, keep what agrees.
         manifest = build.drop_formats(folder, manifest, check.dropped_reasons(agreement))
     atomic.write_json(paths.metrics, build.export_report(manifest, head, agreement))

@@ -111,7 +111,8 @@ def test_a_head_change_re_exports_without_converting_or_importing_tensorflow(pro
     assert report["dropped"] == "" and report["formats"]["tflite"]["agreement"] == 1.0
     with (root / "metrics" / "evaluate" / "test_predictions.csv").open(newline="") as handle:
         rows = list(csv.DictReader(handle))
-    assert report["checked_images"] == len(rows)
+    assert report["checked_images"] == report["selected_images"] == len(rows)  # fewer than check.SAMPLE_IMAGES
+    assert report["checked_because"] == "every selected image: no more than the sample"
     # What the check ran is what predict runs: evaluate's classes and confidences, image by image.
     paths = [str(root / "data" / "raw" / "images" / row["path"]) for row in rows]
     outcome = subprocess.run(
@@ -173,4 +174,5 @@ def test_an_emptied_conversion_folder_is_refilled_and_checked(project, tmp_path)
     assert images.sha256_file(out / manifest["members"][0]["file"]) == images.sha256_file(refilled)
     report = json.loads((tmp_path / "export.json").read_text())
     assert report["formats"]["tflite"]["kept"] and report["formats"]["tflite"]["agreement"] >= 0.99
+    assert "new or converted" in report["checked_because"]  # a new file: every selected image runs
     assert cli.main(["predict", str(root / "data" / "raw" / "images"), "--model", str(out)]) == 0

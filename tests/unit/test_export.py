@@ -107,6 +107,21 @@ def test_the_layout_follows_the_head_the_members_and_the_formats_asked_for():
     assert layout(members=keras_members, head=pixel, tflite=True, keras=False) == "classifier"
 
 
+def test_only_the_head_changed_checks_a_seeded_sample_else_every_selected_row():
+    rows = [{"path": f"p{i}.jpg"} for i in range(100)]
+    sampled, why = check.sample_first(rows, seed=3, backbones_as_embedded=True)
+    assert len(sampled) == check.SAMPLE_IMAGES and "sample" in why
+    assert sampled == check.sample_first(rows, seed=3, backbones_as_embedded=True)[0]  # seeded
+    assert [row["path"] for row in sampled] == sorted((row["path"] for row in sampled), key=lambda p: int(p[1:-4]))
+    assert check.sample_first(rows, seed=3, backbones_as_embedded=False)[0] == rows  # a new backbone file: all
+    assert check.sample_first(rows[:10], seed=3, backbones_as_embedded=True)[0] == rows[:10]
+    reused = {"layout": "stack", "members": [{"kind": "keras", "conversion": "reused"}, {"kind": "tflite"}]}
+    assert build.backbones_as_embedded(reused)
+    converted = {"layout": "stack", "members": [{"kind": "keras", "conversion": "converted"}]}
+    assert not build.backbones_as_embedded(converted)
+    assert not build.backbones_as_embedded({"layout": "classifier", "members": [{"kind": "keras"}]})
+
+
 def test_a_head_export_does_not_know_is_refused_by_name():
     head = logistic_head()
     other = logistic.LogisticHead(

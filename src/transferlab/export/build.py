@@ -355,6 +355,17 @@ def _write_stack(
     return {"layout": "stack", "keras_model": "", "tflite_model": "", "inputs": []}, entries
 
 
+def backbones_as_embedded(manifest: dict[str, Any]) -> bool:
+    """True when every backbone file of a ``stack`` export is the very bytes the features came from.
+
+    A TFLite member is written as the rewrite its features' engine ran; a Keras member counts when
+    its converted file was reused from the conversion cache (``conversion: reused``), not converted here.
+    """
+    if manifest["layout"] != "stack":
+        return False
+    return all(member["kind"] == "tflite" or member.get("conversion") == "reused" for member in manifest["members"])
+
+
 def _keras_member_file(
     path: Path,
     *,
