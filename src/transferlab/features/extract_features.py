@@ -514,11 +514,12 @@ def _report(
 
 def log_report(report: dict) -> None:
     """Logs the stage's summary of a report: the stack's counts and speed."""
+    speed = report["images_per_second"]
     LOGGER.info(
-        "%s: %d embedded, %d cache hits, %.1f s (%s images/s)",
+        "%s: %d embedded, %d cache hits, %.1f s%s",
         report["stack"],
         report["embedded"],
         report["cache_hits"],
         report["seconds"],
-        report["images_per_second"],
+        f" ({speed} images/s)" if speed is not None else " (nothing to embed)",
     )
