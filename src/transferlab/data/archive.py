@@ -81,7 +81,7 @@ def _extract_tar(
 ) -> None:
     members = handle.getmembers()
     for member in members:
-        _check_member_name(member.name, archive)
+        check_member_name(member.name, archive)
         _check_tar_member_type(member, archive)
     unpacked = sum(m.size for m in members if m.isfile())
     check_bounds(archive, len(members), unpacked, max_files, max_total_bytes)
@@ -103,7 +103,7 @@ def _extract_zip(archive: Path, destination: Path, *, max_files: int, max_total_
     with zipfile.ZipFile(archive) as handle:
         members = handle.infolist()
         for member in members:
-            _check_member_name(member.filename, archive)
+            check_member_name(member.filename, archive)
             _check_zip_member_type(member, archive)
         unpacked = sum(m.file_size for m in members)
         check_bounds(archive, len(members), unpacked, max_files, max_total_bytes)
@@ -120,7 +120,7 @@ def _check_zip_member_type(member: zipfile.ZipInfo, archive: Path) -> None:
         _refuse(archive, member.filename, "is a device file, FIFO or socket")
 
 
-def _check_member_name(name: str, archive: Path) -> None:
+def check_member_name(name: str, archive: Path) -> None:
     normalized = name.replace("\\", "/")
     if normalized.startswith("/") or re.match(r"^[A-Za-z]:", normalized):
         _refuse(archive, name, "has an absolute path")

@@ -511,7 +511,7 @@ def _fetch_s3_prefix(
     if not objects:
         raise FileNotFoundError(prefix)
     for relative, _, _ in objects:
-        archive._check_member_name(relative, url)  # the archive rules: no absolute path, no '..', no NUL
+        archive.check_member_name(relative, url)  # the archive rules: no absolute path, no '..', no NUL
     archive.check_bounds(url, len(objects), sum(size for _, size, _ in objects), max_files, max_total_bytes, "download")
     local = [staged / relative for relative, _, _ in objects]
     for path in {path.parent for path in local}:
