@@ -121,6 +121,11 @@ def _check_zip_member_type(member: zipfile.ZipInfo, archive: Path) -> None:
 
 
 def check_member_name(name: str, archive: Path) -> None:
+    """Refuses a member (or object key) named absolutely, with a '..' part, or holding a NUL.
+
+    Raises:
+        ValueError: naming ``archive`` (the archive or the s3:// source) and the member.
+    """
     normalized = name.replace("\\", "/")
     if normalized.startswith("/") or re.match(r"^[A-Za-z]:", normalized):
         _refuse(archive, name, "has an absolute path")
