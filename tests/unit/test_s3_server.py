@@ -89,8 +89,10 @@ def test_make_bucket_names_are_unique(s3_server):
 def test_stop_kills_a_group_that_ignores_sigterm():
     # A leader that ignores SIGTERM, with a child in its group: both must be gone after the grace period.
     process = subprocess.Popen(
-        ["sh", "-c", "trap '' TERM; sleep 120 & wait"], start_new_session=True, stdout=subprocess.DEVNULL
+        ["sh", "-c", "trap '' TERM; echo ready; sleep 120 & wait"], start_new_session=True, stdout=subprocess.PIPE
     )
+    assert process.stdout.readline() == b"ready\n"  # the trap is set: a SIGTERM sent earlier would end the shell
+    process.stdout.close()
 
     s3.stop_process_group(process, grace=0.5)
 
