@@ -268,10 +268,7 @@ def write_export(
             conversion_directory=conversion_directory,
             sample_pixels=sample_pixels,
         )
-    # the kept seed only: train_head.seeds > 1 leaves the others in models/head/seeds/
-    shutil.copytree(head_folder, folder / predict.HEAD_FOLDER, ignore=seeds.not_exported(head_folder))
-    class_names = list(head.description.class_names)
-    (folder / predict.LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    class_names = copy_head_and_labels(head, head_folder, folder)
     manifest = {
         "format": predict.EXPORT_FORMAT,
         "version": predict.EXPORT_VERSION,
@@ -440,6 +437,17 @@ def reused_conversion(
     how = "converted" if built else "reused"
     logger.info("export: %s the converted %s (sha256 %s...)", how, member.name, choice.content_sha256[:12])
     return content, how
+
+
+def copy_head_and_labels(head: base.TrainedHead, head_folder: Path, folder: Path) -> list[str]:
+    """Copies the trained head into the export and writes labels.txt; returns the class names.
+
+    Only the kept seed is copied: ``train_head.seeds`` > 1 leaves the others in models/head/seeds/.
+    """
+    shutil.copytree(head_folder, folder / predict.HEAD_FOLDER, ignore=seeds.not_exported(head_folder))
+    class_names = list(head.description.class_names)
+    (folder / predict.LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    return class_names
 
 
 def _safe_name(name: str) -> str:

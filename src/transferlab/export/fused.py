@@ -19,7 +19,6 @@ stage checks is what ``transferlab predict`` runs):
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -28,7 +27,7 @@ from transferlab.backbones.stack import Member
 from transferlab.core import atomic
 from transferlab.export import build, predict
 from transferlab.features import files
-from transferlab.heads import base, fusion, seeds
+from transferlab.heads import base, fusion
 
 FUSED_FOLDER = "fused"
 logger = logging.getLogger(__name__)
@@ -82,9 +81,7 @@ def write_fused(
         for index, entry in zip(frozen, written):
             member_files[index] = entry
     heads = [_head_entry(folder, entry, weight, head_folder) for entry, weight in zip(head.members, head.weights)]
-    shutil.copytree(head_folder, folder / predict.HEAD_FOLDER, ignore=seeds.not_exported(head_folder))
-    class_names = list(head.description.class_names)
-    (folder / predict.LABELS_FILE).write_text("".join(f"{name}\n" for name in class_names), encoding="utf-8")
+    class_names = build.copy_head_and_labels(head, head_folder, folder)
     manifest = {
         "format": predict.EXPORT_FORMAT,
         "version": predict.EXPORT_VERSION,
