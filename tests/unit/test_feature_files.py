@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -114,3 +116,108 @@ def test_block_engines_one_per_block_whatever_the_file_records(tmp_path):
     assert one.engine == "keras" and one.block_engines == ("keras",)
     legacy = files.load_features(write_features(tmp_path / "legacy.npz", block_engines=None))
     assert legacy.engine is None and legacy.block_engines == (None, None)
+
+
+# --- memory-mapped features files (issue 19: bounded memory) ---------------------------------------
+
+
+def written(tmp_path, matrix, *, rows=None, name="train.npz"):
+    """``matrix`` written by files.write_features_file, streamed ``rows`` rows at a time, with valid small arrays."""
+    arrays = dict(np.load(write_features(tmp_path / "source.npz")))
+    count = len(matrix)
+    arrays.update(
+        labels=np.arange(count, dtype=np.int32) % 3,
+        paths=np.array([f"p{i}.jpg" for i in range(count)]),
+        sha256=np.array([f"{i:064x}" for i in range(count)]),
+        recipes=np.array([""] * count),
+        block_widths=np.array([matrix.shape[1] - 1, 1]),
+        block_offsets=np.array([0, matrix.shape[1] - 1]),
+    )
+    del arrays["features"]
+    path = tmp_path / name
+    files.write_features_file(path, files.FeatureSet(arrays, files.RowChunks.of(matrix, rows)))
+    return path
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_features_are_streamed_in_and_memory_mapped_out(tmp_path, dtype):
+    matrix = np.random.default_rng(0).normal(size=(1001, 5)).astype(dtype)
+    path = written(tmp_path, matrix, rows=64)  # 16 chunks, the last one short
+
+    loaded = files.load_features(path)
+    assert files.is_memory_mapped(loaded.features) and isinstance(loaded.features, np.memmap)
+    assert loaded.features.offset % 64 == 0 and not loaded.features.flags.writeable
+    assert loaded.features.dtype == dtype
+    np.testing.assert_array_equal(loaded.features, matrix)
+    with np.load(path) as plain:  # still an .npz that numpy reads
+        np.testing.assert_array_equal(plain["features"], matrix)
+        assert plain["paths"][-1] == "p1000.jpg"
+
+
+def test_an_empty_split_reads_back(tmp_path):
+    loaded = files.load_features(written(tmp_path, np.zeros((0, 3), np.float32)))
+    assert loaded.features.shape == (0, 3) and len(loaded) == 0
+
+
+def test_a_compressed_features_file_is_read_whole(tmp_path):
+    arrays = dict(np.load(write_features(tmp_path / "source.npz")))
+    np.savez_compressed(tmp_path / "old.npz", **arrays)
+    loaded = files.load_features(tmp_path / "old.npz")
+    assert not files.is_memory_mapped(loaded.features)
+    np.testing.assert_array_equal(loaded.features, arrays["features"])
+
+
+def test_a_features_matrix_cut_short_is_refused_with_its_size(tmp_path):
+    """A zip whose ``features.npy`` holds fewer rows than its header says (a copy cut short inside the member)."""
+    import zipfile
+
+    path = written(tmp_path, np.ones((100, 3), np.float32))
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    members["features.npy"] = members["features.npy"][: -50 * 3 * 4]  # 50 of 100 rows
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, content in members.items():
+            archive.writestr(name, content)
+    with pytest.raises(
+        files.TruncatedFile,
+        match=r"train\.npz is truncated \(\d+ of \d+ bytes of its features matrix\); re-run extract_features",
+    ):
+        files.load_features(path)
+
+
+def test_a_truncated_taps_file_is_refused_with_its_size(tmp_path):
+    import json
+
+    folder = tmp_path / "member"
+    folder.mkdir()
+    (folder / "taps.json").write_text(json.dumps({"layer": "l", "member": "m", "rows": {"train": 4}}))
+    np.save(folder / "train.npy", np.ones((4, 2, 2, 3), np.float16))
+    assert files.load_member_taps(folder, "train").activations.shape == (4, 2, 2, 3)
+    content = (folder / "train.npy").read_bytes()
+    (folder / "train.npy").write_bytes(content[:-10])
+    with pytest.raises(files.TruncatedFile, match=r"train\.npy is truncated \(\d+ of \d+ bytes\); re-run extract_taps"):
+        files.load_member_taps(folder, "train")
+
+
+def mapped_resident_kib(path) -> int:
+    """The resident KiB of this process's mappings of ``path`` (/proc/self/smaps)."""
+    total, inside = 0, False
+    for line in open("/proc/self/smaps", encoding="utf-8"):  # noqa: SIM115
+        first = line.split(maxsplit=1)[0]
+        if "-" in first and not first.endswith(":"):  # a mapping's header line
+            inside = line.rstrip("\n").endswith(str(path))
+        elif inside and first == "Rss:":
+            total += int(line.split()[1])
+    return total
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/smaps"), reason="needs Linux /proc")
+def test_a_pass_over_row_chunks_leaves_about_one_chunk_resident(tmp_path):
+    matrix = np.random.default_rng(1).normal(size=(8192, 256)).astype(np.float32)  # 8 MiB
+    loaded = files.load_features(written(tmp_path, matrix)).features  # the NaN check was one pass
+    assert mapped_resident_kib(tmp_path / "train.npz") < 2048
+    total = sum(float(chunk.sum(dtype=np.float64)) for _, chunk in files.row_chunks(loaded, 512))  # 512 KiB chunks
+    assert total == pytest.approx(float(matrix.sum(dtype=np.float64)))
+    assert mapped_resident_kib(tmp_path / "train.npz") < 2048
+    float(np.asarray(loaded).sum())  # a plain pass maps every page: what row_chunks avoids
+    assert mapped_resident_kib(tmp_path / "train.npz") > 7 * 1024

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from test_heads import blob_splits, train_logistic
 
+from transferlab.features import files
 from transferlab.heads import base, logistic_streaming
 
 OUT_OF_CORE = {"max_memory_gb": 1e-9}  # every matrix is larger: always out of core
@@ -53,3 +54,20 @@ def test_out_of_core_agrees_with_in_memory(monkeypatch, classes):
     assert 1.0 / classes + 0.1 < accuracy < 0.99  # neither trivial nor saturated
     assert np.mean(expected.argmax(axis=1) == got.argmax(axis=1)) >= 0.99
     assert np.abs(expected - got).max() < 0.01
+
+
+def test_memory_mapped_features_train_the_same_head(monkeypatch, tmp_path):
+    """Features as load_features gives them (a read-only memory map, pages released chunk by chunk): same head."""
+    import dataclasses
+
+    monkeypatch.setattr(logistic_streaming, "CHUNK_ROWS", 50)
+    train_split, val_split, _ = blob_splits(2)
+    np.save(tmp_path / "train.npy", train_split.features)
+    mapped = dataclasses.replace(train_split, features=np.load(tmp_path / "train.npy", mmap_mode="r"))
+    assert files.is_memory_mapped(mapped.features)
+    in_ram = train_logistic(train_split, val_split, **OUT_OF_CORE)
+    from_file = train_logistic(mapped, val_split, **OUT_OF_CORE)
+    np.testing.assert_array_equal(from_file.head.coef, in_ram.head.coef)
+    np.testing.assert_array_equal(
+        from_file.head.predict_proba(mapped.features), in_ram.head.predict_proba(train_split.features)
+    )

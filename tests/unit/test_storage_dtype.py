@@ -73,3 +73,22 @@ def test_a_truncated_features_file_is_refused_with_its_name(tmp_path, kept):
     path.write_bytes(content[: int(len(content) * kept)])
     with pytest.raises(ValueError, match=r"train\.npz is not a readable features file .*re-run extract_features"):
         files.load_features(path)
+
+
+@pytest.mark.parametrize("storage_dtype", ["float32", "float16"])
+def test_assemble_streams_the_matrix_in_chunks_with_the_same_file(tmp_path, storage_dtype):
+    """extract_features never builds the whole matrix: chunks of 7 rows give the file of one chunk."""
+    values = np.random.default_rng(2).normal(size=(50, 8)).astype(np.float32)
+    rows, runs = rows_and_runs(values)
+    chunked = extract_features.assemble(rows, runs, CLASSES, storage_dtype=storage_dtype, chunk_rows=7)
+    assert "features" not in dict(chunked.arrays) and chunked.matrix.shape == (50, 8)
+    assert [len(chunk) for chunk in chunked.matrix.chunks()] == [7] * 7 + [1]
+    files.write_feature_files(tmp_path / "chunked", {"train": chunked})
+    whole = extract_features.assemble(rows, runs, CLASSES, storage_dtype=storage_dtype, chunk_rows=1000)
+    files.write_feature_files(tmp_path / "whole", {"train": whole})
+
+    loaded = files.load_features(tmp_path / "chunked" / "train.npz")
+    assert files.is_memory_mapped(loaded.features) and loaded.features.dtype == np.dtype(storage_dtype)
+    np.testing.assert_array_equal(loaded.features, values.astype(storage_dtype))
+    np.testing.assert_array_equal(loaded.features, files.load_features(tmp_path / "whole" / "train.npz").features)
+    np.testing.assert_array_equal(chunked.arrays["features"], values.astype(storage_dtype))  # built on demand

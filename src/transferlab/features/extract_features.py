@@ -189,34 +189,47 @@ class _Active:
 
 
 def assemble(
-    rows: list[dict], runs: list[MemberRun], class_names: list[str], *, storage_dtype: str = "float32"
+    rows: list[dict],
+    runs: list[MemberRun],
+    class_names: list[str],
+    *,
+    storage_dtype: str = "float32",
+    chunk_rows: int = files.CHUNK_ROWS,
 ) -> files.FeatureSet:
     """Concatenates each row's member embeddings in stack order into one features file.
+
+    The matrix is not built here: the result holds it as :class:`transferlab.features.files.RowChunks`
+    that the writer streams into the file ``chunk_rows`` rows at a time, so the stage never holds
+    a second copy of the embeddings.
 
     Args:
         rows: the split's rows.
         runs: each member's embeddings by key.
         class_names: the class names (labels index them).
         storage_dtype: ``float32``, or ``float16`` (half the bytes; refused if a value would overflow it).
+        chunk_rows: rows per chunk of the matrix.
     """
     widths = [len(next(iter(run.vectors.values()))) if run.vectors else 0 for run in runs]
     offsets = np.cumsum([0, *widths[:-1]]).astype(np.int64)
-    features = np.zeros((len(rows), sum(widths)), dtype=np.float32)
-    for index, row in enumerate(rows):
-        key = (row["sha256"], row["recipe"])
-        features[index] = np.concatenate([run.vectors[key] for run in runs]) if runs else []
+    keys = [(row["sha256"], row["recipe"]) for row in rows]
+
+    def float32_chunks() -> Iterator[np.ndarray]:
+        for start in range(0, len(keys), chunk_rows):
+            part = keys[start : start + chunk_rows]
+            blocks = [np.stack([run.vectors[key] for key in part]).astype(np.float32, copy=False) for run in runs]
+            yield np.hstack(blocks) if blocks else np.zeros((len(part), 0), dtype=np.float32)
+
     if storage_dtype == "float16":
-        largest = float(np.abs(features).max()) if features.size else 0.0
-        if largest > np.finfo(np.float16).max:
+        largest = max((float(np.abs(chunk).max()) for chunk in float32_chunks() if chunk.size), default=0.0)
+        if largest > float(np.finfo(np.float16).max):
             raise ValueError(
                 f"an embedding value ({largest:.4g}) exceeds float16's range; "
                 "set extract_features.storage_dtype: float32"
             )
-        features = features.astype(np.float16)
+    matrix = files.RowChunks((len(rows), sum(widths)), np.dtype(storage_dtype), float32_chunks)
     label_index = {name: position for position, name in enumerate(class_names)}
     return files.FeatureSet(
         {
-            "features": features,
             "labels": np.array([label_index[row["label"]] for row in rows], dtype=np.int32),
             "class_names": np.array(class_names, dtype=str),
             "paths": np.array([row["path"] for row in rows], dtype=str),
@@ -228,7 +241,8 @@ def assemble(
             "block_engines": np.array([run.engine for run in runs], dtype=str),
             "block_widths": np.array(widths, dtype=np.int64),
             "block_offsets": offsets,
-        }
+        },
+        matrix,
     )
 
 

@@ -6,6 +6,13 @@ evaluate and export read them. Both sides live here, with the records the reader
 in one module (docs/DESIGN.md describes the keys). The heads import these records; nothing here
 imports a head.
 
+Memory stays bounded however many rows a file holds: a features file is an uncompressed ``.npz``
+(``np.load`` reads it) whose ``features.npy`` member the writer streams in chunks
+(:class:`RowChunks`) and the reader memory-maps (:func:`map_matrix`), after checking that the
+file is not cut short (:class:`TruncatedFile`). Passes over all rows go through
+:func:`row_chunks`, which releases each chunk's pages once it is used, so the process's resident
+memory holds about one chunk of the file, not the file.
+
 The taps folder (``data/taps/``) holds ``taps.json``, an index naming each tapped member's
 sub-folder (``{"members": {}}`` when no head needs taps), and per member
 ``<member>/{train,val,test}.npy`` (float16 maps, rows in the features files' order),
@@ -17,9 +24,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
+import struct
 import zipfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -44,6 +53,10 @@ REQUIRED_KEYS = (
 RANDOM_INIT_PREFIX = "random-init"  # the weights identity of a random-init backbone starts with it
 TAPS_FORMAT = "transferlab-taps"
 TAPS_VERSION = 2  # 2: one sub-folder per member in data/taps/ (1: data/features/taps/, one member)
+CHUNK_ROWS = 8192  # rows written, checked or released at once: 8192 x 1280 float32 = 42 MB, whatever the file's size
+MATRIX_MEMBER = "features.npy"  # the features matrix inside a features file, memory-mapped by the readers
+_DATA_ALIGN = 64  # the matrix's first byte lies at a multiple of this in the file (numpy's own alignment)
+_LOCAL_HEADER = struct.Struct("<4s5H3L2H")  # a zip local file header: signature ... name length, extra length
 
 
 @dataclass(frozen=True)
@@ -131,11 +144,74 @@ class Features:
         return (self.engine,) * len(self.blocks)
 
 
+class TruncatedFile(ValueError):
+    """A features or taps file that ends before its array does (a copy cut short, a full disk)."""
+
+
+@dataclass(frozen=True)
+class RowChunks:
+    """A features matrix made chunk by chunk, in row order, so that it is never whole in memory.
+
+    Attributes:
+        shape: (rows, width) of the whole matrix.
+        dtype: its float type (each chunk is cast to it).
+        chunks: called once per pass, yields (rows, width) arrays covering the rows in order.
+    """
+
+    shape: tuple[int, int]
+    dtype: np.dtype
+    chunks: Callable[[], Iterator[np.ndarray]]
+
+    @classmethod
+    def of(cls, matrix: np.ndarray, rows: int | None = None) -> RowChunks:
+        """An in-memory (or memory-mapped) matrix, served ``rows`` rows at a time."""
+        shape = (int(matrix.shape[0]), int(matrix.shape[1]))
+        return cls(shape, matrix.dtype, lambda: (chunk for _, chunk in row_chunks(matrix, rows)))
+
+    def materialize(self) -> np.ndarray:
+        """The whole matrix in memory (for tests and small callers; the writer never does this)."""
+        matrix = np.empty(self.shape, dtype=self.dtype)
+        position = 0
+        for chunk in self.chunks():
+            matrix[position : position + len(chunk)] = chunk
+            position += len(chunk)
+        return matrix
+
+
+class _Arrays(dict):
+    """A feature set's arrays; ``["features"]`` builds the matrix from its :class:`RowChunks` when asked."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], matrix: RowChunks | None) -> None:
+        super().__init__(arrays)
+        self.matrix = matrix
+
+    def __missing__(self, key: str) -> np.ndarray:
+        if key == "features" and self.matrix is not None:
+            return self.matrix.materialize()
+        raise KeyError(key)
+
+
 @dataclass
 class FeatureSet:
-    """The arrays of one features file, as extract_features assembles them (key -> array)."""
+    """The arrays of one features file, as extract_features assembles them (key -> array).
+
+    The features matrix is either ``arrays["features"]`` or, so that extract_features never holds
+    it whole, ``matrix``: chunks the writer streams into the file. ``arrays["features"]`` then
+    still works, building the whole matrix on each access (tests compare it).
+    """
 
     arrays: dict[str, np.ndarray]
+    matrix: RowChunks | None = None
+
+    def __post_init__(self) -> None:
+        if self.matrix is not None:
+            if "features" in self.arrays:
+                raise ValueError("a feature set holds its features in arrays or as row chunks, not both")
+            self.arrays = _Arrays(self.arrays, self.matrix)
+
+    def rows(self) -> RowChunks:
+        """The features matrix as row chunks, whichever way it is held."""
+        return self.matrix if self.matrix is not None else RowChunks.of(np.asarray(self.arrays["features"]))
 
 
 # ---------------------------------------------------------------- writing
@@ -144,18 +220,55 @@ class FeatureSet:
 def write_feature_files(directory: Path, feature_sets: Mapping[str, FeatureSet]) -> None:
     """Writes one ``<split>.npz`` per entry of ``feature_sets`` into ``directory`` (the caller makes it atomic).
 
+    Each file is an uncompressed ``.npz`` (what ``np.savez`` writes, so ``np.load`` reads it); the
+    features matrix is streamed into its ``features.npy`` member chunk by chunk, its first byte
+    aligned to 64 in the file, so that :func:`load_features` can memory-map it.
+
     Raises:
         ValueError: a feature set lacks a key of :data:`REQUIRED_KEYS` (the readers would refuse the file).
     """
     for split, feature_set in feature_sets.items():
-        missing = [key for key in REQUIRED_KEYS if key not in feature_set.arrays]
+        held = {*feature_set.arrays, *(["features"] if feature_set.matrix is not None else [])}
+        missing = [key for key in REQUIRED_KEYS if key not in held]
         if missing:
             raise ValueError(
                 f"the {split} features lack key(s) {', '.join(missing)}; this is a bug in extract_features"
             )
     directory.mkdir(parents=True, exist_ok=True)
     for split, feature_set in feature_sets.items():
-        np.savez(directory / f"{split}.npz", **feature_set.arrays)
+        write_features_file(directory / f"{split}.npz", feature_set)
+
+
+def write_features_file(path: Path, feature_set: FeatureSet) -> None:
+    """Writes one features file: the matrix first, streamed and aligned, then the small arrays."""
+    matrix = feature_set.rows()
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
+        with archive.open(MATRIX_MEMBER, "w", force_zip64=True) as member:
+            data_start = archive.fp.tell()  # the member's local header is written: its data starts here
+            member.write(_aligned_npy_header(matrix.shape, matrix.dtype, data_start))
+            written = 0
+            for chunk in matrix.chunks():
+                chunk = np.ascontiguousarray(chunk, dtype=matrix.dtype)
+                if chunk.ndim != 2 or chunk.shape[1] != matrix.shape[1]:
+                    raise ValueError(f"{path}: a chunk of shape {chunk.shape} in a {matrix.shape} matrix (a bug)")
+                member.write(memoryview(chunk).cast("B"))
+                written += len(chunk)
+            if written != matrix.shape[0]:
+                raise ValueError(f"{path}: {written} rows written for a {matrix.shape} matrix (a bug)")
+        for key, value in feature_set.arrays.items():
+            if key != "features":
+                with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
+                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+
+
+def _aligned_npy_header(shape: tuple[int, ...], dtype: np.dtype, data_start: int) -> bytes:
+    """A ``.npy`` version 1.0 header padded so that the array's data begins at a multiple of 64 in the file."""
+    fields = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    text = repr(fields)
+    prefix = len(np.lib.format.MAGIC_PREFIX) + 2 + 2  # magic, version, header length (uint16)
+    padding = -(data_start + prefix + len(text) + 1) % _DATA_ALIGN
+    header = (text + " " * padding + "\n").encode("latin1")
+    return np.lib.format.magic(1, 0) + struct.pack("<H", len(header)) + header
 
 
 # ---------------------------------------------------------------- reading
@@ -186,7 +299,10 @@ def load_features(
         )
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            arrays = {key: archive[key] for key in archive.files if key != "features"}
+        arrays["features"] = map_matrix(path)
+    except TruncatedFile:
+        raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} is not a readable features file ({error}); re-run extract_features") from None
     missing = [key for key in REQUIRED_KEYS if key not in arrays]
@@ -214,6 +330,113 @@ def load_features(
         images_directory=None if images_directory is None else Path(images_directory),
         max_image_pixels=max_image_pixels,
     )
+
+
+def map_matrix(path: Path) -> np.ndarray:
+    """The ``features`` array of a features file, memory-mapped read-only (read whole if stored compressed).
+
+    The member's local zip header and ``.npy`` header give where the array's bytes start; a file
+    that ends before them is refused.
+
+    Raises:
+        TruncatedFile: the file ends before the matrix does (naming the bytes present and needed).
+        ValueError: the file has no ``features`` member.
+        zipfile.BadZipFile, OSError: the file is not a readable zip archive.
+    """
+    with zipfile.ZipFile(path) as archive:
+        try:
+            info = archive.getinfo(MATRIX_MEMBER)
+        except KeyError:
+            raise ValueError(f"no '{MATRIX_MEMBER}' member") from None
+        if info.compress_type != zipfile.ZIP_STORED:  # written by np.savez_compressed: no mapping possible
+            with archive.open(info) as member:
+                return np.lib.format.read_array(member, allow_pickle=False)
+    size = path.stat().st_size
+    with path.open("rb") as file:
+        file.seek(info.header_offset)
+        header = file.read(_LOCAL_HEADER.size)
+        if len(header) < _LOCAL_HEADER.size or header[:4] != b"PK\x03\x04":
+            raise ValueError(f"{path} is damaged: no zip header where its features member should start")
+        *_, name_length, extra_length = _LOCAL_HEADER.unpack(header)
+        member_start = info.header_offset + _LOCAL_HEADER.size + name_length + extra_length
+        file.seek(member_start)
+        shape, fortran_order, dtype, needed = _npy_header(file)
+        start = file.tell()
+    held = min(member_start + info.file_size, size)  # the matrix's bytes end at the member's or the file's end
+    if held < needed:
+        raise TruncatedFile(
+            f"{path} is truncated ({held - member_start} of {needed - member_start} bytes of its features matrix); "
+            "re-run extract_features"
+        )
+    if dtype.hasobject:
+        raise ValueError(f"'features' holds Python objects ({dtype}), not floats")
+    if not shape or 0 in shape:  # np.memmap cannot map zero bytes
+        return np.zeros(shape, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=start, shape=shape, order="F" if fortran_order else "C")
+
+
+def _npy_header(file: Any) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+    """Reads a ``.npy`` header at the file's position: shape, Fortran order, dtype, and where the data ends."""
+    version = np.lib.format.read_magic(file)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, fortran_order, dtype = reader(file)
+    return shape, fortran_order, dtype, file.tell() + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def refuse_truncated_npy(path: Path, stage: str) -> None:
+    """Raises :class:`TruncatedFile` when the ``.npy`` file ``path`` ends before its array does.
+
+    Args:
+        path: the file.
+        stage: the stage to re-run, named in the message.
+    """
+    with path.open("rb") as file:
+        *_, needed = _npy_header(file)
+    size = path.stat().st_size
+    if size < needed:
+        raise TruncatedFile(f"{path} is truncated ({size} of {needed} bytes); re-run {stage}")
+
+
+def row_chunks(matrix: np.ndarray, rows: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+    """(row range, rows) of ``matrix``, ``rows`` at a time (default :data:`CHUNK_ROWS`), in order.
+
+    When ``matrix`` is memory-mapped (:func:`load_features`), the pages of each chunk are released
+    from this process once the caller has moved on (``madvise(MADV_DONTNEED)``: the file stays in
+    the page cache, a later read maps it again), so a pass over a large features file keeps the
+    process's resident memory at about one chunk instead of the whole file.
+    """
+    rows = rows or CHUNK_ROWS
+    mapping = _mapping_of(matrix)
+    for start in range(0, len(matrix), rows):
+        part = slice(start, min(start + rows, len(matrix)))
+        chunk = matrix[part]
+        yield part, chunk
+        if mapping is not None and chunk.size:
+            _release(mapping, chunk)
+
+
+def is_memory_mapped(matrix: np.ndarray) -> bool:
+    """True when ``matrix`` (or the array it views) is a read-only memory map of a file."""
+    return _mapping_of(matrix) is not None
+
+
+def _mapping_of(matrix: np.ndarray) -> mmap.mmap | None:
+    base = matrix
+    while isinstance(base, np.ndarray):
+        base = base.base
+    # Read-only maps only: dropping the pages of a copy-on-write map would drop its changes.
+    return base if isinstance(base, mmap.mmap) and memoryview(base).readonly else None
+
+
+def _release(mapping: mmap.mmap, chunk: np.ndarray) -> None:
+    """Drops the pages under ``chunk`` (a view into ``mapping``) from this process's resident memory."""
+    if not hasattr(mapping, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):  # not Linux: nothing to do
+        return
+    origin = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
+    first = chunk.ctypes.data - origin
+    start = first - first % mmap.PAGESIZE
+    end = min(first + chunk.nbytes, len(mapping))
+    mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 # ---------------------------------------------------------------- tap activations (data/taps/)
@@ -280,8 +503,11 @@ def load_member_taps(folder: Path, split: str) -> Taps:
     file = folder / f"{split}.npy"
     try:
         description = json.loads((folder / taps_module.DESCRIPTION_FILE).read_text(encoding="utf-8"))
+        refuse_truncated_npy(file, "extract_taps")
         activations = np.load(file, mmap_mode="r", allow_pickle=False)
         layer, block = str(description["layer"]), str(description["member"])
+    except TruncatedFile:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as error:
         raise ValueError(
             f"{file} or its {taps_module.DESCRIPTION_FILE} is missing or unreadable ({error!r}); re-run extract_taps"
@@ -358,7 +584,7 @@ def _matrix(
         raise ValueError(f"{path}: 'class_names' must be non-empty and unique, got {list(class_names)}")
     if labels.size and (labels.min() < 0 or labels.max() >= len(class_names)):
         raise ValueError(f"{path}: labels must lie in 0..{len(class_names) - 1} (one per class name)")
-    bad_rows = int(np.count_nonzero(~np.isfinite(features).all(axis=1)))
+    bad_rows = sum(int(np.count_nonzero(~np.isfinite(chunk).all(axis=1))) for _, chunk in row_chunks(features))
     if bad_rows:
         raise ValueError(f"{path}: {bad_rows} feature row(s) hold NaN or infinity; re-run extract_features")
     return features, labels.astype(np.int64), class_names

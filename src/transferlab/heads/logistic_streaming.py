@@ -2,8 +2,10 @@
 
 :mod:`transferlab.heads.logistic` fits lbfgs on the whole standardized training matrix (float64,
 ``rows x width x 8`` bytes: 10 GB for 10^6 MobileNetV2 rows). Above ``train_head.logistic.max_memory_gb``
-it trains here instead, holding one chunk of :data:`CHUNK_ROWS` rows at a time, so the features
-may be memory-mapped or read shard by shard:
+it trains here instead, holding one chunk of :data:`CHUNK_ROWS` rows at a time. The features
+files are memory-mapped (:func:`transferlab.features.files.load_features`) and each pass releases
+a chunk's pages once it is used (:func:`transferlab.features.files.row_chunks`), so the process
+holds one chunk of the file, not the file:
 
 1. **The same per-block standardization**, fitted in one streaming pass: per-column mean and
    variance merged chunk by chunk (Chan et al.'s parallel update, float64), then the
@@ -41,18 +43,19 @@ def matrix_gigabytes(rows: int, width: int) -> float:
     return rows * width * 8 / 1e9
 
 
-def chunks(count: int, rows: int | None = None) -> Iterator[slice]:
-    """Consecutive row ranges of at most ``rows`` (default :data:`CHUNK_ROWS`) rows covering ``count`` rows."""
-    rows = rows or CHUNK_ROWS
-    for start in range(0, count, rows):
-        yield slice(start, min(start + rows, count))
+def chunks(features: np.ndarray) -> Iterator[tuple[slice, np.ndarray]]:
+    """(row range, rows) of ``features``, :data:`CHUNK_ROWS` at a time: :func:`transferlab.features.files.row_chunks`.
+
+    A memory-mapped features file's pages are released after each chunk, so a pass holds one chunk.
+    """
+    return files.row_chunks(features, CHUNK_ROWS)
 
 
 def streaming_standardizer(features: np.ndarray, widths: Sequence[int]) -> base.BlockStandardizer:
     """The :class:`~transferlab.heads.base.BlockStandardizer` of ``features``, read one chunk at a time."""
     count, mean, squares = 0, np.zeros(features.shape[1]), np.zeros(features.shape[1])
-    for rows in chunks(len(features)):
-        chunk = np.asarray(features[rows], dtype=np.float64)
+    for _, rows in chunks(features):
+        chunk = np.asarray(rows, dtype=np.float64)
         chunk_mean = chunk.mean(axis=0)
         chunk_squares = ((chunk - chunk_mean) ** 2).sum(axis=0)
         total = count + len(chunk)
@@ -142,8 +145,8 @@ def _loss_and_gradient(
     width = features.shape[1]
     coef, intercept = flat[: classes * width].reshape(classes, width), flat[classes * width :]
     loss, coef_gradient, intercept_gradient = 0.0, np.zeros((classes, width)), np.zeros(classes)
-    for rows in chunks(len(features)):
-        chunk, chunk_labels = standardizer.transform(features[rows]), labels[rows]
+    for rows, raw in chunks(features):
+        chunk, chunk_labels = standardizer.transform(raw), labels[rows]
         logits = chunk @ coef.T + intercept
         shifted = logits - logits.max(axis=1, keepdims=True)
         log_normalizer = np.log(np.exp(shifted).sum(axis=1))
@@ -159,9 +162,7 @@ def _loss_and_gradient(
 
 def predict_proba(standardizer: base.BlockStandardizer, coef, intercept, features: np.ndarray) -> np.ndarray:
     """Class probabilities of ``features``, computed chunk by chunk (the head's softmax)."""
-    parts = [
-        base.softmax(standardizer.transform(features[rows]) @ coef.T + intercept) for rows in chunks(len(features))
-    ]
+    parts = [base.softmax(standardizer.transform(rows) @ coef.T + intercept) for _, rows in chunks(features)]
     return np.concatenate(parts) if parts else np.zeros((0, len(intercept)))
 
 
