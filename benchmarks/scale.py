@@ -8,9 +8,10 @@ extract_taps -> train_head -> evaluate, in a workspace per size) with MobileNet 
 96 px, ImageNet weights from ``../shared/weights/mobilenet_v1_0.25_224_imagenet_no_top.h5``
 (engine auto: converted to TFLite once). Each stage runs as its own process, so its peak RSS is
 its own (``os.wait4``'s rusage; with ``executor: ray`` that is the driver's, the actors are Ray's
-processes). The logistic head trains out of core above ``--max-memory-gb`` (default 0.05 GB: the
-8k training rows of 10k images fit in 16 MB, the 40k of 50k images need 82 MB), so the table
-also shows both solvers' accuracy.
+processes). The logistic head trains with params.yaml's ``train_head.logistic.max_memory_gb`` (in
+memory up to 4 GB: 200k images need 0.33 GB) unless ``--max-memory-gb`` is given; for
+``--out-of-core-sizes`` (default: the largest size) train_head and evaluate run again with the
+head out of core, so the table shows both solvers' cost, memory and accuracy.
 
 Then, for the sizes in ``--ray-sizes``, extract_features again on a cold cache with
 ``executor: ray`` and 1 and 2 workers, beside the local figure (images/s from the stage's
@@ -26,7 +27,7 @@ Run it on an otherwise idle machine: on a shared one, every figure is pessimisti
 
 Usage::
 
-    python benchmarks/scale.py --sizes 10000 50000 --ray-sizes 50000 --work /tmp/scale
+    python benchmarks/scale.py --sizes 10000 50000 200000 --ray-sizes 50000 --work /tmp/scale
     python benchmarks/scale.py --flowers ../shared/data/flower_photos.tgz --work /tmp/scale
     python benchmarks/scale.py --components --flowers ../shared/data/flower_photos.tgz --work /tmp/scale  # after both
 """
@@ -34,6 +35,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import hashlib
 import json
 import os
@@ -69,28 +71,39 @@ FLOWERS_BACKBONE = {
 }
 
 
-def write_synthetic(root: Path, count: int, *, seed: int = 0) -> Path:
-    """Writes ``count`` 96x96 JPEGs in ten class folders (kept: a second call with the same count reuses them)."""
+def write_synthetic(root: Path, count: int, *, seed: int = 0, jobs: int = 2) -> Path:
+    """Writes ``count`` 96x96 JPEGs in ten class folders (kept: a second call with the same count reuses them).
+
+    Each image has its own random stream (seeded by ``seed`` and its index), so ``jobs`` processes
+    write the same dataset as one.
+    """
     done = root / ".complete"
     if done.exists() and done.read_text() == str(count):
         return root
-    rng = np.random.default_rng(seed)
-    colours = rng.uniform(60, 200, size=(CLASSES, 3))
+    for label in range(CLASSES):
+        (root / f"class_{label:02d}").mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, count, jobs + 1).astype(int)
+    with concurrent.futures.ProcessPoolExecutor(jobs) as pool:
+        list(pool.map(_write_images, [root] * jobs, bounds[:-1], bounds[1:], [seed] * jobs))
+    done.write_text(str(count))
+    return root
+
+
+def _write_images(root: Path, first: int, end: int, seed: int) -> None:
+    colours = np.random.default_rng(seed).uniform(60, 200, size=(CLASSES, 3))
     angles = np.linspace(0, np.pi, CLASSES, endpoint=False)
     frequencies = 2 + (np.arange(CLASSES) % 4) * 1.5  # stripes per image side
     y, x = np.mgrid[0:SIDE, 0:SIDE] / SIDE
-    for index in range(count):
+    for index in range(first, end):
+        rng = np.random.default_rng([seed, index])
         label = index % CLASSES
         folder = root / f"class_{label:02d}"
-        folder.mkdir(parents=True, exist_ok=True)
         angle = angles[label] + rng.normal(0, 0.15)
         phase = rng.uniform(0, 2 * np.pi)
         stripes = np.sin(2 * np.pi * frequencies[label] * (x * np.cos(angle) + y * np.sin(angle)) + phase)
         colour = colours[label] + rng.normal(0, 25, 3)
         pixels = colour + 40 * stripes[..., None] + rng.normal(0, 20, (SIDE, SIDE, 3))
         Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{index:07d}.jpg", quality=85)
-    done.write_text(str(count))
-    return root
 
 
 def stage_commands() -> dict[str, list[str]]:
@@ -117,12 +130,17 @@ def write_params(workspace: Path, **sections: dict[str, Any]) -> Path:
     return path
 
 
+LOADS: list[float] = []  # the 1-minute load average at each stage's start and end: how shared the machine was
+
+
 def run_stage(command: list[str], workspace: Path, log: Path) -> dict[str, float]:
     """Runs one stage script; returns its wall seconds and its own peak RSS (MiB)."""
     started = time.perf_counter()
+    LOADS.append(os.getloadavg()[0])
     with log.open("a") as output:
         process = subprocess.Popen(command, cwd=workspace, stdout=output, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(process.pid, 0)
+    LOADS.append(os.getloadavg()[0])
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command[:2])} failed ({process.returncode}); see {log}")
@@ -145,13 +163,17 @@ def run_pipeline(workspace: Path, params: dict[str, dict], stages=STAGES, **flag
     return figures
 
 
-def size_params(source: Path, count: int, work: Path, max_memory_gb: float) -> dict[str, dict]:
+def size_params(source: Path, count: int, work: Path, max_memory_gb: float | None) -> dict[str, dict]:
+    """The params of one size's run; ``max_memory_gb`` None keeps the repository's default budget."""
+    head: dict[str, Any] = {"head": "logistic"}
+    if max_memory_gb is not None:
+        head["logistic"] = {"max_memory_gb": max_memory_gb}
     return {
         "download": {"source": str(source), "sha256": "", "max_files": count + 1000},
         "split": {"val_fraction": 0.1, "test_fraction": 0.1},
         "augment": {"copies": 0, "preview_images": 2},
         "extract_features": {**BACKBONE, "cache_dir": str(work / f"cache-{count}-local"), "executor": "local"},
-        "train_head": {"head": "logistic", "logistic": {"max_memory_gb": max_memory_gb}},
+        "train_head": head,
         "evaluate": {"gallery_images": 4},
     }
 
@@ -160,7 +182,8 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-def benchmark_size(count: int, work: Path, *, max_memory_gb: float, ray: bool) -> dict:
+def benchmark_size(count: int, work: Path, *, max_memory_gb: float | None, ray: bool, out_of_core: bool) -> dict:
+    """One size's pipeline; with ``out_of_core`` also train_head and evaluate with the head out of core."""
     print(f"== {count} images", flush=True)
     started = time.perf_counter()
     source = write_synthetic(work / f"synthetic-{count}", count)
@@ -171,6 +194,16 @@ def benchmark_size(count: int, work: Path, *, max_memory_gb: float, ray: bool) -
     result["extract"] = read_json(workspace / "metrics" / "extract_features.json")["images_per_second"]
     result["train_head"] = read_json(workspace / "metrics" / "train_head.json")
     result["evaluate"] = read_json(workspace / "metrics" / "evaluate.json")
+    if out_of_core:
+        print("  train_head and evaluate again, the head out of core (max_memory_gb 1e-6)", flush=True)
+        again = {**params, "train_head": {"head": "logistic", "logistic": {"max_memory_gb": 1e-6}}}
+        figures = run_pipeline(workspace, again, stages=("train_head", "evaluate"))
+        result["out_of_core"] = {
+            "stages": figures,
+            "train_head": read_json(workspace / "metrics" / "train_head.json"),
+            "evaluate": read_json(workspace / "metrics" / "evaluate.json"),
+        }
+        write_params(workspace, **params)
     if ray:
         result["ray"] = {}
         for workers in (1, 2):
@@ -194,22 +227,35 @@ def print_table(results: list[dict]) -> None:
     print("\nper stage: seconds per 1000 images / peak RSS (MiB)")
     print(f"{'images':>8} " + " ".join(f"{name[:16]:>17}" for name in STAGES))
     for result in results:
-        cells = []
-        for name in STAGES:
-            figures = result["stages"][name]
-            cells.append(f"{figures['seconds'] * 1000 / result['images']:7.2f} /{figures['peak_rss_mib']:6.0f}")
-        print(f"{result['images']:>8} " + " ".join(f"{cell:>17}" for cell in cells))
+        for label, stages in (("", result["stages"]), (" ooc", result.get("out_of_core", {}).get("stages", {}))):
+            if not stages:
+                continue
+            cells = []
+            for name in STAGES:
+                figures = stages.get(name)
+                seconds = figures["seconds"] * 1000 / result["images"] if figures else 0.0
+                cells.append(f"{seconds:7.2f} /{figures['peak_rss_mib']:6.0f}" if figures else "")
+            print(f"{str(result['images']) + label:>8} " + " ".join(f"{cell:>17}" for cell in cells))
+    print("(ooc: train_head and evaluate again with the logistic head out of core)")
     print("\nextract_features images/s (cold cache, whole stage incl. start-up), and the head")
     print(f"{'images':>8} {'local':>8} {'ray x1':>8} {'ray x2':>8} {'ray2/local':>10}  head solver, test accuracy")
     for result in results:
         ray = result.get("ray", {})
         one, two = (ray.get(name, {}).get("images_per_second") for name in ("ray1", "ray2"))
         ratio = f"{two / result['extract']:.2f}" if two else "-"
-        accuracy = result["evaluate"].get("test", {}).get("accuracy", result["evaluate"].get("test_accuracy"))
-        print(
-            f"{result['images']:>8} {result['extract']:>8} {one or '-':>8} {two or '-':>8} {ratio:>10}  "
-            f"{result['train_head'].get('solver', '?')}, {accuracy}"
-        )
+        heads = [(result["train_head"], result["evaluate"])]
+        if "out_of_core" in result:
+            heads.append((result["out_of_core"]["train_head"], result["out_of_core"]["evaluate"]))
+        described = "; ".join(f"{head.get('solver', '?')}, {accuracy_of(metrics)}" for head, metrics in heads)
+        print(f"{result['images']:>8} {result['extract']:>8} {one or '-':>8} {two or '-':>8} {ratio:>10}  {described}")
+    if LOADS:
+        print(f"\n1-minute load average at the stages' starts and ends: {min(LOADS):.1f}-{max(LOADS):.1f}")
+
+
+def accuracy_of(metrics: dict) -> str:
+    """The test accuracy in metrics/evaluate.json, in percent."""
+    accuracy = metrics.get("test", {}).get("accuracy", metrics.get("test_accuracy"))
+    return f"{100 * accuracy:.2f}%" if isinstance(accuracy, float) else str(accuracy)
 
 
 def benchmark_flowers(archive: Path, work: Path) -> None:
@@ -293,7 +339,15 @@ def main() -> None:
     parser.add_argument(
         "--ray-sizes", type=int, nargs="*", default=[50_000], help="sizes also run on Ray (1, 2 workers)"
     )
-    parser.add_argument("--max-memory-gb", type=float, default=0.05, help="train_head.logistic.max_memory_gb")
+    parser.add_argument(
+        "--max-memory-gb", type=float, help="train_head.logistic.max_memory_gb (default: params.yaml's, in memory)"
+    )
+    parser.add_argument(
+        "--out-of-core-sizes",
+        type=int,
+        nargs="*",
+        help="sizes whose head is also trained out of core (train_head + evaluate again); default: the largest",
+    )
     parser.add_argument("--work", type=Path, default=Path("/tmp/transferlab-scale"))
     parser.add_argument("--flowers", type=Path, help="flower_photos.tgz: compare the two logistic solvers instead")
     parser.add_argument("--components", action="store_true", help="per-image costs of each part (after a run)")
@@ -306,6 +360,7 @@ def main() -> None:
         benchmark_flowers(arguments.flowers.resolve(), arguments.work.resolve())
         return
     results = []
+    out_of_core = max(arguments.sizes) if arguments.out_of_core_sizes is None else arguments.out_of_core_sizes
     for count in arguments.sizes:
         results.append(
             benchmark_size(
@@ -313,6 +368,7 @@ def main() -> None:
                 arguments.work.resolve(),
                 max_memory_gb=arguments.max_memory_gb,
                 ray=count in arguments.ray_sizes,
+                out_of_core=count in (out_of_core if isinstance(out_of_core, list) else [out_of_core]),
             )
         )
         (arguments.work / "results.json").write_text(json.dumps(results, indent=1))
