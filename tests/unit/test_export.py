@@ -697,7 +697,7 @@ def test_classifier_model_is_backbone_then_head_on_resized_pixels_and_loads_safe
     standardizer = base.BlockStandardizer(widths=(1280,)).fit(features)
     description = base.HeadDescription(head="dense", class_names=CLASSES, blocks=(mobilenet_block(),))
     model = dense.build_model(standardizer=standardizer, classes=3, units=8, dropout=0.5, seed=0)
-    head = dense.DenseHead(description=description, standardizer=standardizer, model=model)
+    head = dense.DenseHead.from_model(description=description, standardizer=standardizer, model=model)
     build.build_classifier(members=[member], head=head, head_folder=tmp_path, seed=5).save(tmp_path / "model.keras")
     loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)  # plain Keras, no transferlab code
     assert loaded.input_shape == (None, 32, 32, 3) and loaded.inputs[0].name == "pixels_32"

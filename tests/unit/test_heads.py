@@ -339,9 +339,90 @@ def test_dense_is_deterministic_for_a_seed_and_round_trips(tmp_path):
     assert not np.allclose(first_probabilities, other_seed.head.predict_proba(test_split.features))
     assert metrics.accuracy_score(test_split.labels, first_probabilities.argmax(axis=1)) > 0.6  # chance 0.25
     train_head.save_head(first.head, tmp_path / "head")
-    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == ["head.json", "head.keras", "standardizer.npz"]
+    assert sorted(p.name for p in (tmp_path / "head").iterdir()) == [
+        "head.json",
+        "head.keras",
+        "standardizer.npz",
+        "weights.npz",
+    ]
     loaded = heads.load_head(tmp_path / "head")
     np.testing.assert_array_equal(loaded.predict_proba(test_split.features), first_probabilities)
+    saved_again = tmp_path / "again"
+    train_head.save_head(second.head, saved_again)
+    for name in ("weights.npz", "standardizer.npz", "head.json"):  # same seed, same bytes: DVC sees no change
+        assert (saved_again / name).read_bytes() == (tmp_path / "head" / name).read_bytes(), name
+
+
+@pytest.mark.slow
+def test_dense_predicts_in_numpy_as_keras_does_and_loads_without_tensorflow(tmp_path, caplog):
+
+    # Blocks of very different scales, and a constant column (standardized by 1), as real stacks have.
+    train_split, val_split, test_split = blob_splits(17, widths=(6, 10), separation=0.8)
+    train_split = dataclasses.replace(train_split, features=train_split.features * np.repeat([50.0, 0.02], (6, 10)))
+    train_split.features[:, 3] = 2.5
+    trained = train_dense(train_split, val_split, epochs=4).head
+    features = np.random.default_rng(1).normal(size=(300, 16)).astype(np.float32) * np.repeat([50.0, 0.02], (6, 10))
+    features = np.concatenate([features, train_split.features, test_split.features])
+    in_numpy = trained.predict_proba(features)
+    in_keras = np.asarray(trained.model(features, training=False), dtype=np.float64)
+    assert np.abs(in_numpy - in_keras).max() <= 1e-5
+    assert np.array_equal(in_numpy.argmax(axis=1), in_keras.argmax(axis=1))
+    assert in_numpy.max() > 0.9, "a trained head, not a near-uniform one: the comparison must mean something"
+
+    folder = tmp_path / "head"
+    train_head.save_head(trained, folder)
+    np.save(tmp_path / "features.npy", features)
+    script = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        from transferlab import heads
+        folder, features, out = sys.argv[1:]
+        np.save(out, heads.load_head(folder).predict_proba(np.load(features)))
+        loaded = sorted(name for name in ("tensorflow", "keras") if name in sys.modules)
+        print("loaded:", loaded)
+        sys.exit(1 if loaded else 0)
+        """
+    )
+    arguments = [str(folder), str(tmp_path / "features.npy"), str(tmp_path / "out.npy")]
+    completed = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True)
+    assert completed.returncode == 0, completed.stdout + completed.stderr
+    np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), in_numpy)
+
+    # A head saved before weights.npz existed: its weights come from head.keras (TensorFlow), same numbers.
+    (folder / "weights.npz").unlink()
+    with caplog.at_level("WARNING"):
+        old = heads.load_head(folder)
+    assert "re-run train_head" in caplog.text and old.trained_model is not None
+    np.testing.assert_array_equal(old.predict_proba(features), in_numpy)
+
+
+def test_dense_weights_that_do_not_fit_the_head_are_refused(tmp_path):
+    from transferlab.heads import dense
+
+    rng = np.random.default_rng(0)
+    weights = dense.DenseWeights(
+        mean=np.zeros(4, np.float32),
+        variance=np.ones(4, np.float32),
+        hidden_kernel=rng.normal(size=(4, 3)).astype(np.float32),
+        hidden_bias=np.zeros(3, np.float32),
+        output_kernel=rng.normal(size=(3, 2)).astype(np.float32),
+        output_bias=np.zeros(2, np.float32),
+    )
+    folder = tmp_path / "head"
+    folder.mkdir()
+    weights.save(folder / dense.WEIGHTS_FILE)
+    base.BlockStandardizer(widths=(4,)).fit(rng.normal(size=(5, 4))).save(folder / base.STANDARDIZER_FILE)
+    blocks = (files.Block("m", "w", 4, 0),)
+    head = dense.load(folder, base.HeadDescription(head="dense", class_names=("a", "b"), blocks=blocks))
+    x = rng.normal(size=(7, 4))
+    hidden = np.maximum(x @ weights.hidden_kernel + weights.hidden_bias, 0)
+    np.testing.assert_allclose(head.predict_proba(x), base.softmax(hidden @ weights.output_kernel), rtol=1e-6)
+    with pytest.raises(ValueError, match=r"maps 4 features to 2 classes, head.json says 4 -> 3; re-run train_head"):
+        dense.load(folder, base.HeadDescription(head="dense", class_names=("a", "b", "c"), blocks=blocks))
+    base.save_arrays(folder / dense.WEIGHTS_FILE, **{**dataclasses.asdict(weights), "output_bias": np.zeros(5)})
+    with pytest.raises(ValueError, match="do not chain; re-run train_head"):
+        dense.load(folder, base.HeadDescription(head="dense", class_names=("a", "b"), blocks=blocks))
 
 
 @pytest.mark.slow

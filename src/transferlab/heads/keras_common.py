@@ -10,6 +10,7 @@ TensorFlow is imported inside the functions, never at module import.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -30,6 +31,19 @@ def seed_everything(seed: int) -> None:
     # make the floating-point reductions run in the same order every time.
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
+
+
+def steps_per_execution(rows: int, batch_size: int) -> int:
+    """One epoch's gradient steps, for ``compile(steps_per_execution=...)``: the epoch runs as one TensorFlow call.
+
+    By default Keras returns to Python after every step. For a small model that per-step overhead
+    is most of the epoch: the dense head on flower_photos (81 steps of 32 x 1280 features per
+    epoch) went from 0.68 to 0.44 s per epoch, and its whole training from 14.5 to 10.2 s, with
+    bitwise the same weights (the same ops in the same order; README, "The head loop"). The heads'
+    callbacks act per epoch, so nothing else changes. ``jit_compile`` (XLA) is no option here:
+    Keras turns it off while TensorFlow's op determinism is on (:func:`seed_everything`).
+    """
+    return max(1, math.ceil(rows / batch_size))
 
 
 def keras_class_weight(class_weight: str, train: files.Features) -> dict[int, float] | None:
