@@ -131,7 +131,12 @@ def timed(label: str, kind: str, command: list[str], *, repo: Path, env: dict[st
                 running, began = matched.group(1), now
             elif running and line.startswith(("Updating lock file", "Stage '")):
                 timing.stages[running], running = now - began, ""
-            if matched or line.startswith(("Stage '", "Ran experiment", "[export] agreement")) or "head:" in line:
+            shown = ("head:", "best epoch")  # the head's summary; the dense head's epochs run
+            if (
+                matched
+                or line.startswith(("Stage '", "Ran experiment", "[export] agreement"))
+                or any(text in line for text in shown)
+            ):
                 print(f"  {now:6.1f} s  {line.rstrip()}", flush=True)
     timing.wall_seconds = time.perf_counter() - started
     timing.cpu_seconds = course_table._children_cpu_seconds() - cpu_before
