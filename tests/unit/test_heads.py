@@ -388,6 +388,9 @@ def test_dense_predicts_in_numpy_as_keras_does_and_loads_without_tensorflow(tmp_
     completed = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True)
     assert completed.returncode == 0, completed.stdout + completed.stderr
     np.testing.assert_array_equal(np.load(tmp_path / "out.npy"), in_numpy)
+    reloaded = heads.load_head(folder)  # export.keras builds its classifier from head.keras, read on demand
+    assert reloaded.trained_model is None
+    np.testing.assert_array_equal(np.asarray(reloaded.model(features, training=False)), in_keras.astype(np.float32))
 
     # A head saved before weights.npz existed: its weights come from head.keras (TensorFlow), same numbers.
     (folder / "weights.npz").unlink()
