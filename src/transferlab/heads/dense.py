@@ -37,7 +37,7 @@ WEIGHTS_FILE = "weights.npz"
 # Layer names in build_model: the weights are read from (and checked against) these.
 STANDARDIZE_LAYER, HIDDEN_LAYER, OUTPUT_LAYER = "block_standardize", "hidden", "probabilities"
 NORMALIZATION_EPSILON = 1e-7  # keras.layers.Normalization divides by max(sqrt(variance), this)
-PREDICT_BATCH_SIZE = 1024
+PREDICT_BATCH_SIZE = 1024  # rows per NumPy chunk: bounds the float64 activations
 logger = logging.getLogger(__name__)
 
 
@@ -114,8 +114,9 @@ class DenseWeights:
 class DenseHead:
     """A trained dense head: NumPy weights from raw features to class probabilities, and its Keras model.
 
-    ``trained_model`` is the Keras model in the process that trained the head; a loaded head has
-    None there and ``folder``, where :attr:`model` finds head.keras when it is asked for.
+    ``trained_model`` is the Keras model in the process that trained the head (or the one read
+    from head.keras for a folder without weights.npz); a loaded head has None there and
+    ``folder``, where :attr:`model` finds head.keras when it is asked for (``export.keras``).
     """
 
     description: base.HeadDescription
@@ -153,7 +154,6 @@ class DenseHead:
             raise ValueError(f"expected features of shape (N, {width}), got {data.shape}")
         if data.shape[0] == 0:
             return np.zeros((0, len(self.description.class_names)))
-        # Chunks bound the float64 hidden activations' memory (rows x units x 8 bytes).
         return np.concatenate(
             [
                 self.weights.probabilities(data[start : start + PREDICT_BATCH_SIZE])
