@@ -221,3 +221,11 @@ def test_a_pass_over_row_chunks_leaves_about_one_chunk_resident(tmp_path):
     assert mapped_resident_kib(tmp_path / "train.npz") < 2048
     float(np.asarray(loaded).sum())  # a plain pass maps every page: what row_chunks avoids
     assert mapped_resident_kib(tmp_path / "train.npz") > 7 * 1024
+
+
+def test_rewriting_a_features_file_leaves_its_memory_maps_reading_the_old_rows(tmp_path):
+    """The writer renames a new file onto the path: a map of the old one never sees a truncated file (SIGBUS)."""
+    old = files.load_features(written(tmp_path, np.ones((4096, 8), np.float32))).features
+    new = files.load_features(written(tmp_path, np.full((10, 8), 2.0, np.float32))).features
+    assert float(old.sum()) == 4096 * 8 and float(new.sum()) == 10 * 8 * 2.0
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["source.npz", "train.npz"]

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from transferlab.backbones import taps as taps_module
+from transferlab.core import atomic
 
 SPLITS = ("train", "val", "test")
 REQUIRED_KEYS = (
@@ -240,7 +241,17 @@ def write_feature_files(directory: Path, feature_sets: Mapping[str, FeatureSet])
 
 
 def write_features_file(path: Path, feature_set: FeatureSet) -> None:
-    """Writes one features file: the matrix first, streamed and aligned, then the small arrays."""
+    """Writes one features file: the matrix first, streamed and aligned, then the small arrays.
+
+    The file is written beside ``path`` and renamed onto it, never rewritten in place: a process
+    that has the old file memory-mapped keeps reading the old bytes (a file truncated under a
+    memory map would kill its reader with SIGBUS).
+    """
+    with atomic.atomic_path(path) as temporary:
+        _write_features_file(temporary, feature_set)
+
+
+def _write_features_file(path: Path, feature_set: FeatureSet) -> None:
     matrix = feature_set.rows()
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
         with archive.open(MATRIX_MEMBER, "w", force_zip64=True) as member:
