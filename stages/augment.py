@@ -1,7 +1,8 @@
 """augment stage: data/splits/train.csv -> data/augmented/train.csv (recipes) + a preview grid PNG.
 
 The preview (see transferlab.data.augment_preview) shows a few training images beside their
-first augmented views, rendered by the same function extract_features uses.
+first augmented views, rendered by the same function extract_features uses. train.csv is streamed
+(read row by row for the preview's sample, then again into the recipes file), never held whole.
 """
 
 import logging
@@ -22,9 +23,9 @@ from transferlab.data import augment, augment_preview, tables
     sections={"base": "base", "augment_params": "augment", "download_params": "download"},
 )
 def main(paths, base, augment_params, download_params):
-    train = tables.read_split(paths.train)
+    train = tables.stream_split(paths.train)
     augmentation = augment_params.recipe_options()
-    recipes = augment.make_recipes(train, seed=base.seed, **augmentation)
+    recipes = augment.iter_recipes(tables.in_path_order(train), seed=base.seed, **augmentation)
     preview = augment_preview.build_preview(
         train,
         images_directory=paths.images,
@@ -33,10 +34,11 @@ def main(paths, base, augment_params, download_params):
         max_image_pixels=download_params.max_image_pixels,
         **augmentation,
     )
-    tables.write_recipes(recipes, paths.out)
+    written = tables.write_recipes(recipes, paths.out)
     with atomic.atomic_path(paths.preview) as temporary:
         preview.save(temporary, format="PNG", optimize=True)
-    logging.info("%d training images, %d rows with recipes; preview %s", len(train), len(recipes), paths.preview)
+    images = written // (augmentation["copies"] + 1)  # each image: its original, then its copies
+    logging.info("%d training images, %d rows with recipes; preview %s", images, written, paths.preview)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,7 @@
-"""split stage: data/raw/index.csv -> data/splits/{train,val,test}.csv + metrics/split.json."""
+"""split stage: data/raw/index.csv -> data/splits/{train,val,test}.csv + metrics/split.json.
+
+The index is streamed: read row by row in a few passes (transferlab.data.split.split_index), never held whole.
+"""
 
 import logging
 
@@ -17,14 +20,14 @@ from transferlab.data import split, tables
 )
 def main(paths, base, split_params):
     result = split.split_index(
-        tables.read_index(paths.index),
+        tables.stream_index(paths.index),
         val_fraction=split_params.val_fraction,
         test_fraction=split_params.test_fraction,
         seed=base.seed,
         max_images_per_class=split_params.max_images_per_class,
         exclude=split_params.exclude,
     )
-    tables.write_splits(result.splits(), paths.out)
+    tables.write_splits(result.stream_splits(), paths.out)
     atomic.write_json(paths.metrics, result.report)
     logging.info(split.describe(result.report))
 

@@ -27,7 +27,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -141,6 +141,8 @@ def make_recipes(
 ) -> list[dict[str, str]]:
     """Lists every training row with recipe ``""``, each followed by ``copies`` augmented views.
 
+    Holds every row; the augment stage streams them instead (:func:`iter_recipes`).
+
     Args:
         rows: training rows with ``path``, ``label`` and ``sha256``; output is sorted by path.
         copies: augmented views per image (0 = originals only).
@@ -154,16 +156,47 @@ def make_recipes(
     Returns:
         Rows with ``path``, ``label``, ``sha256`` and ``recipe``.
     """
-    check_ranges(copies=copies, flip=flip, zoom=zoom, rotation=rotation, brightness=brightness, contrast=contrast)
-    out: list[dict[str, str]] = []
-    for row in sorted(rows, key=lambda item: str(item["path"])):
+    ranges = dict(copies=copies, flip=flip, zoom=zoom, rotation=rotation, brightness=brightness, contrast=contrast)
+    check_ranges(**ranges)
+    return list(iter_recipes(sorted(rows, key=lambda item: str(item["path"])), seed=seed, **ranges))
+
+
+def iter_recipes(
+    rows: Iterable[Mapping[str, Any]],
+    *,
+    copies: int,
+    flip: bool,
+    zoom: float,
+    rotation: float,
+    brightness: float,
+    contrast: float,
+    seed: int,
+) -> Iterator[dict[str, str]]:
+    """:func:`make_recipes`' rows, one at a time, in the order of ``rows`` (give them sorted by path).
+
+    The ranges are checked now (a ``ValueError`` is raised by this call, not by the first row);
+    then each input row is read only when its recipes are wanted, so writing the result to a CSV
+    holds one row at a time however many there are.
+
+    Args:
+        rows: training rows with ``path``, ``label`` and ``sha256``, in the output's order
+            (:func:`transferlab.data.tables.in_path_order` gives them sorted by path).
+        copies, flip, zoom, rotation, brightness, contrast, seed: as for :func:`make_recipes`.
+    """
+    ranges = dict(flip=flip, zoom=zoom, rotation=rotation, brightness=brightness, contrast=contrast)
+    check_ranges(copies=copies, **ranges)
+    return _recipes(rows, copies=copies, seed=seed, ranges=ranges)
+
+
+def _recipes(
+    rows: Iterable[Mapping[str, Any]], *, copies: int, seed: int, ranges: dict[str, Any]
+) -> Iterator[dict[str, str]]:
+    for row in rows:
         base = {"path": str(row["path"]), "label": str(row["label"]), "sha256": str(row["sha256"])}
-        out.append(base | {"recipe": ORIGINAL})
+        yield base | {"recipe": ORIGINAL}
         for copy_index in range(copies):
-            rng = view_generator(seed, base["sha256"], copy_index)
-            recipe = draw_recipe(rng, flip=flip, zoom=zoom, rotation=rotation, brightness=brightness, contrast=contrast)
-            out.append(base | {"recipe": recipe.to_string()})
-    return out
+            recipe = draw_recipe(view_generator(seed, base["sha256"], copy_index), **ranges)
+            yield base | {"recipe": recipe.to_string()}
 
 
 def render_view(image: Image.Image, recipe: str, size: int) -> np.ndarray:

@@ -10,10 +10,11 @@ range is off too).
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +28,7 @@ EXAMPLE_VIEWS = 4  # views shown per image when augmentation is off
 
 
 def build_preview(
-    rows: Sequence[Mapping[str, str]],
+    rows: Iterable[Mapping[str, str]],
     *,
     images_directory: str | os.PathLike,
     preview_images: int,
@@ -43,7 +44,8 @@ def build_preview(
     """Renders the preview grid for the first ``preview_images`` sampled training rows.
 
     Args:
-        rows: training rows with ``path``, ``label`` and ``sha256``.
+        rows: training rows with ``path``, ``label`` and ``sha256``, in any order; read once,
+            holding only the sampled few (:func:`preview_sample`).
         images_directory: the folder the rows' paths are relative to.
         preview_images: how many images the grid shows (one row each).
         copies: augmented views per image (``augment.copies``); 0 shows example views.
@@ -87,13 +89,31 @@ def open_rgb(path: Path, *, max_image_pixels: int) -> Image.Image:
         raise ValueError(f"image {path} cannot be decoded ({error}); re-run the download stage") from None
 
 
-def preview_sample(rows: Sequence[Mapping[str, str]], count: int) -> list[Mapping[str, str]]:
-    """Up to ``count`` rows, one class after another (round-robin), each class in path order."""
-    by_label: dict[str, list[Mapping[str, str]]] = {}
-    for row in sorted(rows, key=lambda item: item["path"]):
-        by_label.setdefault(row["label"], []).append(row)
-    interleaved = itertools.chain.from_iterable(itertools.zip_longest(*by_label.values()))
-    return [row for row in interleaved if row is not None][:count]
+def preview_sample(rows: Iterable[Mapping[str, str]], count: int) -> list[Mapping[str, str]]:
+    """Up to ``count`` rows, one class after another (round-robin), each class in path order.
+
+    The classes take turns in the order of their first path. ``rows`` may come in any order and
+    is read once, holding at most ``count`` rows per class (the round-robin never reaches a
+    class's row beyond its first ``count``), so a training split of any size streams through.
+    """
+    if count < 1:
+        return []
+    kept: dict[str, list[tuple[str, int, Mapping[str, str]]]] = {}  # per class, its smallest (path, arrival)
+    for arrival, row in enumerate(rows):
+        smallest = kept.setdefault(row["label"], [])
+        key = (row["path"], arrival, row)
+        if len(smallest) < count:
+            bisect.insort(smallest, key, key=_path_and_arrival)
+        elif key[:2] < smallest[-1][:2]:
+            bisect.insort(smallest, key, key=_path_and_arrival)
+            del smallest[-1]
+    by_label = sorted(kept.values(), key=lambda smallest: smallest[0][:2])  # a class's turn: its first path
+    interleaved = itertools.chain.from_iterable(itertools.zip_longest(*by_label))
+    return [item[2] for item in interleaved if item is not None][:count]
+
+
+def _path_and_arrival(item: tuple[str, int, Mapping[str, str]]) -> tuple[str, int]:
+    return item[0], item[1]
 
 
 def preview_heading(

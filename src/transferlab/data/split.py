@@ -29,32 +29,69 @@ How an index becomes three splits:
 
 from __future__ import annotations
 
+import array
 import collections
-import dataclasses
 import hashlib
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from transferlab.data import tables
 
 SPLIT_NAMES = ("train", "val", "test")
-Groups = list[list[dict[str, str]]]  # a class's groups of byte-identical rows, in rank order
+_DROPPED = 255  # the split code of a row in no split (not ok, excluded, a label conflict, over the cap)
 
 
-@dataclasses.dataclass(frozen=True)
 class SplitResult:
-    """Three splits (rows with ``path``, ``label``, ``sha256``; sorted by path) and the report."""
+    """Three splits (rows with ``path``, ``label``, ``sha256``; sorted by path) and the report.
 
-    train: list[dict[str, str]]
-    val: list[dict[str, str]]
-    test: list[dict[str, str]]
-    report: dict[str, Any]
+    The result holds one split code per index row, not the rows: :meth:`stream_splits` reads each
+    split's rows again from the index, one at a time, and :attr:`train`, :attr:`val`,
+    :attr:`test` and :meth:`splits` list them (for tests and small datasets).
+    """
+
+    def __init__(self, source: Iterable[dict[str, str]], codes: bytes, report: dict[str, Any]) -> None:
+        """``source``: the checked rows in path order, re-iterable; ``codes``: each row's split index."""
+        self._source, self._codes, self.report = source, codes, report
+
+    @property
+    def train(self) -> list[dict[str, str]]:
+        """The training split's rows."""
+        return list(self._rows("train"))
+
+    @property
+    def val(self) -> list[dict[str, str]]:
+        """The validation split's rows."""
+        return list(self._rows("val"))
+
+    @property
+    def test(self) -> list[dict[str, str]]:
+        """The test split's rows."""
+        return list(self._rows("test"))
 
     def splits(self) -> dict[str, list[dict[str, str]]]:
-        """The three splits by name, in ``SPLIT_NAMES`` order."""
-        return {"train": self.train, "val": self.val, "test": self.test}
+        """The three splits by name, in ``SPLIT_NAMES`` order, as lists."""
+        return {name: list(self._rows(name)) for name in SPLIT_NAMES}
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, SplitResult):
+            return NotImplemented
+        return self.splits() == other.splits() and self.report == other.report
+
+    __hash__ = None  # type: ignore[assignment]  # mutable report: no hash, as the dataclass it replaces
+
+    def stream_splits(self) -> dict[str, Iterator[dict[str, str]]]:
+        """The three splits by name, each a generator that reads its rows from the index one at a time."""
+        return {name: self._rows(name) for name in SPLIT_NAMES}
+
+    def _rows(self, name: str) -> Iterator[dict[str, str]]:
+        wanted, codes = SPLIT_NAMES.index(name), self._codes
+        for number, row in enumerate(self._source):
+            if codes[number] == wanted:
+                yield {"path": str(row["path"]), "label": str(row["label"]), "sha256": str(row["sha256"]).strip()}
 
 
 def split_index(
@@ -67,6 +104,13 @@ def split_index(
     exclude: Sequence[str] = (),
 ) -> SplitResult:
     """Splits the index rows into train, val and test (rules in the module docstring).
+
+    Memory: when ``rows`` is re-iterable (a list, or :func:`transferlab.data.tables.stream_index`'s
+    file reader) and in path order, as download writes the index, no row is held: one pass keeps
+    per usable row its row number, class number and sha256 as 32 bytes (44 bytes), a second
+    pass collects the paths of duplicate and conflicting images for the report, and
+    :meth:`SplitResult.stream_splits` reads the rows again to write them. Other input (a
+    generator, or rows out of path order) is first read into a list of checked rows and sorted.
 
     Args:
         rows: index rows, each with at least ``path``, ``label``, ``sha256`` and ``status``.
@@ -83,46 +127,44 @@ def split_index(
         ValueError: bad arguments, malformed rows, or a class too small for the fractions.
     """
     _check_arguments(val_fraction, test_fraction, seed, max_images_per_class)
-    rows = [_checked_row(row) for row in rows]
-    _check_unique_paths(rows)
-    rows, excluded, unmatched = _exclude(rows, exclude)
-    usable = [row for row in rows if row["status"] == "ok"]
-    conflicts = _label_conflicts(usable)
-    usable = [row for row in usable if row["sha256"] not in conflicts]
-    if not usable:
+    source: Iterable[Mapping[str, Any]] = rows if iter(rows) is not rows else list(rows)
+    scan = _Scan(exclude)
+    scan.read(source)
+    if not scan.in_path_order:  # rows checked in their order above; now sorted, then scanned again
+        checked = [_checked_row(row) for row in source]
+        _check_unique_paths(checked)
+        source = sorted(checked, key=_path)
+        scan = _Scan(exclude)
+        scan.read(source)
+    groups = _Groups(scan)
+    if not groups.usable:
         raise ValueError(
             "the index has no usable images (status ok, no label conflict); check the download stage's report"
         )
-    chosen, over_cap = _split_classes(
-        usable,
-        seed=seed,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        max_images_per_class=max_images_per_class,
+    codes, classes, over_cap = groups.assign(
+        seed=seed, val_fraction=val_fraction, test_fraction=test_fraction, max_images_per_class=max_images_per_class
     )
-    splits = {
-        name: sorted((row for groups in chosen.values() for group in groups[name] for row in group), key=_path)
-        for name in SPLIT_NAMES
-    }
+    paths = groups.collect_paths(source)
+    totals = {name: sum(counts[name] for counts in classes.values()) for name in SPLIT_NAMES}
     report = {
         "seed": seed,
         "val_fraction": val_fraction,
         "test_fraction": test_fraction,
         "max_images_per_class": max_images_per_class,
-        "classes": {label: _class_counts(groups) for label, groups in chosen.items()},
-        "totals": {name: len(splits[name]) for name in SPLIT_NAMES} | {"total": sum(map(len, splits.values()))},
-        "label_conflicts": [conflicts[sha] for sha in sorted(conflicts)],
+        "classes": classes,
+        "totals": totals | {"total": sum(totals.values())},
+        "label_conflicts": groups.conflicts(paths),
         "dropped": {
-            "not_ok": _not_ok_counts(rows),
-            "label_conflict": sum(len(item["paths"]) for item in conflicts.values()),
+            "not_ok": dict(sorted(scan.not_ok.items())),
+            "label_conflict": groups.conflict_rows,
             "over_cap": over_cap,
-            "excluded": len(excluded),
+            "excluded": len(scan.excluded),
         },
-        "duplicate_groups": _duplicate_groups(chosen),
-        "excluded": excluded,
-        "exclude_unmatched": unmatched,
+        "duplicate_groups": groups.duplicates(paths),
+        "excluded": sorted(scan.excluded, key=_path),
+        "exclude_unmatched": scan.unmatched(),
     }
-    return SplitResult(train=splits["train"], val=splits["val"], test=splits["test"], report=report)
+    return SplitResult(source, codes, report)
 
 
 def describe(report: Mapping[str, Any]) -> str:
@@ -143,67 +185,8 @@ def describe(report: Mapping[str, Any]) -> str:
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-def _exclude(
-    rows: Sequence[dict[str, str]], exclude: Sequence[str]
-) -> tuple[list[dict[str, str]], list[dict[str, str]], list[str]]:
-    """Drops the rows named by ``exclude`` (sha256 digests or paths).
-
-    Returns:
-        The rows kept, the excluded ones (path, label, sha256; sorted by path), and the entries
-        that matched no row.
-    """
-    digests = {entry.lower() for entry in exclude if _SHA256.match(entry.lower())}
-    paths = {entry for entry in exclude if entry.lower() not in digests}
-    kept, excluded = [], []
-    for row in rows:
-        (excluded if row["sha256"] in digests or row["path"] in paths else kept).append(row)
-    matched = {row["sha256"] for row in excluded} | {row["path"] for row in excluded}
-    unmatched = sorted(entry for entry in exclude if entry.lower() not in matched and entry not in matched)
-    listed = [{column: row[column] for column in ("path", "label", "sha256")} for row in excluded]
-    return kept, sorted(listed, key=_path), unmatched
-
-
-def _split_classes(
-    rows: Sequence[dict[str, str]], *, seed: int, val_fraction: float, test_fraction: float, max_images_per_class: int
-) -> tuple[dict[str, dict[str, Groups]], int]:
-    """Splits each class's groups; returns {label: {split: groups}} and how many the cap dropped."""
-    chosen: dict[str, dict[str, Groups]] = {}
-    over_cap, problems = 0, []
-    for label, class_rows in sorted(_by_label(rows).items()):
-        groups, capped = _cap(_ranked_groups(class_rows, seed), max_images_per_class)
-        over_cap += capped
-        try:
-            chosen[label] = _assign(groups, label=label, val_fraction=val_fraction, test_fraction=test_fraction)
-        except ValueError as error:  # gather every class that is too small, then report them together
-            problems.append(str(error))
-    if problems:
-        raise ValueError("\n".join(problems))
-    return chosen, over_cap
-
-
-def _not_ok_counts(rows: Sequence[dict[str, str]]) -> dict[str, int]:
-    return dict(sorted(collections.Counter(row["status"] for row in rows if row["status"] != "ok").items()))
-
-
 def _path(row: Mapping[str, str]) -> str:
     return row["path"]
-
-
-def _class_counts(groups: dict[str, Groups]) -> dict[str, int]:
-    counts = {name: sum(len(group) for group in groups[name]) for name in SPLIT_NAMES}
-    return counts | {"total": sum(counts.values())}
-
-
-def _duplicate_groups(chosen: dict[str, dict[str, Groups]]) -> list[dict[str, Any]]:
-    """Every group of two or more byte-identical files: its label, split and paths."""
-    described = [
-        {"sha256": group[0]["sha256"], "label": label, "split": name, "paths": [row["path"] for row in group]}
-        for label, groups in chosen.items()
-        for name in SPLIT_NAMES
-        for group in groups[name]
-        if len(group) > 1
-    ]
-    return sorted(described, key=lambda item: item["paths"][0])
 
 
 def _check_arguments(val_fraction: float, test_fraction: float, seed: int, max_images_per_class: int) -> None:
@@ -250,51 +233,9 @@ def _check_unique_paths(rows: Sequence[dict[str, str]]) -> None:
         )
 
 
-def _label_conflicts(rows: Sequence[dict[str, str]]) -> dict[str, dict[str, Any]]:
-    """Maps each sha256 found under two or more labels to ``{sha256, labels, paths}``."""
-    labels: dict[str, set[str]] = collections.defaultdict(set)
-    paths: dict[str, list[str]] = collections.defaultdict(list)
-    for row in rows:
-        labels[row["sha256"]].add(row["label"])
-        paths[row["sha256"]].append(row["path"])
-    return {
-        sha: {"sha256": sha, "labels": sorted(labels[sha]), "paths": sorted(paths[sha])}
-        for sha in labels
-        if len(labels[sha]) > 1
-    }
-
-
-def _by_label(rows: Sequence[dict[str, str]]) -> dict[str, list[dict[str, str]]]:
-    grouped: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
-    for row in rows:
-        grouped[row["label"]].append({column: row[column] for column in tables.SPLIT_COLUMNS})
-    return grouped
-
-
 def group_rank_key(seed: int, sha256: str) -> str:
     """The keyed hash that orders a class's groups: depends on the seed and the bytes only."""
     return hashlib.sha256(f"{seed}:{sha256}".encode("ascii")).hexdigest()
-
-
-def _ranked_groups(rows: Sequence[dict[str, str]], seed: int) -> Groups:
-    """Groups one class's rows by sha256, ranked by :func:`group_rank_key`."""
-    groups: dict[str, list[dict[str, str]]] = collections.defaultdict(list)
-    for row in rows:
-        groups[row["sha256"]].append(row)
-    ranked = sorted(groups, key=lambda sha: (group_rank_key(seed, sha), sha))
-    return [sorted(groups[sha], key=lambda row: row["path"]) for sha in ranked]
-
-
-def _cap(groups: Groups, cap: int) -> tuple[Groups, int]:
-    """Keeps the first groups in rank order that fit under ``cap`` images; returns them and the dropped count."""
-    if cap == 0:
-        return groups, 0
-    kept, count = [], 0
-    for group in groups:
-        if count + len(group) <= cap:
-            kept.append(group)
-            count += len(group)
-    return kept, sum(map(len, groups)) - count
 
 
 def target_count(total: int, fraction: float) -> int:
@@ -304,35 +245,230 @@ def target_count(total: int, fraction: float) -> int:
     return max(1, math.floor(total * fraction + 0.5))
 
 
-def _prefix_length(groups: Sequence[list[Any]], target: int) -> int:
-    """How many leading groups hold the image count closest to ``target``.
+def _cap(sizes: Sequence[int], cap: int) -> tuple[list[bool], int]:
+    """Keeps the groups in rank order that fit under ``cap`` images; returns which, and the dropped count."""
+    if cap == 0:
+        return [True] * len(sizes), 0
+    kept, count = [], 0
+    for size in sizes:
+        kept.append(count + size <= cap)
+        count += size if kept[-1] else 0
+    return kept, sum(sizes) - count
+
+
+def _prefix_length(sizes: Sequence[int], target: int) -> int:
+    """How many leading groups (of these ``sizes``) hold the image count closest to ``target``.
 
     Ties go to the smaller count, which leaves more for the splits after this one, except that
     a positive target always gets at least the first group.
     """
     count = 0
-    for index, group in enumerate(groups):
+    for index, size in enumerate(sizes):
         if count >= target:
             return index
-        if count > 0 and count + len(group) - target >= target - count:
+        if count > 0 and count + size - target >= target - count:
             return index  # taking this group would overshoot at least as far as stopping falls short
-        count += len(group)
-    return len(groups)
+        count += size
+    return len(sizes)
 
 
-def _assign(groups: Groups, *, label: str, val_fraction: float, test_fraction: float) -> dict[str, Groups]:
-    """Test takes the first groups, val the next, train the rest; raises on an empty split."""
-    total = sum(map(len, groups))
-    test_end = _prefix_length(groups, target_count(total, test_fraction))
-    val_end = test_end + _prefix_length(groups[test_end:], target_count(total, val_fraction))
-    chosen = {"test": groups[:test_end], "val": groups[test_end:val_end], "train": groups[val_end:]}
+def _assign(sizes: Sequence[int], *, label: str, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """Test takes the first groups, val the next, train the rest; returns where test and val end.
+
+    Raises:
+        ValueError: a split with a positive fraction would be empty.
+    """
+    total = sum(sizes)
+    test_end = _prefix_length(sizes, target_count(total, test_fraction))
+    val_end = test_end + _prefix_length(sizes[test_end:], target_count(total, val_fraction))
+    chosen = {"test": test_end, "val": val_end - test_end, "train": len(sizes) - val_end}
     fractions = {"train": 1.0, "val": val_fraction, "test": test_fraction}
     for name in SPLIT_NAMES:
         if fractions[name] > 0 and not chosen[name]:
             raise ValueError(
-                f"class '{label}' has {total} usable image(s) in {len(groups)} distinct group(s), too few for a "
+                f"class '{label}' has {total} usable image(s) in {len(sizes)} distinct group(s), too few for a "
                 f"non-empty {name} split with val_fraction {val_fraction} and test_fraction {test_fraction}; "
                 "add images to that class, remove the class folder, or lower split.val_fraction / "
                 "split.test_fraction (0 disables a split)"
             )
-    return chosen
+    return test_end, val_end
+
+
+# --------------------------------------------------------------------------------------------
+# The compact passes
+
+
+class _Scan:
+    """One pass over the index rows: every row checked, and per usable row only three numbers.
+
+    Excluded rows are listed (the report names each), rows that are not ok counted by status,
+    and each usable row (ok, not excluded) keeps its row number, its class number and its
+    sha256 as 32 bytes: 44 bytes, where a dict of the row's columns takes about 700. While the
+    paths come in increasing order (which also proves them unique) nothing else is kept; once
+    one does not, the pass only checks the remaining rows (``in_path_order`` is then False and
+    :func:`split_index` sorts the rows and scans them again).
+    """
+
+    def __init__(self, exclude: Sequence[str]) -> None:
+        self.exclude = exclude
+        self.excluded_digests = {entry.lower() for entry in exclude if _SHA256.match(entry.lower())}
+        self.excluded_paths = {entry for entry in exclude if entry.lower() not in self.excluded_digests}
+        self.excluded: list[dict[str, str]] = []
+        self.matched: set[str] = set()
+        self.not_ok: collections.Counter[str] = collections.Counter()
+        self.labels: dict[str, int] = {}  # class name -> class number, in order of appearance
+        self.numbers, self.classes, self.digests = array.array("q"), array.array("i"), bytearray()
+        self.odd: dict[bytes, str] = {}  # stand-in digest -> a sha256 value that is not 64 lowercase hex digits
+        self.count, self.in_path_order = 0, True
+
+    def read(self, rows: Iterable[Mapping[str, Any]]) -> None:
+        """Checks and records every row of ``rows`` (in their order; the first malformed one raises)."""
+        previous = None
+        for number, row in enumerate(rows):
+            clean = _checked_row(row)
+            self.count = number + 1
+            path, sha = clean["path"], clean["sha256"]
+            if previous is not None and path <= previous:
+                self.in_path_order = False
+            previous = path
+            if not self.in_path_order:
+                continue
+            if sha in self.excluded_digests or path in self.excluded_paths:
+                self.excluded.append({column: clean[column] for column in tables.SPLIT_COLUMNS})
+                self.matched.update((sha, path))
+            elif clean["status"] != "ok":
+                self.not_ok[clean["status"]] += 1
+            else:
+                self.numbers.append(number)
+                self.classes.append(self.labels.setdefault(clean["label"], len(self.labels)))
+                self.digests += self._digest(sha)
+
+    def _digest(self, sha: str) -> bytes:
+        if _SHA256.match(sha):
+            return bytes.fromhex(sha)
+        # A hand-edited index: any other text still groups by equality, as a 32-byte stand-in.
+        stand_in = hashlib.sha256(b"not hex\0" + sha.encode("utf-8", "surrogatepass")).digest()
+        self.odd[stand_in] = sha
+        return stand_in
+
+    def unmatched(self) -> list[str]:
+        """The ``exclude`` entries that matched no row, sorted."""
+        matched = self.matched
+        return sorted(entry for entry in self.exclude if entry.lower() not in matched and entry not in matched)
+
+
+_DIGEST = np.dtype([("a", ">u8"), ("b", ">u8"), ("c", ">u8"), ("d", ">u8")])  # 32 bytes that sort as bytes
+
+
+class _Groups:
+    """The usable rows' groups of byte-identical files, as numpy arrays (group number per row)."""
+
+    def __init__(self, scan: _Scan) -> None:
+        self.scan = scan
+        names = {number: name for name, number in scan.labels.items()}
+        digests = np.frombuffer(scan.digests, dtype=_DIGEST)
+        unique, inverse, self.sizes = np.unique(digests, return_inverse=True, return_counts=True)
+        self.inverse = inverse.reshape(-1)
+        self.digests = unique.view(np.uint8).reshape(-1, 32)
+        classes = np.frombuffer(scan.classes, dtype=np.int32)
+        pairs = np.unique(self.inverse.astype(np.int64) * max(len(names), 1) + classes)  # (group, class) seen
+        pair_groups = pairs // max(len(names), 1)
+        self.in_conflict = np.bincount(pair_groups, minlength=len(unique)) > 1  # one sha256 under 2+ labels
+        self.conflict_labels: dict[int, list[str]] = collections.defaultdict(list)
+        for pair in pairs[self.in_conflict[pair_groups]].tolist():
+            self.conflict_labels[pair // max(len(names), 1)].append(names[pair % max(len(names), 1)])
+        self.group_class = np.zeros(len(unique), dtype=np.int32)
+        self.group_class[self.inverse] = classes
+        self.conflict_rows = int(self.in_conflict[self.inverse].sum())
+        self.usable = len(self.inverse) - self.conflict_rows
+        self.codes = np.full(len(unique), _DROPPED, dtype=np.uint8)
+
+    def sha256(self, group: int) -> str:
+        """The sha256 text of a group, as the index wrote it."""
+        digest = self.digests[group].tobytes()
+        return self.scan.odd.get(digest) or digest.hex()
+
+    def assign(
+        self, *, seed: int, val_fraction: float, test_fraction: float, max_images_per_class: int
+    ) -> tuple[bytes, dict[str, dict[str, int]], int]:
+        """Splits each class's groups (module docstring, 4-6).
+
+        Returns:
+            One split code per index row (``SPLIT_NAMES`` index, or 255 for none), the image
+            counts per class and split, and how many images the cap dropped.
+
+        Raises:
+            ValueError: naming every class too small for the fractions.
+        """
+        classes: dict[str, dict[str, int]] = {}
+        over_cap, problems = 0, []
+        for label in sorted(self.scan.labels):
+            members = np.flatnonzero((self.group_class == self.scan.labels[label]) & ~self.in_conflict)
+            if not len(members):
+                continue  # every image of the class is in a label conflict
+            ranked = self._ranked(members, seed)
+            kept, capped = _cap(self.sizes[ranked].tolist(), max_images_per_class)
+            over_cap += capped
+            ranked = ranked[np.asarray(kept, dtype=bool)]
+            sizes = self.sizes[ranked].tolist()
+            try:
+                test_end, val_end = _assign(sizes, label=label, val_fraction=val_fraction, test_fraction=test_fraction)
+            except ValueError as error:  # gather every class that is too small, then report them together
+                problems.append(str(error))
+                continue
+            bounds = {"test": (0, test_end), "val": (test_end, val_end), "train": (val_end, len(ranked))}
+            counts = {name: sum(sizes[slice(*bounds[name])]) for name in SPLIT_NAMES}
+            for name, (begin, end) in bounds.items():
+                self.codes[ranked[begin:end]] = SPLIT_NAMES.index(name)
+            classes[label] = counts | {"total": sum(counts.values())}
+        if problems:
+            raise ValueError("\n".join(problems))
+        codes = np.full(self.scan.count, _DROPPED, dtype=np.uint8)
+        codes[np.frombuffer(self.scan.numbers, dtype=np.int64)] = self.codes[self.inverse]
+        return codes.tobytes(), classes, over_cap
+
+    def _ranked(self, members: np.ndarray, seed: int) -> np.ndarray:
+        """``members`` (group numbers) in the order of :func:`group_rank_key`."""
+        keys = b"".join(bytes.fromhex(group_rank_key(seed, self.sha256(group))) for group in members.tolist())
+        return members[np.argsort(np.frombuffer(keys, dtype=_DIGEST), kind="stable")]
+
+    def _listed(self) -> np.ndarray:
+        """Whether each group's paths go into the report: a label conflict, or a duplicate group in a split."""
+        return self.in_conflict | ((self.codes != _DROPPED) & (self.sizes > 1))
+
+    def collect_paths(self, source: Iterable[Mapping[str, Any]]) -> dict[int, list[str]]:
+        """The paths (in path order) of each group the report lists, read in one more pass over ``source``."""
+        listed = self._listed()[self.inverse]
+        if not listed.any():
+            return {}
+        numbers = np.frombuffer(self.scan.numbers, dtype=np.int64)[listed].tolist()
+        group_of = dict(zip(numbers, self.inverse[listed].tolist(), strict=True))
+        paths: dict[int, list[str]] = collections.defaultdict(list)
+        for number, row in enumerate(source):
+            if number in group_of:
+                paths[group_of[number]].append(str(row["path"]))
+                if number == numbers[-1]:
+                    break
+        return paths
+
+    def conflicts(self, paths: dict[int, list[str]]) -> list[dict[str, Any]]:
+        """The report's label conflicts, by sha256."""
+        listed = [
+            {"sha256": self.sha256(group), "labels": sorted(labels), "paths": paths[group]}
+            for group, labels in self.conflict_labels.items()
+        ]
+        return sorted(listed, key=lambda item: item["sha256"])
+
+    def duplicates(self, paths: dict[int, list[str]]) -> list[dict[str, Any]]:
+        """Every group of two or more byte-identical files in a split: its label, split and paths."""
+        names = {number: name for name, number in self.scan.labels.items()}
+        described = [
+            {
+                "sha256": self.sha256(group),
+                "label": names[int(self.group_class[group])],
+                "split": SPLIT_NAMES[int(self.codes[group])],
+                "paths": paths[group],
+            }
+            for group in np.flatnonzero((self.codes != _DROPPED) & (self.sizes > 1)).tolist()
+        ]
+        return sorted(described, key=lambda item: item["paths"][0])

@@ -16,6 +16,13 @@ drift apart:
 
 Writers are atomic (a file is complete or absent) and write ``\\n`` line ends in UTF-8. Readers
 raise ``ValueError`` naming the stage to run when a file or a column is missing.
+
+Memory: the ``read_*`` functions return every row as a dict (about 0.7 KB per index row), which is
+fine for the test predictions or a label-issue list but not for a dataset of 10^6 images. The
+stages that pass whole datasets (download, split, augment) stream instead: writers take any
+iterable (a generator is consumed row by row), and :func:`stream_index` / :func:`stream_split`
+return a :class:`TableRows`, which checks the file now and reads it one row at a time on each
+iteration, so a stage can pass over it twice without holding it.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,7 +90,16 @@ def write_index(rows: Iterable[IndexRow], path: str | os.PathLike) -> None:
 
 
 def read_index(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Reads the download stage's index as dicts of strings.
+    """Reads the download stage's index as dicts of strings (all rows in memory; see :func:`stream_index`).
+
+    Raises:
+        ValueError: the file is missing (run download) or lacks a column of :data:`INDEX_REQUIRED_COLUMNS`.
+    """
+    return list(stream_index(path))
+
+
+def stream_index(path: str | os.PathLike) -> TableRows:
+    """The download stage's index, checked now and read one row at a time on each iteration.
 
     Raises:
         ValueError: the file is missing (run download) or lacks a column of :data:`INDEX_REQUIRED_COLUMNS`.
@@ -91,17 +107,18 @@ def read_index(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"index {path} not found; run the download stage first (dvc repro download)")
-    return _read(path, INDEX_REQUIRED_COLUMNS, rerun="re-run the download stage to rebuild it", name="index ")
+    return TableRows(path, INDEX_REQUIRED_COLUMNS, rerun="re-run the download stage to rebuild it", name="index ")
 
 
 # ------------------------------------------------------------------------------ splits
 
 
-def write_splits(splits: Mapping[str, Sequence[Mapping[str, Any]]], folder: str | os.PathLike) -> None:
+def write_splits(splits: Mapping[str, Iterable[Mapping[str, Any]]], folder: str | os.PathLike) -> None:
     """Writes ``<name>.csv`` for each split into ``folder`` (columns :data:`SPLIT_COLUMNS`), all or none.
 
     Args:
-        splits: rows by split name (``train``, ``val``, ``test``), each row with at least the columns.
+        splits: rows by split name (``train``, ``val``, ``test``), each row with at least the columns;
+            each split's rows may be a generator (consumed one row at a time).
         folder: the splits folder; it is replaced as a whole once every file is written.
     """
     with atomic.atomic_directory(folder) as temporary:
@@ -110,7 +127,18 @@ def write_splits(splits: Mapping[str, Sequence[Mapping[str, Any]]], folder: str 
 
 
 def read_split(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Reads a split CSV that must hold images (augment reads the training split with it).
+    """Reads a split CSV that must hold images, every row in memory (see :func:`stream_split`).
+
+    Raises:
+        ValueError: the file is missing (run split), lacks a column, or has no rows.
+    """
+    return list(stream_split(path))
+
+
+def stream_split(path: str | os.PathLike) -> TableRows:
+    """A split CSV that must hold images, checked now and read one row at a time on each iteration.
+
+    augment reads the training split with it.
 
     Raises:
         ValueError: the file is missing (run split), lacks a column, or has no rows.
@@ -118,18 +146,41 @@ def read_split(path: str | os.PathLike) -> list[dict[str, str]]:
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path.stem} split {path} not found; run the split stage first (dvc repro split)")
-    rows = _read(path, SPLIT_COLUMNS, rerun="re-run the split stage to rebuild it")
-    if not rows:
+    rows = TableRows(path, SPLIT_COLUMNS, rerun="re-run the split stage to rebuild it")
+    if next(iter(rows), None) is None:
         raise ValueError(f"{path} has no images; check the split stage's metrics/split.json")
     return rows
+
+
+def in_path_order(rows: Iterable[Mapping[str, Any]]) -> Iterable[Mapping[str, Any]]:
+    """``rows`` sorted by ``path`` (stable), without holding them when they already are.
+
+    A re-iterable ``rows`` (a :class:`TableRows` or a list) that is already in path order (split
+    and download write their tables so) is returned as it is, after one pass that compares each
+    path with the one before; otherwise the rows are read into a list and sorted.
+    """
+    if iter(rows) is not rows:  # re-iterable: one pass checks the order
+        previous = None
+        for row in rows:
+            path = str(row["path"])
+            if previous is not None and path < previous:
+                break
+            previous = path
+        else:
+            return rows
+    return sorted(rows, key=lambda row: str(row["path"]))
 
 
 # ------------------------------------------------------------------------------ recipes
 
 
-def write_recipes(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> None:
-    """Writes ``data/augmented/train.csv`` atomically (columns :data:`RECIPE_COLUMNS`, rows in given order)."""
-    _write(path, RECIPE_COLUMNS, rows)
+def write_recipes(rows: Iterable[Mapping[str, Any]], path: str | os.PathLike) -> int:
+    """Writes ``data/augmented/train.csv`` atomically (columns :data:`RECIPE_COLUMNS`, rows in given order).
+
+    Returns:
+        The number of rows written (``rows`` may be a generator, consumed one row at a time).
+    """
+    return _write(path, RECIPE_COLUMNS, rows)
 
 
 def read_views(path: str | os.PathLike) -> list[dict[str, str]]:
@@ -219,26 +270,51 @@ def read_label_issues(path: str | os.PathLike) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------ shared
 
 
-def _read(path: Path, required: Sequence[str], *, rerun: str, name: str = "") -> list[dict[str, str]]:
-    """Reads a CSV into dicts after checking that its header has the ``required`` columns."""
-    with path.open(newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle)
-        columns = reader.fieldnames or []
+class TableRows:
+    """A CSV table whose header is checked once, then read lazily: each iteration opens the file again.
+
+    Iterating yields each row as a dict of strings, one at a time, so a pass over the table holds
+    one row; iterating again gives the same rows in the same order (the file is not expected to
+    change meanwhile: the stages read their inputs, never the files they write).
+    """
+
+    def __init__(self, path: Path, required: Sequence[str], *, rerun: str, name: str = "") -> None:
+        """Checks that ``path``'s header has the ``required`` columns (``rerun`` says what to do if not)."""
+        self.path = path
+        with path.open(newline="", encoding="utf-8") as handle:
+            columns = csv.DictReader(handle).fieldnames or []
         missing = [column for column in required if column not in columns]
         if missing:
             raise ValueError(
                 f"{name}{path} lacks column(s) {', '.join(missing)} (has: {', '.join(columns) or 'nothing'}); {rerun}"
             )
-        return list(reader)
+
+    def __iter__(self) -> Iterator[dict[str, str]]:
+        with self.path.open(newline="", encoding="utf-8") as handle:
+            yield from csv.DictReader(handle)
 
 
-def _write(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+def _read(path: Path, required: Sequence[str], *, rerun: str, name: str = "") -> list[dict[str, str]]:
+    """Reads a CSV into dicts after checking that its header has the ``required`` columns."""
+    return list(TableRows(path, required, rerun=rerun, name=name))
+
+
+def _write(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
     with atomic.atomic_path(path) as temporary:
-        _write_rows(temporary, columns, rows)
+        return _write_rows(temporary, columns, rows)
 
 
-def _write_rows(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> None:
+def _write_rows(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
+    """Writes the header and ``rows`` (any iterable, consumed one row at a time); returns the row count."""
+    count = 0
+
+    def counted() -> Iterator[Mapping[str, Any]]:
+        nonlocal count
+        for count, row in enumerate(rows, start=1):  # noqa: B007 (the count is the point)
+            yield row
+
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(counted())
+    return count

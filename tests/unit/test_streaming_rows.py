@@ -1,0 +1,167 @@
+"""download, split and augment stream their rows: they give what holding every row gave, without holding them.
+
+Each test here fails if a stage goes back to a list of every row where it streams: a generator is
+consumed lazily, a re-iterable source's row objects are all released when a split is done, and
+the compact per-row record is the one split documents (44 bytes per usable row).
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import itertools
+import random
+import weakref
+
+import pytest
+
+from transferlab.data import augment, augment_preview, split, tables
+
+RANGES = {"flip": True, "zoom": 0.2, "rotation": 15.0, "brightness": 0.1, "contrast": 0.1}
+
+
+class Row(dict):
+    """A dict that can be weakly referenced, so a test can tell whether anything still holds it."""
+
+    __slots__ = ("__weakref__",)
+
+
+class Source:
+    """A re-iterable table like ``tables.TableRows``: every pass makes fresh row objects and is counted."""
+
+    def __init__(self, rows: list[dict[str, str]]) -> None:
+        self.rows, self.passes, self.made = rows, 0, []
+
+    def __iter__(self):
+        self.passes += 1
+        for row in self.rows:
+            fresh = Row(row)
+            self.made.append(weakref.ref(fresh))
+            yield fresh
+
+    def alive(self) -> int:
+        """How many of the row objects made so far are still referenced."""
+        return sum(reference() is not None for reference in self.made)
+
+
+def _sha(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _index(counts: dict[str, int], duplicates: int = 0) -> list[dict[str, str]]:
+    """Index rows in path order: ``counts`` images per class, some byte-identical copies, one conflict, two not ok."""
+    rows = [
+        {"path": f"{label}/{index:04d}.jpg", "label": label, "sha256": _sha(f"{label}{index}"), "status": "ok"}
+        for label, count in counts.items()
+        for index in range(count)
+    ]
+    for index in range(duplicates):  # copies of the first images of the first class, in that class
+        label = next(iter(counts))
+        rows.append(
+            {"path": f"{label}/copy{index}.jpg", "label": label, "sha256": _sha(f"{label}{index}"), "status": "ok"}
+        )
+    last = list(counts)[-1]
+    rows.append({"path": f"{last}/twin.jpg", "label": last, "sha256": _sha(f"{next(iter(counts))}1"), "status": "ok"})
+    rows.append({"path": f"{last}/broken.jpg", "label": last, "sha256": "", "status": "corrupt"})
+    rows.append({"path": f"{last}/notes.txt", "label": last, "sha256": _sha("notes"), "status": "not-an-image"})
+    return sorted(rows, key=lambda row: row["path"])
+
+
+SPLIT_ARGUMENTS = {"val_fraction": 0.2, "test_fraction": 0.2, "seed": 3, "exclude": ("b/0003.jpg",)}
+
+
+# ---------------------------------------------------------------------------------- split
+
+
+def test_split_of_rows_in_path_order_holds_none_of_them():
+    rows = _index({"a": 40, "b": 30, "c": 25}, duplicates=4)
+    source = Source(rows)
+    result = split.split_index(source, **SPLIT_ARGUMENTS)
+    gc.collect()
+    assert source.alive() == 0  # no row object outlives its pass: the result keeps split codes, not rows
+    assert source.passes == 2  # one pass to plan, one for the report's duplicate and conflict paths
+    expected = split.split_index(list(reversed(rows)), **SPLIT_ARGUMENTS)  # out of order: read into a list
+    assert result.report == expected.report and result.splits() == expected.splits()
+    assert result.report["duplicate_groups"] and result.report["label_conflicts"]
+    streamed = result.stream_splits()["train"]
+    first = next(streamed)
+    gc.collect()
+    assert source.alive() == 1 and first == expected.train[0]  # writing a split reads one row at a time
+
+
+def test_split_keeps_three_numbers_per_usable_row():
+    rows = _index({"a": 30, "b": 20})
+    scan = split._Scan(())
+    scan.read(rows)
+    usable = sum(row["status"] == "ok" for row in rows)
+    assert scan.in_path_order
+    assert (len(scan.numbers), len(scan.classes), len(scan.digests)) == (usable, usable, 32 * usable)
+    assert scan.numbers.itemsize + scan.classes.itemsize + 32 == 44
+    shuffled = split._Scan(())
+    shuffled.read(random.Random(0).sample(rows, len(rows)))
+    assert not shuffled.in_path_order and len(shuffled.digests) < 32 * usable  # stops recording once out of order
+
+
+def test_split_groups_any_sha256_text_as_before():
+    rows = _index({"a": 12, "b": 12})
+    rows = [
+        row | {"sha256": "NOT-HEX" if row["path"] in ("a/0001.jpg", "a/0002.jpg") else row["sha256"]} for row in rows
+    ]
+    result = split.split_index(rows, **SPLIT_ARGUMENTS)
+    assert [item["paths"] for item in result.report["duplicate_groups"]] == [["a/0001.jpg", "a/0002.jpg"]]
+    assert result.report["duplicate_groups"][0]["sha256"] == "NOT-HEX"
+
+
+# ---------------------------------------------------------------------------------- tables
+
+
+def test_stream_split_reads_lazily_and_again(tmp_path):
+    rows = [{"path": f"a/{index}.jpg", "label": "a", "sha256": _sha(str(index))} for index in range(5)]
+    tables.write_splits({"train": iter(rows)}, tmp_path / "splits")  # a generator is written as it comes
+    streamed = tables.stream_split(tmp_path / "splits" / "train.csv")
+    assert list(streamed) == list(streamed) == rows == tables.read_split(tmp_path / "splits" / "train.csv")
+    assert tables.in_path_order(streamed) is streamed  # already sorted: not read into a list
+    shuffled = rows[::-1]
+    assert tables.in_path_order(shuffled) == rows and tables.in_path_order(iter(shuffled)) == rows
+
+
+# ---------------------------------------------------------------------------------- augment
+
+
+def test_recipes_pull_each_training_row_only_when_its_views_are_written(tmp_path):
+    pulled = []
+
+    def rows():
+        for index in itertools.count():
+            pulled.append(index)
+            yield {"path": f"a/{index:06d}.jpg", "label": "a", "sha256": _sha(str(index))}
+
+    recipes = augment.iter_recipes(rows(), copies=2, seed=1, **RANGES)  # an endless generator: never listed
+    first = list(itertools.islice(recipes, 7))
+    assert len(pulled) == 3 and [row["recipe"] == "" for row in first] == [True, False, False] * 2 + [True]
+    bounded = [{"path": f"a/{index:06d}.jpg", "label": "a", "sha256": _sha(str(index))} for index in range(50)]
+    assert list(augment.iter_recipes(iter(bounded), copies=2, seed=1, **RANGES)) == augment.make_recipes(
+        bounded[::-1], copies=2, seed=1, **RANGES
+    )
+    written = tables.write_recipes(augment.iter_recipes(iter(bounded), copies=2, seed=1, **RANGES), tmp_path / "r.csv")
+    assert written == 150
+
+
+def test_recipe_ranges_are_checked_before_any_row_is_read():
+    def rows():
+        raise AssertionError("read a row")
+        yield  # pragma: no cover
+
+    with pytest.raises(ValueError, match="augment.zoom"):
+        augment.iter_recipes(rows(), copies=1, seed=1, **(RANGES | {"zoom": 1.0}))
+
+
+def test_preview_sample_streams_rows_in_any_order():
+    rows = [{"path": f"{label}/{index:03d}", "label": label} for label in "cab" for index in range(40)]
+    rows += [{"path": "b/000", "label": "b", "extra": "second copy of a path"}]
+    expected = ["a/000", "b/000", "c/000", "a/001", "b/000", "c/001", "a/002"]
+    for order in (rows, rows[::-1], random.Random(1).sample(rows, len(rows))):
+        sample = augment_preview.preview_sample(iter(order), 7)
+        assert [row["path"] for row in sample] == expected
+    first_b = augment_preview.preview_sample(iter(rows), 2)[1]  # equal paths keep their order, as a stable sort
+    assert "extra" not in first_b
