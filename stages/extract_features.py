@@ -8,7 +8,7 @@ reruns this stage.
 from transferlab.backbones import stack
 from transferlab.core import atomic, stage
 from transferlab.data import tables
-from transferlab.features import embedding_cache, extract_features, files
+from transferlab.features import embedding_cache, extract_features
 
 
 @stage.define(
@@ -28,7 +28,7 @@ def main(paths, base, settings, download):
     rows_by_split.update({split: tables.read_views(paths.splits / f"{split}.csv") for split in ("val", "test")})
     cache_directory = embedding_cache.cache_directory(settings.cache_dir) if settings.cache else None
     with atomic.atomic_directory(paths.out) as temporary:
-        feature_sets, report = extract_features.extract_features(
+        _, report = extract_features.extract_features(
             members=members,
             rows_by_split=rows_by_split,
             images_directory=paths.images,
@@ -43,8 +43,8 @@ def main(paths, base, settings, download):
             executor=settings.executor,
             ray_workers=settings.ray_workers,
             storage_dtype=settings.storage_dtype,
+            write_to=temporary,  # written from the embedding cache a chunk at a time
         )
-        files.write_feature_files(temporary, feature_sets)
     atomic.write_json(paths.metrics, report)
     extract_features.log_report(report)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 from pathlib import Path
 
@@ -166,8 +167,9 @@ def test_rows_made_by_a_damaged_model_land_in_another_namespace(tmp_path):
     assert slipped.hits == 0 and slipped.computed == len(ITEMS), "the good model's rows are never served to it"
     again = _embed(tmp_path, good, factor=1.0)
     assert again.hits == len(ITEMS) and again.computed == 0
-    for key, vector in again.vectors.items():
-        np.testing.assert_array_equal(vector, first.vectors[key])  # the damaged run wrote nothing under the good key
+    keys = [item.key for item in ITEMS]
+    # the damaged run wrote nothing under the good key
+    np.testing.assert_array_equal(again.read(keys), np.stack([np.full(6000, float(i)) for i in range(10)]))
     assert len(list(tmp_path.glob("*/*.sqlite"))) == 2
 
 
@@ -181,6 +183,20 @@ def test_the_namespace_names_the_model_bytes_and_keras_keys_are_unchanged():
         embedding_cache.namespace_key(**fields, model_sha256="not-a-hash")
 
 
+def test_a_run_holds_no_embeddings_and_its_files_are_assembled_from_the_cache_a_chunk_at_a_time(tmp_path):
+    run = _embed(tmp_path, "a" * 64, factor=1.0)
+    assert run.computed == len(ITEMS) and run.rows.held == {}, "every embedding went to the cache, none is held"
+    rows = [{"sha256": item.sha256, "recipe": "", "path": item.path, "label": "x"} for item in reversed(ITEMS)]
+    feature_set = extract_features.assemble(rows, [run], ["x"], chunk_rows=3)
+    chunks = list(feature_set.rows().chunks())
+    assert [chunk.shape for chunk in chunks] == [(3, 6000), (3, 6000), (3, 6000), (1, 6000)]
+    np.testing.assert_array_equal(np.vstack(chunks)[:, 0], np.arange(len(ITEMS))[::-1])  # in the rows' order
+    with sqlite3.connect(run.rows.cache.path) as other:  # another process prunes the cache under the run
+        other.execute("DELETE FROM entries")
+    with pytest.raises(ValueError, match="no longer in its cache.*Run extract_features again"):
+        next(feature_set.rows().chunks())  # a clear error, not a KeyError
+
+
 def test_a_cache_that_fails_mid_run_is_left_with_one_warning_and_the_run_completes(tmp_path, caplog):
     namespace = embedding_cache.namespace_key(backbone="b", weights_identity="w", image_size=4, engine="tflite")
     cache = embedding_cache.EmbeddingCache(tmp_path, namespace, description={})
@@ -188,7 +204,8 @@ def test_a_cache_that_fails_mid_run_is_left_with_one_warning_and_the_run_complet
     cache._connection.execute(f"PRAGMA max_page_count = {used}")  # the disk is full from now on
     with caplog.at_level(logging.WARNING):
         run = _embed(tmp_path, "a" * 64, factor=1.0, open_cache=lambda member, chosen: cache)
-    assert run.computed == len(ITEMS) and len(run.vectors) == len(ITEMS)
+    assert run.computed == len(ITEMS) and len(run.rows.held) == len(ITEMS), "what the cache could not take is held"
+    np.testing.assert_array_equal(run.read([item.key for item in ITEMS])[:, 0], np.arange(len(ITEMS)))
     warnings = [record.getMessage() for record in caplog.records if record.levelno == logging.WARNING]
     assert len(warnings) == 1, warnings
     assert (

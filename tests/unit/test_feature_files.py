@@ -229,3 +229,19 @@ def test_rewriting_a_features_file_leaves_its_memory_maps_reading_the_old_rows(t
     new = files.load_features(written(tmp_path, np.full((10, 8), 2.0, np.float32))).features
     assert float(old.sum()) == 4096 * 8 and float(new.sum()) == 10 * 8 * 2.0
     assert sorted(path.name for path in tmp_path.iterdir()) == ["source.npz", "train.npz"]
+
+
+def test_per_row_strings_are_read_only_when_used(tmp_path):
+    """train_head never reads paths, sha256 or recipes: at 10^6 rows they would cost 0.6 GB as Python strings."""
+    path = write_features(tmp_path / "train.npz")
+    loaded = files.load_features(path)
+    assert all(column._values is None for column in (loaded.paths, loaded.sha256, loaded.recipes))
+    assert len(loaded.paths) == 6 and loaded.sha256[0] == f"{0:064x}"
+    assert loaded.paths == tuple(f"p{i}.jpg" for i in range(6)) and list(loaded.recipes) == [""] * 6
+    assert loaded.paths._values is not None and loaded.recipes._values is not None
+
+
+def test_a_per_row_column_of_the_wrong_length_is_refused_from_its_header(tmp_path):
+    path = write_features(tmp_path / "train.npz", sha256=np.array(["a" * 64] * 5))
+    with pytest.raises(ValueError, match="'sha256' has 5 entries for 6 feature rows; re-run extract_features"):
+        files.load_features(path)

@@ -48,14 +48,15 @@ def test_with_mirrors_lists_each_view_once():
     assert [view.key for view in views[3:]] == [("b" * 64, flipped)]
 
 
-def test_average_mirrors_pairs_each_view_with_its_mirror_image():
+def test_averaging_pairs_each_view_with_its_mirror_image():
     flipped = mirror.mirror_recipe(augment.ORIGINAL)
     vectors = {
         (SHA, augment.ORIGINAL): np.array([1.0, 3.0], np.float32),
         (SHA, flipped): np.array([3.0, 5.0], np.float32),
     }
-    averaged = mirror.average_mirrors(vectors, [(SHA, augment.ORIGINAL)])
-    np.testing.assert_array_equal(averaged[(SHA, augment.ORIGINAL)], [2.0, 4.0])
-    assert averaged[(SHA, augment.ORIGINAL)].dtype == np.float32
+    read = mirror.averaging(lambda keys: np.stack([vectors[key] for key in keys]))
+    averaged = read([(SHA, augment.ORIGINAL), (SHA, flipped)])
+    np.testing.assert_array_equal(averaged, [[2.0, 4.0], [2.0, 4.0]])  # a view and its mirror image agree
+    assert averaged.dtype == np.float32
     with pytest.raises(KeyError):
-        mirror.average_mirrors(vectors, [("c" * 64, augment.ORIGINAL)])
+        read([("c" * 64, augment.ORIGINAL)])

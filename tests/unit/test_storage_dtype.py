@@ -15,7 +15,7 @@ CLASSES = ["a", "b"]
 
 def member_run(vectors: dict) -> extract_features.MemberRun:
     member = SimpleNamespace(spec="mobilenet", name="mobilenet", weights_identity="random-init-seed0")
-    return extract_features.MemberRun(member=member, engine="tflite", vectors=vectors)
+    return extract_features.MemberRun.of_vectors(member, "tflite", vectors)
 
 
 def rows_and_runs(values: np.ndarray):

@@ -45,7 +45,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -558,23 +558,28 @@ class RunSync:
             if name not in rejected:
                 member.remote_keys |= manifest_keys(record)
 
-    def push(self, label: str, vectors: Mapping[Key, Any]) -> int:
+    def push(self, label: str, read: Callable[[Sequence[Key]], np.ndarray]) -> int:
         """Pushes the member's rows the remote lacks (only when its manifests were listed); returns how many.
 
-        A run whose local cache had every row made no request and computed nothing, so it pushes
-        nothing either.
+        ``read`` gives the rows' embeddings by key; they are read and pushed one shard's worth at
+        a time, so a push never holds more than one shard. A run whose local cache had every row
+        made no request and computed nothing, so it pushes nothing either.
         """
         member = self._members.get(label)
         if member is None or not member.listed or not self.usable:
             return 0
-        rows = {key: vectors[key] for key in member.needed if key not in member.remote_keys and key in vectors}
-        if not rows:
+        keys = [key for key in member.needed if key not in member.remote_keys]
+        if not keys:
             return 0
         started = time.perf_counter()
         try:
-            member.shards_pushed += len(self.remote.push(member.namespace, rows, member.description))
-            member.pushed += len(rows)
-            member.remote_keys |= rows.keys()
+            per_shard = max(1, self.remote.shard_max_bytes // max(1, read(keys[:1])[0].nbytes))
+            for start in range(0, len(keys), per_shard):
+                part = keys[start : start + per_shard]
+                rows = dict(zip(part, read(part), strict=True))
+                member.shards_pushed += len(self.remote.push(member.namespace, rows, member.description))
+                member.pushed += len(rows)
+                member.remote_keys |= rows.keys()
         except Exception as error:  # noqa: BLE001 - see pull
             self._give_up(f"pushing rows of {label}", error)
         self.seconds += time.perf_counter() - started

@@ -14,6 +14,12 @@ The cache only ever saves work, so a cache folder that cannot be used (read-only
 file in its place, a disk that fills up during the run) never stops the stage: one warning
 names the folder and why, and the run goes on computing what it would have read, with the
 same features (see :func:`usable_cache_directory`).
+
+The run never holds its embeddings: each batch goes to the cache as it is made, and the features
+files are assembled from the cache a chunk of rows at a time (:class:`EmbeddingRows`), so the
+stage's memory does not grow with the embeddings of 10^5-10^6 images. Without a cache folder the
+rows go to a temporary cache that is deleted with the run; only rows that no cache could take
+(a disk that filled up) are held in memory.
 """
 
 from __future__ import annotations
@@ -45,16 +51,53 @@ from transferlab.features import (
 )
 
 LOGGER = logging.getLogger(__name__)
+Key = tuple[str, str]  # (image sha256, recipe): an embedding's key in the cache
+LOOKUP_ROWS = 4096  # keys looked up in the cache at once: the warm run's memory is one such chunk of rows
 EXECUTORS = ("local", "ray")
+
+
+class EmbeddingRows:
+    """One member's embeddings in this run, read back a chunk of rows at a time, never held whole.
+
+    They live in the member's embedding cache; only those the cache could not take (it failed
+    mid-run: a full disk) are held here, in ``held``.
+    """
+
+    def __init__(self, cache: Any) -> None:
+        self.cache = cache
+        self.held: dict[Key, np.ndarray] = {}
+
+    def read(self, keys: Sequence[Key]) -> np.ndarray:
+        """The embeddings of ``keys``, in order, as one (len(keys), width) array.
+
+        Raises:
+            ValueError: a row is in neither place (the cache changed under the run: run the stage again).
+        """
+        if not self.held:
+            return self._from_cache(keys)
+        stored = [key for key in keys if key not in self.held]
+        from_cache = dict(zip(stored, self._from_cache(stored), strict=True)) if stored else {}
+        return np.stack([self.held[key] if key in self.held else from_cache[key] for key in keys])
+
+    def _from_cache(self, keys: Sequence[Key]) -> np.ndarray:
+        try:
+            return self.cache.read_batch(keys)
+        except (KeyError, embedding_cache.CacheUnavailable) as error:
+            reason = error.args[0] if isinstance(error, KeyError) and error.args else error
+            raise ValueError(
+                f"an embedding of this run is no longer in its cache ({reason}): was the cache pruned or "
+                "damaged while the stage ran? Run extract_features again; it embeds only what is missing"
+            ) from None
 
 
 @dataclass
 class MemberRun:
-    """What happened to one member: its engine, cache counters, and the embeddings by key."""
+    """What happened to one member: its engine, cache counters, and where its embeddings are."""
 
     member: Member
     engine: str
-    vectors: dict = field(default_factory=dict)
+    rows: EmbeddingRows | None = None  # every view's embedding, read back by key
+    width: int = 0  # the embedding's length
     hits: int = 0
     computed: int = 0
     corrupt: int = 0
@@ -63,6 +106,21 @@ class MemberRun:
     engine_note: str = ""
     measured_speed: float | None = None  # engine images/s, this run's or remembered by the cache
     choice: dict = field(default_factory=dict)  # engine_choice.ConvertedEngine.summary(): what was chosen, measured
+    # Reads the rows' features by key: ``rows.read``, or the mean of each view's and its mirror
+    # image's with mirror averaging (set by :func:`extract_features`).
+    read: Callable[[Sequence[Key]], np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        if self.read is None and self.rows is not None:
+            self.read = self.rows.read
+
+    @classmethod
+    def of_vectors(cls, member: Any, engine: str, vectors: dict[Key, np.ndarray]) -> MemberRun:
+        """A run whose embeddings are the given ones, held in memory (tests and small callers)."""
+        rows = EmbeddingRows(embedding_cache.DisabledCache())
+        rows.held = dict(vectors)
+        width = len(next(iter(vectors.values()))) if vectors else 0
+        return cls(member=member, engine=engine, rows=rows, width=width)
 
 
 def unique_items(rows_by_split: dict[str, list[dict]]) -> list[decode.Item]:
@@ -112,11 +170,7 @@ def embed(
             member=member, engine=choice.name, engine_note=choice.verdict.get("reason", ""), choice=choice.summary()
         )
         entry = _Active(run, cache, choice)
-        try:
-            run.vectors = cache.get_many([item.key for item in items])
-        except embedding_cache.CacheUnavailable as error:  # e.g. locked by a stuck process: compute instead
-            entry.give_up_cache(error)
-        run.hits, run.corrupt = len(run.vectors), entry.cache.corrupt
+        entry.look_up([item.key for item in items])
         active.append(entry)
     jobs = [*active, *extra_jobs]
     for size in sorted({job.size for job in jobs}):
@@ -132,10 +186,19 @@ def embed(
 
 @dataclass
 class _Active:
+    """One member while it embeds: its cache, the keys it still has to embed, its engine (built on demand)."""
+
     run: MemberRun
-    cache: embedding_cache.EmbeddingCache
+    cache: Any  # an embedding_cache.EmbeddingCache, or a DisabledCache once it failed
     choice: engine_choice.ConvertedEngine
     engine: object = None
+    wanted: set = field(default_factory=set)  # the keys not in the cache: embedded by this run
+    writable: bool = True  # False once the cache failed a write: the rest of the rows are held in memory
+
+    def __post_init__(self) -> None:
+        self.run.rows = EmbeddingRows(self.cache)
+        self.run.read = self.run.rows.read
+        self.writable = getattr(self.cache, "enabled", False)  # a disabled cache drops what it is given
 
     @property
     def size(self) -> int:
@@ -145,8 +208,27 @@ class _Active:
     def label(self) -> str:
         return self.run.member.name
 
+    def look_up(self, keys: Sequence[Key]) -> None:
+        """Finds which keys the cache holds (verifying each row's checksum), a chunk at a time.
+
+        A row that fails its checksum is deleted by the cache and embedded again, as a miss.
+        """
+        wanted: set[Key] = set()
+        try:
+            for start in range(0, len(keys), LOOKUP_ROWS):
+                chunk = keys[start : start + LOOKUP_ROWS]
+                found = self.cache.get_many(chunk)
+                if found and not self.run.width:
+                    self.run.width = len(next(iter(found.values())))
+                wanted.update(key for key in chunk if key not in found)
+        except embedding_cache.CacheUnavailable as error:  # e.g. locked by a stuck process: compute instead
+            self.give_up_cache(error)
+            wanted = set(keys)
+        self.wanted = wanted
+        self.run.hits, self.run.corrupt = len(set(keys)) - len(wanted), self.cache.corrupt
+
     def wants(self, item: decode.Item) -> bool:
-        return item.key not in self.run.vectors
+        return item.key in self.wanted
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         if self.engine is None:  # built on the first miss: a warm run never imports TensorFlow
@@ -159,33 +241,43 @@ class _Active:
         self.store(chunk, vectors, time.perf_counter() - started)
 
     def store(self, chunk: list[decode.Item], vectors: np.ndarray, seconds: float) -> None:
-        """Keeps a batch's embeddings (computed here or by a Ray worker) and writes them to the cache."""
+        """Writes a batch's embeddings (computed here or by a Ray worker) to the cache, or holds them."""
         run = self.run
         run.seconds += seconds
         new = {item.key: vector for item, vector in zip(chunk, vectors, strict=True)}
-        try:
-            self.cache.put_many(new)  # one transaction per batch: a killed run loses only this batch
-        except embedding_cache.CacheUnavailable as error:  # e.g. the disk filled up: go on without it
-            self.give_up_cache(error)
-        run.vectors.update(new)
+        if new and not run.width:
+            run.width = len(vectors[0])
+        if self.writable:
+            try:
+                self.cache.put_many(new)  # one transaction per batch: a killed run loses only this batch
+            except embedding_cache.CacheUnavailable as error:  # e.g. the disk filled up: go on without it
+                self.stop_writing(error)
+        if not self.writable:
+            run.rows.held.update({key: np.array(vector) for key, vector in new.items()})
         run.computed += len(new)
+
+    def stop_writing(self, error: Exception) -> None:
+        """Warns once; the cache stays open for reading the rows it took, the rest are held in memory."""
+        LOGGER.warning("%s goes on without the embedding cache, storing nothing more: %s", self.label, error)
+        self.writable = False
 
     def give_up_cache(self, error: Exception) -> None:
         """Warns once and goes on without the cache: it only ever saves work."""
-        LOGGER.warning("%s goes on without the embedding cache, storing nothing more: %s", self.label, error)
+        self.stop_writing(error)
         with contextlib.suppress(Exception):
             self.cache.close()
-        self.cache = embedding_cache.DisabledCache()
+        self.cache = self.run.rows.cache = embedding_cache.DisabledCache()
 
     def finish(self) -> None:
-        """Remembers the engine's speed in the cache, reads back the figures and closes it."""
+        """Remembers the engine's speed in the cache and reads back the figures; the cache stays open for reading."""
+        if not self.writable:
+            return
         try:
             self.cache.record_speed(self.run.computed, self.run.seconds)
             self.run.measured_speed = self.cache.measured_images_per_second()
             self.run.cache_bytes = self.cache.disk_bytes()
         except (embedding_cache.CacheUnavailable, OSError) as error:
-            self.give_up_cache(error)
-        self.cache.close()
+            self.stop_writing(error)
 
 
 def assemble(
@@ -204,19 +296,19 @@ def assemble(
 
     Args:
         rows: the split's rows.
-        runs: each member's embeddings by key.
+        runs: each member's run: its width and ``read`` (keys -> their embeddings, in order).
         class_names: the class names (labels index them).
         storage_dtype: ``float32``, or ``float16`` (half the bytes; refused if a value would overflow it).
         chunk_rows: rows per chunk of the matrix.
     """
-    widths = [len(next(iter(run.vectors.values()))) if run.vectors else 0 for run in runs]
+    widths = [run.width for run in runs]
     offsets = np.cumsum([0, *widths[:-1]]).astype(np.int64)
     keys = [(row["sha256"], row["recipe"]) for row in rows]
 
     def float32_chunks() -> Iterator[np.ndarray]:
         for start in range(0, len(keys), chunk_rows):
             part = keys[start : start + chunk_rows]
-            blocks = [np.stack([run.vectors[key] for key in part]).astype(np.float32, copy=False) for run in runs]
+            blocks = [run.read(part).astype(np.float32, copy=False) for run in runs]
             yield np.hstack(blocks) if blocks else np.zeros((len(part), 0), dtype=np.float32)
 
     if storage_dtype == "float16":
@@ -262,8 +354,14 @@ def extract_features(
     ray_workers: int = 0,
     cache_remote_url: str = "",
     storage_dtype: str = "float32",
+    write_to: Path | None = None,
 ) -> tuple[dict[str, files.FeatureSet], dict]:
     """Embeds every row of every split with the stack; returns features files and a report.
+
+    The embeddings go to the cache as they are made and the files are assembled from it a chunk
+    of rows at a time, so memory does not grow with them. With ``write_to`` the files are
+    written there (``<split>.npz``) and the returned feature sets map them; without it they are
+    built in memory (for small callers and tests).
 
     Args:
         members: the resolved stack (transferlab.backbones.stack.resolve_members).
@@ -285,6 +383,7 @@ def extract_features(
         storage_dtype: the features files' float type, ``float32`` or ``float16``.
         cache_remote_url: ``extract_features.cache_remote``: the shared cache each member's missing
             rows are fetched from, and its new rows pushed to (see :mod:`transferlab.features.cache_remote`).
+        write_to: the folder to write the features files into, or None to return them in memory.
     """
     started = time.perf_counter()
     if executor not in EXECUTORS:
@@ -301,52 +400,60 @@ def extract_features(
 
     requested_cache, cache_directory = cache_directory, usable_cache_directory(cache_directory)
     sync = cache_remote.open_sync(cache_remote_url, cache_directory)
+    with contextlib.ExitStack() as resources:
+        store = resources.enter_context(embedding_store(cache_directory))
 
-    def open_cache(member: Member, choice: engine_choice.ConvertedEngine):
-        cache = _open_cache(cache_directory, member, choice)
-        if sync is not None:  # fills the local cache with the shared rows it lacks, before any lookup
-            sync.pull(cache, [view.key for view in views], label=member.name)
-        return cache
+        def open_cache(member: Member, choice: engine_choice.ConvertedEngine):
+            cache = resources.enter_context(_open_cache(store, member, choice))  # open until the files are written
+            if sync is not None:  # fills the local cache with the shared rows it lacks, before any lookup
+                sync.pull(cache, [view.key for view in views], label=member.name)
+            return cache
 
-    builders = {member.name: backbone_builder(member, seed) for member in members if member.kind == "keras"}
-    with conversion_directory(cache_directory) as converted:
-        on_ray = functools.partial(  # absolute paths: Ray workers run in folders of their own
-            _fill_on_ray,
-            engine=engine,
-            converted=Path(converted).resolve(),
-            seed=seed,
-            render=functools.partial(
-                decode.render, images_directory=Path(images_directory).resolve(), max_image_pixels=max_image_pixels
-            ),
-            batch_size=batch_size,
-            threads=threads,
-            workers=ray_workers,
-        )
-        if sync is not None:  # the team's converted models: everyone's rows then land in the same namespaces
-            sync.adopt_conversions(members, converted, engine)
-        runs = embed(
-            members,
-            views,
-            open_cache=open_cache,
-            choose_engine=lambda member, sample: _choose_engine(
-                member, sample, engine, converted, builders.get(member.name)
-            ),
-            render_one=render_one,
-            batch_size=batch_size,
-            threads=threads,
-            fill=on_ray if executor == "ray" else None,
-        )
-    if sync is not None:  # the rows as embedded, before mirror averaging replaces them
-        for run in runs:
-            sync.push(run.member.name, run.vectors)
-        sync.push_conversions(members, converted, engine)
-    if mirror_average:
-        for run in runs:
-            run.vectors = mirror.average_mirrors(run.vectors, [item.key for item in items])
-    class_names = sorted({row["label"] for rows in rows_by_split.values() for row in rows})
-    feature_sets = {
-        split: assemble(rows, runs, class_names, storage_dtype=storage_dtype) for split, rows in rows_by_split.items()
-    }
+        builders = {member.name: backbone_builder(member, seed) for member in members if member.kind == "keras"}
+        with conversion_directory(cache_directory) as converted:
+            on_ray = functools.partial(  # absolute paths: Ray workers run in folders of their own
+                _fill_on_ray,
+                engine=engine,
+                converted=Path(converted).resolve(),
+                seed=seed,
+                render=functools.partial(
+                    decode.render, images_directory=Path(images_directory).resolve(), max_image_pixels=max_image_pixels
+                ),
+                batch_size=batch_size,
+                threads=threads,
+                workers=ray_workers,
+            )
+            if sync is not None:  # the team's converted models: everyone's rows then land in the same namespaces
+                sync.adopt_conversions(members, converted, engine)
+            runs = embed(
+                members,
+                views,
+                open_cache=open_cache,
+                choose_engine=lambda member, sample: _choose_engine(
+                    member, sample, engine, converted, builders.get(member.name)
+                ),
+                render_one=render_one,
+                batch_size=batch_size,
+                threads=threads,
+                fill=on_ray if executor == "ray" else None,
+            )
+        if sync is not None:  # the rows as embedded, before mirror averaging replaces them
+            for run in runs:
+                sync.push(run.member.name, run.rows.read)
+            sync.push_conversions(members, converted, engine)
+        if cache_directory is None:  # a temporary store, not a cache: it keeps nothing
+            for run in runs:
+                run.cache_bytes = 0
+        if mirror_average:
+            for run in runs:
+                run.read = mirror.averaging(run.rows.read)
+        class_names = sorted({row["label"] for rows in rows_by_split.values() for row in rows})
+        feature_sets = {
+            split: assemble(rows, runs, class_names, storage_dtype=storage_dtype)
+            for split, rows in rows_by_split.items()
+        }
+        # Written (or, for callers that keep them, built in memory) while the caches are open.
+        feature_sets = _written(write_to, feature_sets) if write_to is not None else _in_memory(feature_sets)
     report = _report(runs, rows_by_split, views, cache_directory, time.perf_counter() - started)
     if requested_cache is not None and cache_directory is None:
         report["cache"] = f"unusable: {requested_cache}"
@@ -457,6 +564,46 @@ def usable_cache_directory(cache_directory: Path | None) -> Path | None:
     return None
 
 
+def _in_memory(feature_sets: dict[str, files.FeatureSet]) -> dict[str, files.FeatureSet]:
+    """The feature sets with their matrices built in memory (read from the caches, which close next)."""
+    return {
+        split: files.FeatureSet({**feature_set.arrays, "features": feature_set.rows().materialize()})
+        for split, feature_set in feature_sets.items()
+    }
+
+
+def _written(directory: Path, feature_sets: dict[str, files.FeatureSet]) -> dict[str, files.FeatureSet]:
+    """Writes the features files into ``directory``; returns the feature sets with their files' matrices mapped."""
+    files.write_feature_files(directory, feature_sets)
+    return {
+        split: files.FeatureSet(
+            dict(feature_set.arrays), files.RowChunks.of(files.map_matrix(directory / f"{split}.npz"))
+        )
+        for split, feature_set in feature_sets.items()
+    }
+
+
+@contextlib.contextmanager
+def embedding_store(cache_directory: Path | None) -> Iterator[Path | None]:
+    """Where the run's embeddings go: the cache folder, else a temporary one deleted with the run.
+
+    Without a cache the embeddings still go to disk (a temporary cache that remembers nothing),
+    so that the run never holds them in memory. None where no temporary folder can be made:
+    then they are held in memory.
+    """
+    if cache_directory is not None:
+        yield cache_directory
+        return
+    try:
+        temporary = tempfile.TemporaryDirectory(prefix="transferlab-embeddings-")
+    except OSError as error:
+        LOGGER.warning("No temporary folder for the run's embeddings (%s); holding them in memory", error)
+        yield None
+        return
+    with temporary as folder:
+        yield Path(folder)
+
+
 def _open_cache(cache_directory: Path | None, member: Member, choice: engine_choice.ConvertedEngine):
     if cache_directory is None:
         return embedding_cache.DisabledCache()
@@ -503,7 +650,7 @@ def _report(
                 "engine": run.engine,
                 "engine_note": run.engine_note,
                 "engine_choice": run.choice,
-                "feature_dim": len(next(iter(run.vectors.values()))),
+                "feature_dim": run.width,
                 "cache_hits": run.hits,
                 "embedded": run.computed,
                 "corrupt_entries_recomputed": run.corrupt,

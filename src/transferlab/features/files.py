@@ -145,6 +145,70 @@ class Features:
         return (self.engine,) * len(self.blocks)
 
 
+PER_ROW_KEYS = ("paths", "sha256", "recipes")  # string columns of a features file, one entry per row
+
+
+class RowStrings(Sequence[str]):
+    """A per-row string column of a features file (:data:`PER_ROW_KEYS`), read only when first used.
+
+    The columns cost about 0.6 KB per row as Python strings, and only some readers need them
+    (evaluate's predictions, the scratch head, taps); train_head on 10^6 rows must not pay for
+    them. The length is known from the column's header; the values are read on first access.
+    """
+
+    def __init__(self, path: Path, key: str, rows: int) -> None:
+        self.path, self.key, self.rows = path, key, rows
+        self._values: tuple[str, ...] | None = None
+
+    def values(self) -> tuple[str, ...]:
+        """The column, read from the file once."""
+        if self._values is None:
+            try:
+                with np.load(self.path, allow_pickle=False) as archive:
+                    column = archive[self.key]
+            except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile) as error:
+                raise ValueError(
+                    f"{self.path}: its '{self.key}' column cannot be read ({error}); re-run extract_features"
+                ) from None
+            values = tuple(str(item) for item in column.reshape(-1))
+            if len(values) != self.rows:
+                raise ValueError(f"{self.path}: '{self.key}' changed since it was opened; re-run the stage")
+            self._values = values
+        return self._values
+
+    def __len__(self) -> int:
+        return self.rows
+
+    def __getitem__(self, index: Any) -> Any:
+        return self.values()[index]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.values())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and tuple(self) == tuple(other)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"RowStrings({str(self.path)!r}, {self.key!r}, rows={self.rows})"
+
+
+def _column_length(archive: Any, key: str) -> int:
+    """The number of strings of a per-row column of an open ``.npz``, read from its header only.
+
+    Raises:
+        ValueError: the column holds Python objects.
+    """
+    with archive.zip.open(f"{key}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(member)
+    if dtype.hasobject:  # np.load would refuse it (allow_pickle=False) when the column is read
+        raise ValueError(f"its '{key}' column holds Python objects, not strings")
+    return int(np.prod(shape, dtype=np.int64))
+
+
 class TruncatedFile(ValueError):
     """A features or taps file that ends before its array does (a copy cut short, a full disk)."""
 
@@ -310,24 +374,23 @@ def load_features(
         )
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files if key != "features"}
+            arrays = {key: archive[key] for key in archive.files if key != "features" and key not in PER_ROW_KEYS}
+            lengths = {key: _column_length(archive, key) for key in PER_ROW_KEYS if key in archive.files}
         arrays["features"] = map_matrix(path)
     except TruncatedFile:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as error:
         raise ValueError(f"{path} is not a readable features file ({error}); re-run extract_features") from None
-    missing = [key for key in REQUIRED_KEYS if key not in arrays]
+    missing = [key for key in REQUIRED_KEYS if key not in arrays and key not in lengths]
     if missing:
         raise ValueError(f"{path} lacks key(s) {', '.join(missing)}; re-run extract_features")
     blocks = _blocks(arrays, path)
     features, labels, class_names = _matrix(arrays, path, blocks)
     rows = features.shape[0]
-    per_row = {key: tuple(str(item) for item in arrays[key].reshape(-1)) for key in ("paths", "sha256", "recipes")}
-    for key, values in per_row.items():
-        if len(values) != rows:
-            raise ValueError(
-                f"{path}: '{key}' has {len(values)} entries for {rows} feature rows; re-run extract_features"
-            )
+    for key, length in lengths.items():
+        if length != rows:
+            raise ValueError(f"{path}: '{key}' has {length} entries for {rows} feature rows; re-run extract_features")
+    per_row = {key: RowStrings(path, key, rows) for key in PER_ROW_KEYS}
     return Features(
         features=features,
         labels=labels,

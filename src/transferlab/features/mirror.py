@@ -12,13 +12,14 @@ off again embeds nothing twice.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from transferlab.data import augment
 
+Key = tuple[str, str]  # (image sha256, recipe)
 PLAIN = augment.Recipe()  # a recipe that changes nothing: its canonical form is the original's ""
 
 
@@ -44,16 +45,15 @@ def with_mirrors(items: Sequence[Any]) -> list[Any]:
     return [*items, *mirrors]
 
 
-def average_mirrors(
-    vectors: dict[tuple[str, str], np.ndarray], keys: Sequence[tuple[str, str]]
-) -> dict[tuple[str, str], np.ndarray]:
-    """For each (sha256, recipe) key, the mean of its embedding and its mirror image's (float32).
+def averaging(read: Callable[[Sequence[Key]], np.ndarray]) -> Callable[[Sequence[Key]], np.ndarray]:
+    """Wraps ``read`` (keys -> their embeddings, in order) to give, for each key, the mean of its
+    embedding and its mirror image's (in float64, then float32), a chunk of keys at a time.
 
-    Raises:
-        KeyError: a key or its mirror image has no embedding.
+    Raises (from ``read``): a key or its mirror image has no embedding.
     """
-    averaged = {}
-    for sha256, recipe in keys:
-        mirrored = vectors[(sha256, mirror_recipe(recipe))]
-        averaged[(sha256, recipe)] = ((vectors[(sha256, recipe)].astype(np.float64) + mirrored) / 2).astype(np.float32)
-    return averaged
+
+    def read_averaged(keys: Sequence[Key]) -> np.ndarray:
+        mirrored = [(sha256, mirror_recipe(recipe)) for sha256, recipe in keys]
+        return ((read(keys).astype(np.float64) + read(mirrored)) / 2).astype(np.float32)
+
+    return read_averaged
