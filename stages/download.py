@@ -3,7 +3,7 @@
 import logging
 
 from transferlab.core import atomic, stage
-from transferlab.data import download, tables
+from transferlab.data import download
 
 
 @stage.define(
@@ -17,6 +17,7 @@ from transferlab.data import download, tables
 )
 def main(paths, base, download_params):
     # Both outputs are swapped in only after every check passed; on an error both stay as they were.
+    # The index is streamed into its temporary file as the images are checked (never held whole).
     with atomic.atomic_path(paths.index) as index, atomic.atomic_directory(paths.images) as images:
         result = download.prepare_dataset(
             source=download_params.source,
@@ -30,8 +31,8 @@ def main(paths, base, download_params):
             max_image_pixels=download_params.max_image_pixels,
             retries=download_params.retries,
             deadline_seconds=download_params.deadline_seconds,
+            index_path=index,
         )
-        tables.write_index(result.rows, index)
     atomic.write_json(paths.metrics, result.metrics)
     logging.info(download.describe(result.metrics))
 

@@ -5,18 +5,26 @@ local folder, or an ``s3://`` archive or prefix) and checks the archive's sha256
 :mod:`transferlab.data.archive` extracts it safely, :mod:`transferlab.data.index` finds the class
 folders and checks every file. This module runs them in order into a folder the stage swaps in
 only when everything passed, then writes the report, ``metrics/download.json`` (see docs/DESIGN.md).
+
+Memory: given the index's path, :func:`prepare_dataset` streams the rows from the file checks into
+the CSV (:func:`transferlab.data.index.index_rows`) and keeps per row only a 64-bit hash of its
+sha256 (:class:`IndexSummary`), then reads the written index once more for the paths of the
+duplicate and conflicting images the report lists: 8 bytes per image instead of the rows.
 """
 
 from __future__ import annotations
 
+import array
 import collections
 import dataclasses
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from transferlab.core import atomic
 from transferlab.data import archive, fetch, images, index, tables
@@ -28,9 +36,9 @@ MAX_LISTED = 100
 
 @dataclasses.dataclass(frozen=True)
 class DownloadResult:
-    """What :func:`prepare_dataset` made: the index rows (sorted by path) and the report."""
+    """What :func:`prepare_dataset` made: the index rows (sorted by path; None when streamed to a file), the report."""
 
-    rows: list[tables.IndexRow]
+    rows: list[tables.IndexRow] | None
     metrics: dict[str, Any]
 
 
@@ -50,6 +58,7 @@ def prepare_dataset(
     workers: int = 2,
     root: str | os.PathLike | None = None,
     backoff_seconds: float = 1.0,
+    index_path: str | os.PathLike | None = None,
 ) -> DownloadResult:
     """Fetches, verifies, extracts and indexes a dataset into ``destination``.
 
@@ -72,9 +81,13 @@ def prepare_dataset(
         workers: processes that check images.
         root: the folder relative local paths are resolved against (default: the repository root).
         backoff_seconds: first wait before a retry; it doubles each time.
+        index_path: where to write the index as its rows are made (streamed, not held; the
+            result's ``rows`` is then None). It is written before the class counts are checked:
+            pass a temporary path that is dropped on an error (the stage's ``atomic_path``).
+            None: the rows are listed in the result.
 
     Returns:
-        The index rows and the metrics report.
+        The index rows (or None) and the metrics report.
 
     Raises:
         ValueError: unreachable source, a download too large or too slow, a folder source that
@@ -123,7 +136,7 @@ def prepare_dataset(
                 max_expansion_ratio=max_expansion_ratio,
             )
             move_dataset(index.locate_dataset_root(extracted), destination)
-        rows = index.index_dataset(
+        made = index.index_rows(
             destination,
             extra_rows=skipped,
             min_image_side=min_image_side,
@@ -131,23 +144,35 @@ def prepare_dataset(
             max_files=max_files,
             workers=workers,
         )
+        summary = IndexSummary()
+        if index_path is None:
+            rows: list[tables.IndexRow] | None = list(summary.count(made))
+        else:
+            tables.write_index(summary.count(made), index_path)
+            rows = None
     classes = [folder.name for folder in index.class_folders(destination)]
     index.check_classes(
-        rows,
+        summary.classes,
         min_images_per_class=min_images_per_class,
         classes=classes,
         source=source,
         min_image_side=min_image_side,
         max_image_pixels=max_image_pixels,
     )
-    metrics = summarize(
-        rows,
+    metrics = summary.report(
+        rows if rows is not None else _index_columns(index_path),
         source=source,
         archive_sha256=archive_sha256,
         source_fingerprint=source_fingerprint,
         seconds=time.perf_counter() - started,
     )
     return DownloadResult(rows=rows, metrics=metrics)
+
+
+def _index_columns(path: str | os.PathLike) -> Iterator[tables.IndexRow]:
+    """The written index read back, one row at a time, with the columns the report needs."""
+    for row in tables.stream_index(path):
+        yield tables.IndexRow(row["path"], row["label"], row["sha256"], None, None, row["status"], "")
 
 
 def move_dataset(root: Path, destination: Path) -> None:
@@ -162,47 +187,102 @@ def move_dataset(root: Path, destination: Path) -> None:
 
 
 def summarize(
-    rows: Sequence[tables.IndexRow],
+    rows: Iterable[tables.IndexRow],
     *,
     source: str,
     archive_sha256: str | None,
     seconds: float,
     source_fingerprint: str | None = None,
 ) -> dict[str, Any]:
-    """The content of ``metrics/download.json`` (see docs/DESIGN.md).
+    """The content of ``metrics/download.json`` (see docs/DESIGN.md), from rows in path order.
 
-    ``source_fingerprint`` is an ``s3://`` prefix's listing fingerprint (:func:`fetch.s3_fingerprint`),
-    None for other sources: with it, a changed bucket changes this file even when every image index row
-    stayed the same (the archive's sha256 plays that part for archives).
+    ``rows`` is read twice (a list, or another re-iterable). ``source_fingerprint`` is an
+    ``s3://`` prefix's listing fingerprint (:func:`fetch.s3_fingerprint`), None for other
+    sources: with it, a changed bucket changes this file even when every image index row stayed
+    the same (the archive's sha256 plays that part for archives).
     """
-    ok = [row for row in rows if row.status == images.OK]
-    per_class = collections.Counter(row.label for row in ok)
-    excluded = [row for row in rows if row.status != images.OK]
-    by_content: dict[str, list[tables.IndexRow]] = collections.defaultdict(list)
-    for row in ok:
-        by_content[row.sha256].append(row)
-    groups = sorted(sorted(r.path for r in group) for group in by_content.values() if len(group) > 1)
-    conflicts = [
-        {"sha256": digest, "labels": sorted({r.label for r in group}), "paths": sorted(r.path for r in group)}
-        for digest, group in sorted(by_content.items())
-        if len({r.label for r in group}) > 1
-    ]
-    return {
-        "source": source,
-        "archive_sha256": archive_sha256,
-        "source_fingerprint": source_fingerprint,
-        "images": len(ok),
-        "classes": len(per_class),
-        "images_per_class": dict(sorted(per_class.items())),
-        "excluded": {status: sum(1 for row in excluded if row.status == status) for status in index.EXCLUDED_STATUSES},
-        "excluded_files": [{"path": r.path, "status": r.status, "detail": r.detail} for r in excluded[:MAX_LISTED]],
-        "duplicate_groups": len(groups),
-        "duplicates": groups[:MAX_LISTED],
-        "label_conflict_groups": len(conflicts),
-        "label_conflicts": conflicts[:MAX_LISTED],
-        "listed_at_most": MAX_LISTED,
-        "seconds": round(seconds, 3),
-    }
+    summary = IndexSummary()
+    for _ in summary.count(rows):
+        pass
+    return summary.report(
+        rows, source=source, archive_sha256=archive_sha256, seconds=seconds, source_fingerprint=source_fingerprint
+    )
+
+
+class IndexSummary:
+    """The report's counts, gathered while the index rows stream past; 8 bytes per usable image.
+
+    Per row it counts classes and statuses (:class:`transferlab.data.index.ClassCounts`), keeps
+    the first :data:`MAX_LISTED` excluded files, and for each ``ok`` row a 64-bit hash of its
+    sha256. Byte-identical files share that hash, so the hashes seen twice or more name every
+    candidate duplicate; :meth:`report` reads the rows once more for those candidates' paths and
+    groups them by their full sha256 (a hash collision only adds a candidate, never a group).
+    """
+
+    def __init__(self) -> None:
+        self.classes = index.ClassCounts()
+        self.excluded: collections.Counter[str] = collections.Counter()
+        self.excluded_files: list[dict[str, str]] = []
+        self.hashes = array.array("q")
+
+    def count(self, rows: Iterable[tables.IndexRow]) -> Iterator[tables.IndexRow]:
+        """Yields ``rows`` unchanged, counting each one as it passes."""
+        for row in rows:
+            self.classes.add(row)
+            if row.status == images.OK:
+                self.hashes.append(hash(row.sha256))
+            else:
+                self.excluded[row.status] += 1
+                if len(self.excluded_files) < MAX_LISTED:
+                    self.excluded_files.append({"path": row.path, "status": row.status, "detail": row.detail})
+            yield row
+
+    def report(
+        self,
+        rows: Iterable[tables.IndexRow],
+        *,
+        source: str,
+        archive_sha256: str | None,
+        seconds: float,
+        source_fingerprint: str | None = None,
+    ) -> dict[str, Any]:
+        """The content of ``metrics/download.json``; ``rows``: the counted rows again, in the same order."""
+        per_class = self.classes.usable
+        by_content = self._candidates(rows)
+        groups = sorted(sorted(r.path for r in group) for group in by_content.values() if len(group) > 1)
+        conflicts = [
+            {"sha256": digest, "labels": sorted({r.label for r in group}), "paths": sorted(r.path for r in group)}
+            for digest, group in sorted(by_content.items())
+            if len({r.label for r in group}) > 1
+        ]
+        return {
+            "source": source,
+            "archive_sha256": archive_sha256,
+            "source_fingerprint": source_fingerprint,
+            "images": per_class.total(),
+            "classes": len(+per_class),
+            "images_per_class": dict(sorted((+per_class).items())),
+            "excluded": {status: self.excluded[status] for status in index.EXCLUDED_STATUSES},
+            "excluded_files": self.excluded_files,
+            "duplicate_groups": len(groups),
+            "duplicates": groups[:MAX_LISTED],
+            "label_conflict_groups": len(conflicts),
+            "label_conflicts": conflicts[:MAX_LISTED],
+            "listed_at_most": MAX_LISTED,
+            "seconds": round(seconds, 3),
+        }
+
+    def _candidates(self, rows: Iterable[tables.IndexRow]) -> dict[str, list[tables.IndexRow]]:
+        """The ``ok`` rows whose sha256 hash was seen twice or more, by sha256."""
+        hashes = np.frombuffer(self.hashes, dtype=np.int64)
+        values, counts = np.unique(hashes, return_counts=True)
+        repeated = set(values[counts > 1].tolist())
+        by_content: dict[str, list[tables.IndexRow]] = collections.defaultdict(list)
+        if repeated:
+            for row in rows:
+                if row.status == images.OK and hash(row.sha256) in repeated:
+                    by_content[row.sha256].append(row)
+        return by_content
 
 
 def describe(metrics: Mapping[str, Any]) -> str:

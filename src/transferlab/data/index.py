@@ -26,10 +26,13 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import functools
+import heapq
+import itertools
 import os
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
@@ -191,7 +194,49 @@ def index_dataset(
     workers: int = 2,
     extra_rows: Sequence[tables.IndexRow] = (),
 ) -> list[tables.IndexRow]:
-    """One row per file under each class folder of ``root``, sorted by path.
+    """One row per file under each class folder of ``root``, sorted by path, in a list (see :func:`index_rows`).
+
+    Raises:
+        ValueError: as :func:`index_rows`.
+    """
+    return list(
+        index_rows(
+            root,
+            min_image_side=min_image_side,
+            max_image_pixels=max_image_pixels,
+            max_files=max_files,
+            workers=workers,
+            extra_rows=extra_rows,
+        )
+    )
+
+
+def index_rows(
+    root: str | os.PathLike,
+    *,
+    min_image_side: int,
+    max_image_pixels: int,
+    max_files: int,
+    workers: int = 2,
+    extra_rows: Sequence[tables.IndexRow] = (),
+) -> Iterator[tables.IndexRow]:
+    """One row per file under each class folder of ``root``, sorted by path, made as they are read.
+
+    The folders are walked in path order (:func:`files_in_path_order`) and the files checked in
+    worker processes a few chunks ahead of the reader, so the rows come out sorted without being
+    held: writing them to the index holds a few hundred rows, however many files there are. Only
+    the rows that sort elsewhere than their file are held and merged in: files with unusable names
+    (their path is escaped) and ``extra_rows``.
+
+    The layout is checked now (this call raises); the files are checked as the rows are read.
+
+    Args:
+        root: the dataset root (its visible sub-folders are the classes).
+        min_image_side: shorter side below this makes an image ``too-small``.
+        max_image_pixels: larger images are ``too-large``.
+        max_files: most files accepted under the class folders.
+        workers: processes that check images (1 = in this process).
+        extra_rows: rows for entries the copy skipped (links, special files); escaped, merged in.
 
     Raises:
         ValueError: ``root`` has no class folders, a class folder name later stages cannot use
@@ -206,17 +251,60 @@ def index_dataset(
             "e.g. flower_photos/daisy/1.jpg and flower_photos/roses/2.jpg; put them in class folders"
         )
     check_class_names(classes)
-    relatives = [file.relative_to(root).as_posix() for folder in classes for file in walk_files(folder)]
-    if len(relatives) > max_files:
-        raise ValueError(f"{len(relatives)} files in the class folders, more than download.max_files={max_files}")
-    problems = {relative: name_problem(relative, whole=False) for relative in relatives}
-    named = [relative for relative in relatives if problems[relative] is None]
-    checks = _check_files(
-        root, named, min_image_side=min_image_side, max_image_pixels=max_image_pixels, workers=workers
+    count, elsewhere = 0, []
+    for relative in files_in_path_order(classes):  # a first walk counts (nothing is checked beyond the bound)
+        count += 1
+        if (problem := name_problem(relative, whole=False)) is not None:
+            elsewhere.append(_bad_name_row(relative, problem))
+    if count > max_files:
+        raise ValueError(f"{count} files in the class folders, more than download.max_files={max_files}")
+    named = (relative for relative in files_in_path_order(classes) if name_problem(relative, whole=False) is None)
+    checked = _check_files(
+        root,
+        named,
+        total=count - len(elsewhere),
+        min_image_side=min_image_side,
+        max_image_pixels=max_image_pixels,
+        workers=workers,
     )
-    rows = [_index_row(relative, check) for relative, check in zip(named, checks, strict=True)]
-    rows += [_bad_name_row(relative, problem) for relative, problem in problems.items() if problem is not None]
-    return sorted([*rows, *(_escaped_row(row) for row in extra_rows)], key=lambda row: row.path)
+    rows = (_index_row(relative, check) for relative, check in checked)
+    elsewhere += [_escaped_row(row) for row in extra_rows]
+    # Stable, as the one sort it replaces: at equal paths, checked rows, then bad names, then extra rows.
+    return heapq.merge(rows, sorted(elsewhere, key=_row_path), key=_row_path)
+
+
+def _row_path(row: tables.IndexRow) -> str:
+    return row.path
+
+
+def files_in_path_order(classes: Iterable[Path]) -> Iterator[str]:
+    """The relative POSIX paths of every file :func:`walk_files` finds under ``classes``, sorted as strings.
+
+    Each folder is listed once and its entries sorted so that a sub-folder ``a`` sorts as
+    ``a/`` (its files' paths all start so): the paths come out in the order ``sorted`` gives,
+    holding one folder's names at a time.
+    """
+    for folder in sorted(classes, key=lambda folder: folder.name + "/"):
+        yield from _walk_in_path_order(folder, folder.name)
+
+
+def _walk_in_path_order(folder: Path, relative: str) -> Iterator[str]:
+    entries = []
+    try:
+        with os.scandir(folder) as listing:
+            for entry in listing:
+                try:  # as os.walk: a folder is walked into unless it is a link (a linked folder is an entry)
+                    walked = entry.is_dir() and not entry.is_symlink()
+                except OSError:
+                    walked = False
+                entries.append((entry.name + "/" if walked else entry.name, walked))
+    except OSError:  # as os.walk: a folder that cannot be listed is skipped
+        return
+    for key, walked in sorted(entries):
+        if walked:
+            yield from _walk_in_path_order(folder / key[:-1], f"{relative}/{key[:-1]}")
+        else:
+            yield f"{relative}/{key}"
 
 
 def _index_row(relative: str, check: images.ImageCheck) -> tables.IndexRow:
@@ -225,17 +313,52 @@ def _index_row(relative: str, check: images.ImageCheck) -> tables.IndexRow:
 
 
 def _check_files(
-    root: Path, relatives: list[str], *, min_image_side: int, max_image_pixels: int, workers: int
-) -> list[images.ImageCheck]:
+    root: Path,
+    relatives: Iterable[str],
+    *,
+    total: int,
+    min_image_side: int,
+    max_image_pixels: int,
+    workers: int,
+) -> Iterator[tuple[str, images.ImageCheck]]:
+    """Each of ``relatives`` with its check, in order; workers run at most a few chunks ahead of the reader."""
     check = functools.partial(_check_file, str(root), min_image_side=min_image_side, max_image_pixels=max_image_pixels)
-    progress = functools.partial(
-        tqdm, total=len(relatives), desc="check images", unit="file", disable=None, mininterval=0.5
-    )
-    if workers <= 1 or len(relatives) < 2:
-        return list(progress(map(check, relatives)))
-    chunksize = max(1, min(64, len(relatives) // (workers * 8)))
+    progress = functools.partial(tqdm, total=total, desc="check images", unit="file", disable=None, mininterval=0.5)
+    if workers <= 1 or total < 2:
+        yield from progress((relative, check(relative)) for relative in relatives)
+        return
+    chunksize = max(1, min(64, total // (workers * 8)))
     with concurrent.futures.ProcessPoolExecutor(max_workers=workers) as pool:
-        return list(progress(pool.map(check, relatives, chunksize=chunksize)))
+        yield from progress(_ordered_map(pool, check, relatives, chunksize=chunksize, ahead=4 * workers))
+
+
+def _ordered_map(
+    pool: concurrent.futures.Executor,
+    function: Callable[[str], Any],
+    items: Iterable[str],
+    *,
+    chunksize: int,
+    ahead: int,
+) -> Iterator[tuple[str, Any]]:
+    """``(item, function(item))`` in order, ``chunksize`` items per task, at most ``ahead`` tasks submitted.
+
+    ``Executor.map`` submits every task at once (it reads its whole input first); this reads
+    ``items`` only as the results are taken.
+    """
+    pending: collections.deque[tuple[list[str], concurrent.futures.Future]] = collections.deque()
+    items = iter(items)
+    while chunk := list(itertools.islice(items, chunksize)):
+        pending.append((chunk, pool.submit(_map_chunk, function, chunk)))
+        if len(pending) >= ahead:
+            done, future = pending.popleft()
+            yield from zip(done, future.result(), strict=True)
+    while pending:
+        done, future = pending.popleft()
+        yield from zip(done, future.result(), strict=True)
+
+
+def _map_chunk(function: Callable[[str], Any], chunk: list[str]) -> list[Any]:
+    return [function(item) for item in chunk]
 
 
 def _check_file(root: str, relative: str, *, min_image_side: int, max_image_pixels: int) -> images.ImageCheck:
@@ -251,8 +374,28 @@ def _check_file(root: str, relative: str, *, min_image_side: int, max_image_pixe
     return images.inspect_image(path, min_image_side=min_image_side, max_image_pixels=max_image_pixels)
 
 
+class ClassCounts:
+    """Per class, its usable (``ok``) images and its excluded files by status: what :func:`check_classes` needs.
+
+    Fed one row at a time (:meth:`add`), so a stream of index rows is checked without holding it.
+    """
+
+    def __init__(self) -> None:
+        self.usable: collections.Counter[str] = collections.Counter()
+        self.excluded: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self.labels: set[str] = set()
+
+    def add(self, row: tables.IndexRow) -> None:
+        """Counts one index row."""
+        self.labels.add(row.label)
+        if row.status == images.OK:
+            self.usable[row.label] += 1
+        else:
+            self.excluded[row.label][row.status] += 1
+
+
 def check_classes(
-    rows: Sequence[tables.IndexRow],
+    rows: Iterable[tables.IndexRow] | ClassCounts,
     *,
     min_images_per_class: int,
     classes: Iterable[str] = (),
@@ -267,7 +410,7 @@ def check_classes(
     refused as ``too-small`` names ``download.min_image_side`` and its value.
 
     Args:
-        rows: the index rows.
+        rows: the index rows, or their :class:`ClassCounts` (gathered while the rows were written).
         min_images_per_class: least number of ``ok`` images a class needs.
         classes: class folder names, so that an empty class folder counts too.
         source: what to call the dataset in messages.
@@ -277,12 +420,12 @@ def check_classes(
     Raises:
         ValueError: naming the classes, their usable counts, their exclusions and what to change.
     """
-    usable = collections.Counter(row.label for row in rows if row.status == images.OK)
-    excluded: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
-    for row in rows:
-        if row.status != images.OK:
-            excluded[row.label][row.status] += 1
-    labels = sorted({row.label for row in rows} | set(classes))
+    counts = rows if isinstance(rows, ClassCounts) else ClassCounts()
+    if counts is not rows:
+        for row in rows:
+            counts.add(row)
+    usable, excluded = counts.usable, counts.excluded
+    labels = sorted(counts.labels | set(classes))
     limits = {images.TOO_SMALL: min_image_side, images.TOO_LARGE: max_image_pixels}
     if sum(1 for label in labels if usable[label]) < 2:
         found = "; ".join(_class_counts(label, usable[label], excluded[label]) for label in labels[:MAX_CLASSES_LISTED])
