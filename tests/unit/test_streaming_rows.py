@@ -212,6 +212,16 @@ def test_split_groups_any_sha256_text_as_before():
     assert result.report["duplicate_groups"][0]["sha256"] == "NOT-HEX"
 
 
+def test_split_tells_digests_apart_that_share_their_first_bytes():
+    rows = _index({"a": 12, "b": 12})
+    shared = ["00" * 8 + "aa" * 24, "00" * 8 + "bb" * 24]  # one 8-byte prefix, two images
+    rows = [row | {"sha256": shared[0]} if row["path"] == "a/0001.jpg" else row for row in rows]
+    rows = [row | {"sha256": shared[1]} if row["path"] == "a/0002.jpg" else row for row in rows]
+    result = split.split_index(rows, **SPLIT_ARGUMENTS)
+    assert result.report["duplicate_groups"] == [] and result.report["classes"]["a"]["total"] == 12
+    assert {row["sha256"] for rows_ in result.splits().values() for row in rows_} >= set(shared)
+
+
 # ---------------------------------------------------------------------------------- tables
 
 

@@ -360,28 +360,42 @@ class _Scan:
 _DIGEST = np.dtype([("a", ">u8"), ("b", ">u8"), ("c", ">u8"), ("d", ">u8")])  # 32 bytes that sort as bytes
 
 
+def _group_digests(digests: bytes | bytearray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Groups equal 32-byte digests: each group's digest (groups, 32), each row's group, each group's size.
+
+    Grouping by the first 8 bytes, then checking the other 24 against the group's first row,
+    costs a quarter of sorting whole digests; if two digests ever shared their first 8 bytes but
+    not the rest, the whole 32 decide.
+    """
+    words = np.frombuffer(digests, dtype=">u8").reshape(-1, 4)
+    _, first, inverse, sizes = np.unique(words[:, 0], return_index=True, return_inverse=True, return_counts=True)
+    inverse = inverse.reshape(-1)
+    if not all(np.array_equal(words[:, column], words[first, column][inverse]) for column in (1, 2, 3)):
+        whole, inverse, sizes = np.unique(words.view(_DIGEST).reshape(-1), return_inverse=True, return_counts=True)
+        return whole.view(np.uint8).reshape(-1, 32), inverse.reshape(-1).astype(np.int32), sizes
+    return words[first].view(np.uint8).reshape(-1, 32), inverse.astype(np.int32), sizes
+
+
 class _Groups:
     """The usable rows' groups of byte-identical files, as numpy arrays (group number per row)."""
 
     def __init__(self, scan: _Scan) -> None:
         self.scan = scan
         names = {number: name for name, number in scan.labels.items()}
-        digests = np.frombuffer(scan.digests, dtype=_DIGEST)
-        unique, inverse, self.sizes = np.unique(digests, return_inverse=True, return_counts=True)
-        self.inverse = inverse.reshape(-1)
-        self.digests = unique.view(np.uint8).reshape(-1, 32)
+        self.digests, self.inverse, self.sizes = _group_digests(scan.digests)
+        scan.digests = bytearray()  # the groups' digests are all that is needed from here on
         classes = np.frombuffer(scan.classes, dtype=np.int32)
         pairs = np.unique(self.inverse.astype(np.int64) * max(len(names), 1) + classes)  # (group, class) seen
         pair_groups = pairs // max(len(names), 1)
-        self.in_conflict = np.bincount(pair_groups, minlength=len(unique)) > 1  # one sha256 under 2+ labels
+        self.in_conflict = np.bincount(pair_groups, minlength=len(self.sizes)) > 1  # one sha256 under 2+ labels
         self.conflict_labels: dict[int, list[str]] = collections.defaultdict(list)
         for pair in pairs[self.in_conflict[pair_groups]].tolist():
             self.conflict_labels[pair // max(len(names), 1)].append(names[pair % max(len(names), 1)])
-        self.group_class = np.zeros(len(unique), dtype=np.int32)
+        self.group_class = np.zeros(len(self.sizes), dtype=np.int32)
         self.group_class[self.inverse] = classes
         self.conflict_rows = int(self.in_conflict[self.inverse].sum())
         self.usable = len(self.inverse) - self.conflict_rows
-        self.codes = np.full(len(unique), _DROPPED, dtype=np.uint8)
+        self.codes = np.full(len(self.sizes), _DROPPED, dtype=np.uint8)
 
     def sha256(self, group: int) -> str:
         """The sha256 text of a group, as the index wrote it."""
