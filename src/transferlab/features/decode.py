@@ -23,7 +23,7 @@ from tqdm import tqdm
 from transferlab.data import augment, images
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: 10^6 views cost 56 bytes each, not 150
 class Item:
     """One view to embed: an image's content hash, its augmentation recipe, and where it is."""
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,14 +124,52 @@ class MemberRun:
         return cls(member=member, engine=engine, rows=rows, width=width)
 
 
-def unique_items(rows_by_split: dict[str, list[dict]]) -> list[decode.Item]:
+@dataclass
+class SplitRows:
+    """One split's rows (path, label, sha256, recipe) as columns, read from a stream of row mappings.
+
+    A dict per row costs about 450 bytes at 200k rows; four columns of shared strings (labels
+    interned) cost about half, and the features file's string columns are written from them
+    without building a numpy copy.
+    """
+
+    paths: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    sha256: list[str] = field(default_factory=list)
+    recipes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, rows: Iterable[Mapping[str, str]] | SplitRows) -> SplitRows:
+        """The rows as columns (``recipe`` may be missing: the original image, ``""``)."""
+        if isinstance(rows, SplitRows):
+            return rows
+        columns = cls()
+        for row in rows:
+            columns.paths.append(row["path"])
+            columns.labels.append(sys.intern(row["label"]))
+            columns.sha256.append(row["sha256"])
+            columns.recipes.append(sys.intern(row.get("recipe") or ""))
+        return columns
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def keys(self) -> list[Key]:
+        """Each row's cache key, (sha256, recipe)."""
+        return list(zip(self.sha256, self.recipes, strict=True))
+
+
+def unique_items(rows_by_split: Mapping[str, SplitRows]) -> list[decode.Item]:
     """Every distinct (sha256, recipe) once, in a stable order (split, then row order)."""
-    seen: dict[tuple[str, str], decode.Item] = {}
+    seen: set[Key] = set()
+    items = []
     for split in files.SPLITS:
-        for row in rows_by_split.get(split, []):
-            item = decode.Item(row["sha256"], row["recipe"], row["path"])
-            seen.setdefault(item.key, item)
-    return list(seen.values())
+        rows = rows_by_split.get(split, SplitRows())
+        for sha256, recipe, path in zip(rows.sha256, rows.recipes, rows.paths, strict=True):
+            if (sha256, recipe) not in seen:
+                seen.add((sha256, recipe))
+                items.append(decode.Item(sha256, recipe, path))
+    return items
 
 
 def embed(
@@ -281,7 +320,7 @@ class _Active:
 
 
 def assemble(
-    rows: list[dict],
+    rows: SplitRows | Iterable[Mapping[str, str]],
     runs: list[MemberRun],
     class_names: list[str],
     *,
@@ -295,15 +334,16 @@ def assemble(
     a second copy of the embeddings.
 
     Args:
-        rows: the split's rows.
+        rows: the split's rows (path, label, sha256, recipe), as :class:`SplitRows` or row mappings.
         runs: each member's run: its width and ``read`` (keys -> their embeddings, in order).
         class_names: the class names (labels index them).
         storage_dtype: ``float32``, or ``float16`` (half the bytes; refused if a value would overflow it).
         chunk_rows: rows per chunk of the matrix.
     """
+    rows = SplitRows.of(rows)
     widths = [run.width for run in runs]
     offsets = np.cumsum([0, *widths[:-1]]).astype(np.int64)
-    keys = [(row["sha256"], row["recipe"]) for row in rows]
+    keys = rows.keys()
 
     def float32_chunks() -> Iterator[np.ndarray]:
         for start in range(0, len(keys), chunk_rows):
@@ -322,11 +362,12 @@ def assemble(
     label_index = {name: position for position, name in enumerate(class_names)}
     return files.FeatureSet(
         {
-            "labels": np.array([label_index[row["label"]] for row in rows], dtype=np.int32),
+            "labels": np.array([label_index[label] for label in rows.labels], dtype=np.int32),
             "class_names": np.array(class_names, dtype=str),
-            "paths": np.array([row["path"] for row in rows], dtype=str),
-            "sha256": np.array([row["sha256"] for row in rows], dtype=str),
-            "recipes": np.array([row["recipe"] for row in rows], dtype=str),
+            # Lists, not numpy arrays (4 bytes a character): the writer streams them into the file.
+            "paths": rows.paths,
+            "sha256": rows.sha256,
+            "recipes": rows.recipes,
             "block_specs": np.array([run.member.spec for run in runs], dtype=str),
             "block_names": np.array([run.member.name for run in runs], dtype=str),
             "block_weights": np.array([run.member.weights_identity for run in runs], dtype=str),
@@ -341,7 +382,7 @@ def assemble(
 def extract_features(
     *,
     members: list[Member],
-    rows_by_split: dict[str, list[dict]],
+    rows_by_split: Mapping[str, SplitRows | Iterable[Mapping[str, str]]],
     images_directory: Path,
     cache_directory: Path | None,
     engine: str,
@@ -365,7 +406,8 @@ def extract_features(
 
     Args:
         members: the resolved stack (transferlab.backbones.stack.resolve_members).
-        rows_by_split: rows (path, label, sha256, recipe) of train (with augmented views), val, test.
+        rows_by_split: rows (path, label, sha256, recipe) of train (with augmented views), val, test:
+            :class:`SplitRows`, or row mappings (turned into them).
         images_directory: where the rows' paths are relative to (data/raw/images).
         cache_directory: the embedding cache folder, or None to run without the cache.
         engine: auto, keras or tflite. Keras members: see engine_choice.choose_keras_engine. TFLite
@@ -390,6 +432,7 @@ def extract_features(
         raise ValueError(f"Unsupported executor '{executor}'; choose one of: {', '.join(EXECUTORS)}")
     if any(member.random_init for member in members):
         LOGGER.warning("weights: none -> RANDOM-INIT backbone(s): for tests only; every output says random_init")
+    rows_by_split = {split: SplitRows.of(rows) for split, rows in rows_by_split.items()}
     items = unique_items(rows_by_split)
     if not items:
         raise ValueError("the splits hold no images; check data/splits and the split params")
@@ -447,7 +490,7 @@ def extract_features(
         if mirror_average:
             for run in runs:
                 run.read = mirror.averaging(run.rows.read)
-        class_names = sorted({row["label"] for rows in rows_by_split.values() for row in rows})
+        class_names = sorted({label for rows in rows_by_split.values() for label in set(rows.labels)})
         feature_sets = {
             split: assemble(rows, runs, class_names, storage_dtype=storage_dtype)
             for split, rows in rows_by_split.items()

@@ -333,7 +333,24 @@ def _write_features_file(path: Path, feature_set: FeatureSet) -> None:
         for key, value in feature_set.arrays.items():
             if key != "features":
                 with archive.open(f"{key}.npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.asanyarray(value), allow_pickle=False)
+                    if isinstance(value, np.ndarray):
+                        np.lib.format.write_array(member, value, allow_pickle=False)
+                    else:
+                        _write_strings(member, value)
+
+
+def _write_strings(member: Any, strings: Sequence[str]) -> None:
+    """Writes a list of strings as the ``.npy`` that ``np.array(strings, dtype=str)`` would give, in chunks.
+
+    The same bytes, without the whole numpy copy (4 bytes a character, 0.6 KB a row for the
+    per-row columns of an augmented training split).
+    """
+    width = max((len(text) for text in strings), default=0) or 1
+    dtype = np.dtype(f"<U{width}")
+    header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False, "shape": (len(strings),)}
+    np.lib.format.write_array_header_1_0(member, header)
+    for start in range(0, len(strings), CHUNK_ROWS):
+        member.write(np.array(strings[start : start + CHUNK_ROWS], dtype=dtype).tobytes())
 
 
 def _aligned_npy_header(shape: tuple[int, ...], dtype: np.dtype, data_start: int) -> bytes:
