@@ -1,6 +1,6 @@
 """split stage: data/raw/index.csv -> data/splits/{train,val,test}.csv + metrics/split.json.
 
-The index is streamed: read row by row in a few passes (transferlab.data.split.split_index), never held whole.
+The index is streamed: read row by row in three passes (transferlab.data.split.split_index), never held whole.
 """
 
 import logging
@@ -27,7 +27,7 @@ def main(paths, base, split_params):
         max_images_per_class=split_params.max_images_per_class,
         exclude=split_params.exclude,
     )
-    tables.write_splits(result.stream_splits(), paths.out)
+    tables.write_routed_splits(result.stream_splits(), split.SPLIT_NAMES, paths.out)
     atomic.write_json(paths.metrics, result.report)
     logging.info(split.describe(result.report))
 

@@ -173,7 +173,7 @@ def test_index_summary_keeps_eight_bytes_per_image_and_no_row():
 # ---------------------------------------------------------------------------------- split
 
 
-def test_split_of_rows_in_path_order_holds_none_of_them():
+def test_split_of_rows_in_path_order_holds_none_of_them(tmp_path):
     rows = _index({"a": 40, "b": 30, "c": 25}, duplicates=4)
     source = Source(rows)
     result = split.split_index(source, **SPLIT_ARGUMENTS)
@@ -183,10 +183,19 @@ def test_split_of_rows_in_path_order_holds_none_of_them():
     expected = split.split_index(list(reversed(rows)), **SPLIT_ARGUMENTS)  # out of order: read into a list
     assert result.report == expected.report and result.splits() == expected.splits()
     assert result.report["duplicate_groups"] and result.report["label_conflicts"]
-    streamed = result.stream_splits()["train"]
+    streamed = result.stream_splits()
     first = next(streamed)
     gc.collect()
-    assert source.alive() == 1 and first == expected.train[0]  # writing a split reads one row at a time
+    assert source.alive() == 1  # writing the splits reads one row at a time
+    assert first == min(((name, row) for name, rows_ in expected.splits().items() for row in rows_), key=_path_of)
+    tables.write_routed_splits(itertools.chain([first], streamed), split.SPLIT_NAMES, tmp_path / "splits")
+    assert [tables.read_split(tmp_path / "splits" / f"{name}.csv") for name in split.SPLIT_NAMES] == list(
+        expected.splits().values()
+    )
+
+
+def _path_of(pair: tuple[str, dict[str, str]]) -> str:
+    return pair[1]["path"]
 
 
 def test_split_keeps_three_numbers_per_usable_row():

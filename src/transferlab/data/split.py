@@ -83,15 +83,24 @@ class SplitResult:
 
     __hash__ = None  # type: ignore[assignment]  # mutable report: no hash, as the dataclass it replaces
 
-    def stream_splits(self) -> dict[str, Iterator[dict[str, str]]]:
-        """The three splits by name, each a generator that reads its rows from the index one at a time."""
-        return {name: self._rows(name) for name in SPLIT_NAMES}
+    def stream_splits(self) -> Iterator[tuple[str, dict[str, str]]]:
+        """``(split name, row)`` for every row in a split, in path order, read from the index one at a time.
+
+        One pass over the index for all three splits
+        (:func:`transferlab.data.tables.write_routed_splits` writes them).
+        """
+        codes = self._codes
+        for number, row in enumerate(self._source):
+            if codes[number] != _DROPPED:
+                yield SPLIT_NAMES[codes[number]], _split_row(row)
 
     def _rows(self, name: str) -> Iterator[dict[str, str]]:
-        wanted, codes = SPLIT_NAMES.index(name), self._codes
-        for number, row in enumerate(self._source):
-            if codes[number] == wanted:
-                yield {"path": str(row["path"]), "label": str(row["label"]), "sha256": str(row["sha256"]).strip()}
+        return (row for split_name, row in self.stream_splits() if split_name == name)
+
+
+def _split_row(row: Mapping[str, Any]) -> dict[str, str]:
+    """An index row's split columns, as :func:`_checked_row` cleans them."""
+    return {"path": str(row["path"]), "label": str(row["label"]), "sha256": str(row["sha256"]).strip()}
 
 
 def split_index(

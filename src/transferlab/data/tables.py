@@ -27,6 +27,7 @@ iteration, so a stage can pass over it twice without holding it.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -124,6 +125,24 @@ def write_splits(splits: Mapping[str, Iterable[Mapping[str, Any]]], folder: str 
     with atomic.atomic_directory(folder) as temporary:
         for name, rows in splits.items():
             _write_rows(temporary / f"{name}.csv", SPLIT_COLUMNS, rows)
+
+
+def write_routed_splits(
+    rows: Iterable[tuple[str, Mapping[str, Any]]], names: Sequence[str], folder: str | os.PathLike
+) -> None:
+    """Writes ``<name>.csv`` for each of ``names`` into ``folder`` in one pass over ``(name, row)`` pairs, all or none.
+
+    As :func:`write_splits`, for rows that come mixed (the split stage's one pass over the index):
+    every file is open at once and each row goes to its split's file, in the order given.
+    """
+    with atomic.atomic_directory(folder) as temporary, contextlib.ExitStack() as files:
+        writers = {}
+        for name in names:
+            handle = files.enter_context((temporary / f"{name}.csv").open("w", newline="", encoding="utf-8"))
+            writers[name] = csv.DictWriter(handle, fieldnames=SPLIT_COLUMNS, lineterminator="\n")
+            writers[name].writeheader()
+        for name, row in rows:
+            writers[name].writerow(row)
 
 
 def read_split(path: str | os.PathLike) -> list[dict[str, str]]:
