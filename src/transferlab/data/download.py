@@ -275,8 +275,8 @@ class IndexSummary:
     def _candidates(self, rows: Iterable[tables.IndexRow]) -> dict[str, list[tables.IndexRow]]:
         """The ``ok`` rows whose sha256 hash was seen twice or more, by sha256."""
         hashes = np.frombuffer(self.hashes, dtype=np.int64)
-        values, counts = np.unique(hashes, return_counts=True)
-        repeated = set(values[counts > 1].tolist())
+        hashes.sort()  # in place: the order of the rows is not needed, and a copy would double the bytes
+        repeated = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
         by_content: dict[str, list[tables.IndexRow]] = collections.defaultdict(list)
         if repeated:
             for row in rows:

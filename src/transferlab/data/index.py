@@ -289,7 +289,7 @@ def files_in_path_order(classes: Iterable[Path]) -> Iterator[str]:
 
 
 def _walk_in_path_order(folder: Path, relative: str) -> Iterator[str]:
-    entries = []
+    files, folders = [], []  # names only: a folder of 10^6 files holds ~70 MB while it is walked
     try:
         with os.scandir(folder) as listing:
             for entry in listing:
@@ -297,11 +297,12 @@ def _walk_in_path_order(folder: Path, relative: str) -> Iterator[str]:
                     walked = entry.is_dir() and not entry.is_symlink()
                 except OSError:
                     walked = False
-                entries.append((entry.name + "/" if walked else entry.name, walked))
+                (folders if walked else files).append(entry.name)
     except OSError:  # as os.walk: a folder that cannot be listed is skipped
         return
-    for key, walked in sorted(entries):
-        if walked:
+    files.sort()
+    for key in heapq.merge(files, sorted(name + "/" for name in folders)):  # no name holds "/": keys differ
+        if key.endswith("/"):
             yield from _walk_in_path_order(folder / key[:-1], f"{relative}/{key[:-1]}")
         else:
             yield f"{relative}/{key}"
