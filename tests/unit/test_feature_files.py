@@ -245,3 +245,10 @@ def test_a_per_row_column_of_the_wrong_length_is_refused_from_its_header(tmp_pat
     path = write_features(tmp_path / "train.npz", sha256=np.array(["a" * 64] * 5))
     with pytest.raises(ValueError, match="'sha256' has 5 entries for 6 feature rows; re-run extract_features"):
         files.load_features(path)
+
+
+def test_a_taps_folder_without_members_leaves_the_per_row_strings_unread(tmp_path):
+    write_features(tmp_path / "train.npz")
+    files.write_taps_index(tmp_path / "taps", {})  # a logistic head: extract_taps wrote no member
+    (train,) = files.load_splits(tmp_path, ("train",), taps_directory=tmp_path / "taps").values()
+    assert train.taps == {} and train.sha256._values is None and train.recipes._values is None
