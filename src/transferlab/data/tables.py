@@ -210,13 +210,22 @@ def read_views(path: str | os.PathLike) -> list[dict[str, str]]:
     Raises:
         ValueError: the file is missing or lacks a column of :data:`SPLIT_COLUMNS` (run split and augment).
     """
-    path = Path(path)
-    if not path.exists():
-        raise ValueError(f"{path} not found; run the split and augment stages first (dvc repro augment)")
-    rows = _read(path, SPLIT_COLUMNS, rerun="re-run the split and augment stages (dvc repro augment)")
+    rows = list(stream_views(path))
     for row in rows:
         row["recipe"] = row.get("recipe") or ""
     return rows
+
+
+def stream_views(path: str | os.PathLike) -> TableRows:
+    """:func:`read_views`' rows, checked now and read one at a time on each iteration (``recipe`` may be absent).
+
+    Raises:
+        ValueError: as :func:`read_views`.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ValueError(f"{path} not found; run the split and augment stages first (dvc repro augment)")
+    return TableRows(path, SPLIT_COLUMNS, rerun="re-run the split and augment stages (dvc repro augment)")
 
 
 # ------------------------------------------------------------------------------ test predictions
