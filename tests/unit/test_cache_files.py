@@ -7,6 +7,7 @@ import logging
 import os
 import sqlite3
 import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,26 @@ def test_a_damaged_saved_backbone_is_saved_again_and_its_copy_checked(tmp_path, 
         tap_jobs._copy_backbone(job, converted, destination)
     assert len(saves) == 2 and f"Cache file {saved} does not match the sha256" in caplog.text
     assert destination.read_bytes() == b"keras zip " * 1000
+
+
+def test_without_a_cache_folder_the_run_stores_its_embeddings_in_a_temporary_one_removed_after(tmp_path, monkeypatch):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    with extract_features.embedding_store(None) as store:
+        run = _embed(store, "a" * 64, factor=1.0)
+        assert run.rows.held == {} and list(store.glob("*/*.sqlite")), "the rows are on disk, not in memory"
+        np.testing.assert_array_equal(run.read([ITEMS[3].key])[0, :2], [3.0, 3.0])
+        run.rows.cache.close()
+    assert list(tmp_path.iterdir()) == [], "nothing is remembered"
+    with extract_features.embedding_store(tmp_path / "cache") as store:
+        assert store == tmp_path / "cache"
+
+
+def test_split_rows_are_columns_with_the_original_recipe_when_none_is_given():
+    rows = extract_features.SplitRows.of(
+        [
+            {"path": "a/1.jpg", "label": "a", "sha256": "1" * 64},
+            {"path": "b/2.jpg", "label": "b", "sha256": "2" * 64, "recipe": "flip"},
+        ]
+    )
+    assert len(rows) == 2 and rows.recipes == ["", "flip"] and rows.labels == ["a", "b"]
+    assert rows.keys(1) == [("2" * 64, "flip")] and extract_features.SplitRows.of(rows) is rows

@@ -148,15 +148,15 @@ class SplitRows:
             columns.paths.append(row["path"])
             columns.labels.append(sys.intern(row["label"]))
             columns.sha256.append(row["sha256"])
-            columns.recipes.append(sys.intern(row.get("recipe") or ""))
+            columns.recipes.append(row.get("recipe") or "")  # "" (most rows) is one shared object
         return columns
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def keys(self) -> list[Key]:
-        """Each row's cache key, (sha256, recipe)."""
-        return list(zip(self.sha256, self.recipes, strict=True))
+    def keys(self, start: int = 0, stop: int | None = None) -> list[Key]:
+        """The cache keys, (sha256, recipe), of rows ``start`` to ``stop`` (default: all)."""
+        return list(zip(self.sha256[start:stop], self.recipes[start:stop], strict=True))
 
 
 def unique_items(rows_by_split: Mapping[str, SplitRows]) -> list[decode.Item]:
@@ -343,11 +343,10 @@ def assemble(
     rows = SplitRows.of(rows)
     widths = [run.width for run in runs]
     offsets = np.cumsum([0, *widths[:-1]]).astype(np.int64)
-    keys = rows.keys()
 
     def float32_chunks() -> Iterator[np.ndarray]:
-        for start in range(0, len(keys), chunk_rows):
-            part = keys[start : start + chunk_rows]
+        for start in range(0, len(rows), chunk_rows):
+            part = rows.keys(start, start + chunk_rows)
             blocks = [run.read(part).astype(np.float32, copy=False) for run in runs]
             yield np.hstack(blocks) if blocks else np.zeros((len(part), 0), dtype=np.float32)
 
