@@ -209,7 +209,7 @@ def embed(
             member=member, engine=choice.name, engine_note=choice.verdict.get("reason", ""), choice=choice.summary()
         )
         entry = _Active(run, cache, choice)
-        entry.look_up([item.key for item in items])
+        entry.look_up(items)
         active.append(entry)
     jobs = [*active, *extra_jobs]
     for size in sorted({job.size for job in jobs}):
@@ -231,7 +231,7 @@ class _Active:
     cache: Any  # an embedding_cache.EmbeddingCache, or a DisabledCache once it failed
     choice: engine_choice.ConvertedEngine
     engine: object = None
-    wanted: set = field(default_factory=set)  # the keys not in the cache: embedded by this run
+    wanted: set = field(default_factory=set)  # the views (Items) not in the cache: embedded by this run
     writable: bool = True  # False once the cache failed a write: the rest of the rows are held in memory
 
     def __post_init__(self) -> None:
@@ -247,27 +247,28 @@ class _Active:
     def label(self) -> str:
         return self.run.member.name
 
-    def look_up(self, keys: Sequence[Key]) -> None:
-        """Finds which keys the cache holds (verifying each row's checksum), a chunk at a time.
+    def look_up(self, items: Sequence[decode.Item]) -> None:
+        """Finds which of the (distinct) views the cache holds (verifying each row's checksum), a chunk at a time.
 
-        A row that fails its checksum is deleted by the cache and embedded again, as a miss.
+        A row that fails its checksum is deleted by the cache and embedded again, as a miss. The
+        misses are kept as the views themselves (a set entry each, no key tuple).
         """
-        wanted: set[Key] = set()
+        wanted: set[decode.Item] = set()
         try:
-            for start in range(0, len(keys), LOOKUP_ROWS):
-                chunk = keys[start : start + LOOKUP_ROWS]
-                found = self.cache.get_many(chunk)
+            for start in range(0, len(items), LOOKUP_ROWS):
+                chunk = items[start : start + LOOKUP_ROWS]
+                found = self.cache.get_many([item.key for item in chunk])
                 if found and not self.run.width:
                     self.run.width = len(next(iter(found.values())))
-                wanted.update(key for key in chunk if key not in found)
+                wanted.update(item for item in chunk if item.key not in found)
         except embedding_cache.CacheUnavailable as error:  # e.g. locked by a stuck process: compute instead
             self.give_up_cache(error)
-            wanted = set(keys)
+            wanted = set(items)
         self.wanted = wanted
-        self.run.hits, self.run.corrupt = len(set(keys)) - len(wanted), self.cache.corrupt
+        self.run.hits, self.run.corrupt = len(items) - len(wanted), self.cache.corrupt
 
     def wants(self, item: decode.Item) -> bool:
-        return item.key in self.wanted
+        return item in self.wanted
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
         if self.engine is None:  # built on the first miss: a warm run never imports TensorFlow
