@@ -263,3 +263,21 @@ def test_split_rows_are_columns_with_the_original_recipe_when_none_is_given():
     )
     assert len(rows) == 2 and rows.recipes == ["", "flip"] and rows.labels == ["a", "b"]
     assert rows.keys(1) == [("2" * 64, "flip")] and extract_features.SplitRows.of(rows) is rows
+
+
+def test_unique_items_take_columns_or_row_mappings_alike_and_keep_each_view_once_in_split_order():
+    """extract_features passes SplitRows, extract_taps the rows as mappings: both give the same views."""
+    rows = {
+        "val": [{"path": "b/2.jpg", "label": "b", "sha256": "2" * 64, "recipe": ""}],
+        "train": [
+            {"path": "a/1.jpg", "label": "a", "sha256": "1" * 64, "recipe": ""},
+            {"path": "a/1.jpg", "label": "a", "sha256": "1" * 64, "recipe": "flip"},
+            {"path": "b/2.jpg", "label": "b", "sha256": "2" * 64, "recipe": ""},
+        ],
+        "test": [{"path": "c/1.jpg", "label": "a", "sha256": "1" * 64, "recipe": ""}],
+    }
+    from_mappings = extract_features.unique_items(rows)
+    from_columns = extract_features.unique_items({split: extract_features.SplitRows.of(r) for split, r in rows.items()})
+    expected = [("1" * 64, ""), ("1" * 64, "flip"), ("2" * 64, "")]
+    assert [item.key for item in from_mappings] == [item.key for item in from_columns] == expected
+    assert [item.path for item in from_mappings] == ["a/1.jpg", "a/1.jpg", "b/2.jpg"]

@@ -159,12 +159,15 @@ class SplitRows:
         return list(zip(self.sha256[start:stop], self.recipes[start:stop], strict=True))
 
 
-def unique_items(rows_by_split: Mapping[str, SplitRows]) -> list[decode.Item]:
-    """Every distinct (sha256, recipe) once, in a stable order (split, then row order)."""
+def unique_items(rows_by_split: Mapping[str, SplitRows | Iterable[Mapping[str, str]]]) -> list[decode.Item]:
+    """Every distinct (sha256, recipe) once, in a stable order (split, then row order).
+
+    Each split's rows are :class:`SplitRows` (extract_features) or row mappings (extract_taps).
+    """
     seen: set[Key] = set()
     items = []
     for split in files.SPLITS:
-        rows = rows_by_split.get(split, SplitRows())
+        rows = SplitRows.of(rows_by_split.get(split, ()))
         for sha256, recipe, path in zip(rows.sha256, rows.recipes, rows.paths, strict=True):
             if (sha256, recipe) not in seen:
                 seen.add((sha256, recipe))
