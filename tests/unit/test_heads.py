@@ -454,3 +454,26 @@ def test_dense_balanced_class_weight_changes_the_fit():
     balanced = train_dense(train_split, val_split, epochs=5, patience=5, class_weight="balanced")
     minority = val_split.features[val_split.labels == 1]
     assert balanced.head.predict_proba(minority)[:, 1].mean() > plain.head.predict_proba(minority)[:, 1].mean() + 0.1
+
+
+def test_split_metrics_a_chunk_of_rows_at_a_time_equal_scikit_learn_on_the_whole_split():
+    """train_head's train/val figures are computed chunk by chunk, the same as log_loss on all rows."""
+    train_split, val_split, _ = blob_splits(3, classes=3, per_class=(9000, 30, 5))  # 27000 rows: 4 chunks
+    head = train_logistic(train_split, val_split).head
+    calls = []
+
+    class Recording:
+        def predict_proba(self, features):
+            calls.append(len(features))
+            return head.predict_proba(features)
+
+    probabilities = head.predict_proba(train_split.features)
+    expected = {
+        "accuracy": metrics.accuracy_score(train_split.labels, probabilities.argmax(axis=1)),
+        "loss": metrics.log_loss(train_split.labels, probabilities, labels=[0, 1, 2]),
+    }
+    chunked = base.split_accuracy_and_loss(Recording(), train_split)
+    assert calls == [files.CHUNK_ROWS] * 3 + [27000 - 3 * files.CHUNK_ROWS]
+    assert chunked["accuracy"] == expected["accuracy"] and 0 < expected["accuracy"] < 1
+    assert chunked["loss"] == pytest.approx(expected["loss"], rel=1e-12)
+    assert base.accuracy_and_loss(probabilities, train_split.labels) == expected

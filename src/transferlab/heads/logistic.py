@@ -264,7 +264,7 @@ def _head_from(model: pipeline.Pipeline, train: files.Features, settings: dict[s
 
 
 def _scores(head: LogisticHead, split: files.Features, prefix: str) -> dict[str, float]:
-    figures = base.accuracy_and_loss(head.predict_proba(split.features), split.labels)
+    figures = base.split_accuracy_and_loss(head, split)
     return {f"{prefix}/{key}": value for key, value in figures.items()}
 
 

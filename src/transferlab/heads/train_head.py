@@ -157,7 +157,7 @@ def _train_one(
     for name, split in (("train", train), ("val", val)):
         metrics[name] = {"examples": len(split)}
         if len(split):
-            metrics[name].update(base.accuracy_and_loss(base.predict_split(outcome.head, split), split.labels))
+            metrics[name].update(base.split_accuracy_and_loss(outcome.head, split))
     metrics.update(outcome.report)
     return TrainingResult(head=outcome.head, metrics=metrics)
 
