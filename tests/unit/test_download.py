@@ -270,7 +270,7 @@ def make_messy_dataset(root: Path) -> Path:
 
 def test_index_rows_statuses_and_order(tmp_path):
     root = make_messy_dataset(tmp_path / "data")
-    rows = index.index_dataset(root, workers=1, **CHECKS, max_files=100)
+    rows = list(index.index_rows(root, workers=1, **CHECKS, max_files=100))
     by_path = {row.path: row for row in rows}
     assert [row.path for row in rows] == sorted(by_path)
     assert "LICENSE.txt" not in by_path
@@ -288,8 +288,8 @@ def test_index_rows_statuses_and_order(tmp_path):
 
 def test_index_is_the_same_with_worker_processes(tmp_path):
     root = make_messy_dataset(tmp_path / "data")
-    assert index.index_dataset(root, workers=2, **CHECKS, max_files=100) == index.index_dataset(
-        root, workers=1, **CHECKS, max_files=100
+    assert list(index.index_rows(root, workers=2, **CHECKS, max_files=100)) == list(
+        index.index_rows(root, workers=1, **CHECKS, max_files=100)
     )
 
 
@@ -297,10 +297,10 @@ def test_index_errors(tmp_path):
     (tmp_path / "flat").mkdir()
     (tmp_path / "flat" / "a.jpg").write_bytes(jpeg_bytes(1))
     with pytest.raises(ValueError, match=r"no class folders found \(found: a\.jpg\).*one sub-folder per class"):
-        index.index_dataset(tmp_path / "flat", workers=1, **CHECKS, max_files=100)
+        list(index.index_rows(tmp_path / "flat", workers=1, **CHECKS, max_files=100))
     make_dataset(tmp_path / "many", per_class=3)
     with pytest.raises(ValueError, match=r"6 files .* more than download.max_files=5"):
-        index.index_dataset(tmp_path / "many", workers=1, **CHECKS, max_files=5)
+        list(index.index_rows(tmp_path / "many", workers=1, **CHECKS, max_files=5))
 
 
 def row(path: str, status: str = "ok", sha: str = "") -> tables.IndexRow:

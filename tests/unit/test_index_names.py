@@ -71,7 +71,7 @@ def test_a_class_folder_name_later_stages_cannot_carry_is_refused(tmp_path, name
     save_images(tmp_path / "cats", 5)
     save_images(os.path.join(os.fsencode(tmp_path), name) if isinstance(name, bytes) else tmp_path / name, 5, seed=1)
     with pytest.raises(ValueError) as refused:
-        index.index_dataset(tmp_path, workers=1, **CHECKS)
+        list(index.index_rows(tmp_path, workers=1, **CHECKS))
     message = str(refused.value)
     assert f"class folder name(s) that later stages cannot use: {shown} ({why}" in message
     assert "rename the folder" in message and "'cats'" not in message
@@ -82,7 +82,7 @@ def test_every_refused_class_folder_is_named_in_one_message(tmp_path):
     for name in ("ok", "bad ", "worse\x07"):
         save_images(tmp_path / name, 5)
     with pytest.raises(ValueError, match=r"'bad ' \(starts or ends .*\), 'worse\\x07' \(holds control"):
-        index.index_dataset(tmp_path, workers=1, **CHECKS)
+        list(index.index_rows(tmp_path, workers=1, **CHECKS))
 
 
 def test_the_download_stage_refuses_escape_codes_without_printing_them(tmp_path):
@@ -117,7 +117,7 @@ def test_files_with_unusable_names_are_excluded_as_bad_name_and_the_rest_downloa
     for number, bad in enumerate([b"caf\xe9.png", b"esc\x1b[2J.png", b"new\nline.png", b"sub\x07/deep.png"]):
         os.makedirs(os.path.dirname(os.path.join(cats, bad)), exist_ok=True)
         Path(os.fsdecode(os.path.join(cats, bad))).write_bytes(png_bytes(10 + number))
-    rows = index.index_dataset(tmp_path, workers=2, **CHECKS)
+    rows = list(index.index_rows(tmp_path, workers=2, **CHECKS))
     bad = {row.path: row for row in rows if row.status == index.BAD_NAME}
     assert sorted(bad) == [
         "cats/caf\\xe9.png",
@@ -141,7 +141,7 @@ def test_a_link_with_an_unusable_name_is_written_escaped(tmp_path):
     row = tables.IndexRow("cats/l\x1bnk.jpg", "cats", "", None, None, index.LINK, "symbolic link to caf\udce9")
     (escaped,) = [
         r
-        for r in index.index_dataset(make_two_classes(tmp_path), workers=1, extra_rows=[row], **CHECKS)
+        for r in index.index_rows(make_two_classes(tmp_path), workers=1, extra_rows=[row], **CHECKS)
         if r.status == index.LINK
     ]
     assert (escaped.path, escaped.detail) == ("cats/l\\x1bnk.jpg", "symbolic link to caf\\xe9")
@@ -157,7 +157,7 @@ def test_spaces_inside_and_unicode_names_are_kept_exactly_by_every_stage(tmp_pat
     save_images(tmp_path / "sea lions", 5)
     save_images(tmp_path / "café", 5, seed=1)
     (tmp_path / "café" / " padded name .png").write_bytes(png_bytes(20))
-    rows = index.index_dataset(tmp_path, workers=1, **CHECKS)
+    rows = list(index.index_rows(tmp_path, workers=1, **CHECKS))
     assert all(row.status == "ok" for row in rows)
     tables.write_index(rows, tmp_path / "index.csv")
     result = split.split_index(tables.read_index(tmp_path / "index.csv"), val_fraction=0.2, test_fraction=0.2, seed=1)
@@ -181,7 +181,7 @@ def test_printable_escapes_only_what_a_terminal_could_act_on():
 def test_a_dataset_of_28x28_digits_passes_with_the_default_params(tmp_path):
     for digit in range(3):
         save_images(tmp_path / str(digit), 6, size=(28, 28), seed=digit, mode="L")
-    rows = index.index_dataset(tmp_path, workers=1, **CHECKS)
+    rows = list(index.index_rows(tmp_path, workers=1, **CHECKS))
     assert {row.status for row in rows} == {"ok"}
     index.check_classes(rows, min_images_per_class=DEFAULTS.min_images_per_class, classes=["0", "1", "2"])
 
@@ -190,7 +190,7 @@ def test_tiny_images_are_refused_naming_the_reason_per_class_and_the_param(tmp_p
     for digit in range(3):
         save_images(tmp_path / str(digit), 6, size=(4, 4), seed=digit)
     (tmp_path / "2" / "notes.txt").write_text("not an image")
-    rows = index.index_dataset(tmp_path, workers=1, **CHECKS)
+    rows = list(index.index_rows(tmp_path, workers=1, **CHECKS))
     with pytest.raises(ValueError) as refused:
         index.check_classes(
             rows,
@@ -214,7 +214,7 @@ def test_a_class_too_small_after_exclusions_names_the_param_too(tmp_path):
     save_images(tmp_path / "big", 6, size=(40, 40))
     save_images(tmp_path / "huge", 2, size=(40, 40), seed=1)
     save_images(tmp_path / "huge" / "scans", 4, size=(120, 100), seed=2)
-    rows = index.index_dataset(tmp_path, workers=1, min_image_side=8, max_image_pixels=10_000, max_files=100)
+    rows = list(index.index_rows(tmp_path, workers=1, min_image_side=8, max_image_pixels=10_000, max_files=100))
     with pytest.raises(ValueError) as refused:
         index.check_classes(rows, min_images_per_class=5, classes=["big", "huge"], max_image_pixels=10_000)
     message = str(refused.value)

@@ -105,7 +105,7 @@ def test_files_come_in_path_order_as_the_walk_finds_them(tmp_path):
 def test_index_rows_check_each_file_only_when_its_row_is_read(tmp_path, monkeypatch):
     root = tmp_path / "data"
     _tangled_tree(root)
-    listed = index.index_dataset(root, workers=2, min_image_side=8, max_image_pixels=10**6, max_files=100)
+    listed = list(index.index_rows(root, workers=2, min_image_side=8, max_image_pixels=10**6, max_files=100))
     checked = []
     original = index._check_file
     monkeypatch.setattr(

@@ -157,8 +157,7 @@ def make_recipes(
         Rows with ``path``, ``label``, ``sha256`` and ``recipe``.
     """
     ranges = dict(copies=copies, flip=flip, zoom=zoom, rotation=rotation, brightness=brightness, contrast=contrast)
-    check_ranges(**ranges)
-    return list(iter_recipes(sorted(rows, key=lambda item: str(item["path"])), seed=seed, **ranges))
+    return list(iter_recipes(sorted(rows, key=lambda item: str(item["path"])), seed=seed, **ranges))  # checks them
 
 
 def iter_recipes(

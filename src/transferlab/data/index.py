@@ -185,32 +185,6 @@ def _escaped_row(row: tables.IndexRow) -> tables.IndexRow:
 # The index
 
 
-def index_dataset(
-    root: str | os.PathLike,
-    *,
-    min_image_side: int,
-    max_image_pixels: int,
-    max_files: int,
-    workers: int = 2,
-    extra_rows: Sequence[tables.IndexRow] = (),
-) -> list[tables.IndexRow]:
-    """One row per file under each class folder of ``root``, sorted by path, in a list (see :func:`index_rows`).
-
-    Raises:
-        ValueError: as :func:`index_rows`.
-    """
-    return list(
-        index_rows(
-            root,
-            min_image_side=min_image_side,
-            max_image_pixels=max_image_pixels,
-            max_files=max_files,
-            workers=workers,
-            extra_rows=extra_rows,
-        )
-    )
-
-
 def index_rows(
     root: str | os.PathLike,
     *,

@@ -335,14 +335,9 @@ def _write(path: str | os.PathLike, columns: Sequence[str], rows: Iterable[Mappi
 def _write_rows(path: Path, columns: Sequence[str], rows: Iterable[Mapping[str, Any]]) -> int:
     """Writes the header and ``rows`` (any iterable, consumed one row at a time); returns the row count."""
     count = 0
-
-    def counted() -> Iterator[Mapping[str, Any]]:
-        nonlocal count
-        for count, row in enumerate(rows, start=1):  # noqa: B007 (the count is the point)
-            yield row
-
     with path.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(counted())
+        for count, row in enumerate(rows, start=1):  # noqa: B007 (the count is the point)
+            writer.writerow(row)
     return count
