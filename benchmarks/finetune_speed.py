@@ -68,10 +68,13 @@ def run_taps(arguments) -> dict:
         from_layer=arguments.from_layer,
         epochs=arguments.epochs,
         learning_rate=3e-4,
+        schedule="constant",
         batch_size=32,
         dropout=0.3,
         flip=True,
         patience=arguments.epochs,
+        keep="best",
+        average_from=1,
     )
     seconds = time.perf_counter() - started
     accuracy = base.accuracy_and_loss(base.predict_split(outcome.head, splits["val"]), splits["val"].labels)["accuracy"]

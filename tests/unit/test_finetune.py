@@ -114,10 +114,13 @@ def trained(tmp_path_factory, backbone):
         from_layer=CUT,
         epochs=6,
         learning_rate=0.03,
+        schedule="constant",
         batch_size=8,
         dropout=0.1,
         flip=True,
         patience=6,
+        keep="best",
+        average_from=1,
         log_step=curves.append,
     )
     train_head.save_head(outcome.head, folder / "head")

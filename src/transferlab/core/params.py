@@ -187,10 +187,23 @@ class FinetuneParams(Section):
     from_layer: Annotated[str, Field(min_length=1)] = "auto"  # auto = the registry's finetune_from
     epochs: Annotated[int, Field(ge=1, le=1000)] = 8
     learning_rate: Annotated[float, Field(gt=0.0, le=1.0)] = 0.0003
+    schedule: Literal["constant", "cosine"] = "cosine"  # cosine: the rate decays to 0 over the epochs
     batch_size: Annotated[int, Field(ge=1, le=8192)] = 32
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
     flip: bool = True
-    patience: Annotated[int, Field(ge=0, le=1000)] = 3
+    patience: Annotated[int, Field(ge=0, le=1000)] = 3  # keep: best only
+    # average: the mean of the weights of epochs average_from..epochs (no early stopping); best: early stopping.
+    keep: Literal["average", "best"] = "average"
+    average_from: Annotated[int, Field(ge=1, le=1000)] = 2
+
+    @model_validator(mode="after")
+    def _average_within_epochs(self) -> FinetuneParams:
+        if self.keep == "average" and self.average_from > self.epochs:
+            raise ValueError(
+                f"average_from ({self.average_from}) is past the last epoch ({self.epochs}): the average would "
+                "hold no epoch; lower average_from or raise epochs"
+            )
+        return self
 
 
 MemberName = Annotated[str, Field(min_length=1)]
