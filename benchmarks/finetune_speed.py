@@ -73,8 +73,6 @@ def run_taps(arguments) -> dict:
         dropout=0.3,
         flip=True,
         patience=arguments.epochs,
-        keep="best",
-        average_from=1,
     )
     seconds = time.perf_counter() - started
     accuracy = base.accuracy_and_loss(base.predict_split(outcome.head, splits["val"]), splits["val"].labels)["accuracy"]

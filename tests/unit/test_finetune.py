@@ -119,8 +119,6 @@ def trained(tmp_path_factory, backbone):
         dropout=0.1,
         flip=True,
         patience=6,
-        keep="best",
-        average_from=1,
         log_step=curves.append,
     )
     train_head.save_head(outcome.head, folder / "head")

@@ -27,8 +27,6 @@ def train(splits, seed: int, **options):
         dropout=0.1,
         flip=True,
         patience=3,
-        keep="best",
-        average_from=1,
     )
     return finetune.train(**{**settings, **options})
 
@@ -52,51 +50,9 @@ def test_the_same_seed_gives_bitwise_the_same_model_and_another_seed_another(spl
     assert any(not np.array_equal(a, b) for a, b in zip(weights[0], weights[2]))
 
 
-def test_keep_average_is_the_mean_of_the_epochs_weights_from_average_from_on(splits):
-    """keep: average runs every epoch (no early stopping) and keeps the mean of epochs 2..4's weights.
-
-    The same seed with keep: best and no early stopping follows the same trajectory, so its
-    weights after epochs 2, 3 and 4 (recorded by a callback) are the ones averaged.
-    """
-    recorded = []
-    original_fit = keras.Model.fit
-
-    def recording_fit(model, *args, callbacks=(), **kwargs):
-        class Record(keras.callbacks.Callback):
-            def on_epoch_end(self, epoch, logs=None):
-                recorded.append([np.array(variable.numpy()) for variable in self.model.trainable_weights])
-
-        return original_fit(model, *args, callbacks=[*callbacks, Record()], **kwargs)
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(keras.Model, "fit", recording_fit)
-        trajectory = train(splits, 5, epochs=4, patience=4)
-    averaged = train(splits, 5, epochs=4, patience=0, keep="average", average_from=2)
-    assert len(recorded) == 4 and averaged.report["epochs_run"] == 4  # patience 0 stops nothing
-    assert averaged.report["averaged_epochs"] == [2, 4] and "best_epoch" not in averaged.report
-    expected = [np.mean([epoch[i] for epoch in recorded[1:]], axis=0) for i in range(len(recorded[0]))]
-    kept = [np.array(variable.numpy()) for variable in averaged.head.model.trainable_weights]
-    for got, want in zip(kept, expected):
-        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
-    assert any(not np.allclose(got, last) for got, last in zip(kept, recorded[-1]))  # not the last epoch's
-    assert averaged.head.description.settings["keep"] == "average"
-    # keep: best restores one epoch's weights exactly.
-    best = trajectory.report["best_epoch"]
-    for got, want in zip(trajectory.head.model.trainable_weights, recorded[best - 1]):
-        np.testing.assert_array_equal(got.numpy(), want)
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        ({"keep": "last"}, "choose one of: average, best"),
-        ({"keep": "average", "average_from": 4}, "only epochs 1..3"),
-        ({"schedule": "step"}, "choose one of: constant, cosine"),
-    ],
-)
-def test_bad_keep_settings_are_refused(splits, options, message):
-    with pytest.raises(ValueError, match=message):
-        train(splits, 5, **options)
+def test_a_bad_schedule_is_refused(splits):
+    with pytest.raises(ValueError, match="schedule 'step'; choose one of: constant, cosine"):
+        train(splits, 5, schedule="step")
 
 
 def test_the_cosine_schedule_decays_from_the_learning_rate_to_zero_over_the_epochs(splits):

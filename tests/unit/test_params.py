@@ -78,12 +78,7 @@ def test_every_key_in_params_yaml_is_commented():
         ("train_head", {"fusion": {"finetune": ["a", "a"]}}, r"train_head\.fusion\.finetune: .*list each member once"),
         ("train_head", {"fusion": {"finetune": "all"}}, r"train_head\.fusion\.finetune"),
         ("train_head", {"fusion": {"frozen": "both"}}, r"train_head\.fusion\.frozen: Input should be 'separate' or"),
-        ("train_head", {"finetune": {"keep": "last"}}, r"train_head\.finetune\.keep: Input should be 'average' or"),
-        (
-            "train_head",
-            {"finetune": {"epochs": 3, "average_from": 4}},
-            r"train_head\.finetune: .*average_from \(4\) is past the last epoch \(3\)",
-        ),
+        ("train_head", {"finetune": {"schedule": "step"}}, r"train_head\.finetune\.schedule: Input should be"),
     ],
 )
 def test_invalid_values_name_the_key_and_what_is_allowed(section, raw, expected):

@@ -191,19 +191,7 @@ class FinetuneParams(Section):
     batch_size: Annotated[int, Field(ge=1, le=8192)] = 32
     dropout: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.3
     flip: bool = True
-    patience: Annotated[int, Field(ge=0, le=1000)] = 3  # keep: best only
-    # average: the mean of the weights of epochs average_from..epochs (no early stopping); best: early stopping.
-    keep: Literal["average", "best"] = "average"
-    average_from: Annotated[int, Field(ge=1, le=1000)] = 2
-
-    @model_validator(mode="after")
-    def _average_within_epochs(self) -> FinetuneParams:
-        if self.keep == "average" and self.average_from > self.epochs:
-            raise ValueError(
-                f"average_from ({self.average_from}) is past the last epoch ({self.epochs}): the average would "
-                "hold no epoch; lower average_from or raise epochs"
-            )
-        return self
+    patience: Annotated[int, Field(ge=0, le=1000)] = 3
 
 
 MemberName = Annotated[str, Field(min_length=1)]

@@ -16,15 +16,13 @@ head combines them).
 - Training data is streamed from the memory-mapped ``.npy`` files by a ``keras.utils.PyDataset``
   (the whole set never sits in memory), shuffled per epoch and, with ``flip``, each cached map
   mirrored left-right with probability 1/2 (the map of a mirrored photo, to a good approximation).
-- What is kept (``keep``): ``average``, the mean of the weights at the end of every epoch from
-  ``average_from`` on (stochastic weight averaging, Izmailov et al. 2018; every epoch runs and
-  validation picks nothing), or ``best``, early stopping on validation loss restoring the best
-  epoch. Averaging needs no batch-norm update here, since batch norm is frozen. Why it is the default:
-  on flower_photos the validation loss of the fine-tuned MobileNetV2 jumps between epochs (0.15 to
-  0.33 from one epoch to the next at the default learning rate), so the epoch early stopping
-  restores is partly chance, while the average of the trajectory is steadier and as good or better
-  on validation (README "Best accuracy"). Keras' seeds come from ``seed`` and TensorFlow runs
-  with deterministic ops, as for the dense head.
+- The learning rate (``schedule``) decays from ``learning_rate`` to 0 over the epochs along half
+  a cosine (``cosine``, the default), or stays constant. At a constant 3e-4 the validation loss of
+  MobileNetV2 on flower_photos jumps from epoch to epoch (0.15 to 0.33 and back), so the epoch
+  early stopping keeps is partly chance; the decay settles the last epochs (README "Best
+  accuracy" has the comparison on validation).
+- Early stopping on validation loss restores the best epoch; Keras' seeds come from ``seed``
+  and TensorFlow runs with deterministic ops, as for the dense head.
 
 Saved head: ``head.keras`` (tap in, probabilities out), ``backbone.keras`` (the frozen backbone
 the taps came from) and head.json. :func:`full_model` joins them into one model from raw pixels
@@ -55,8 +53,6 @@ NAME = "finetune"
 MODEL_FILE = "head.keras"
 BACKBONE_FILE = "backbone.keras"
 PREDICT_BATCH_SIZE = 128
-AVERAGE, BEST = "average", "best"
-KEEP = (AVERAGE, BEST)
 SCHEDULES = ("constant", "cosine")
 logger = logging.getLogger(__name__)
 
@@ -150,8 +146,6 @@ def train(
     dropout: float,
     flip: bool,
     patience: int,
-    keep: str,
-    average_from: int,
     log_step: base.StepLogger | None = None,
 ) -> base.TrainOutcome:
     """Fine-tunes the backbone's top plus a new softmax on cached tap activations.
@@ -168,17 +162,13 @@ def train(
         batch_size: maps per gradient step.
         dropout: dropout rate before the softmax layer.
         flip: mirror each training map left-right with probability 1/2.
-        patience: with ``keep: best``, epochs without a better validation loss before stopping.
-        keep: ``average`` (the mean of the weights at the end of each epoch from ``average_from``
-            on; every epoch runs) or ``best`` (early stopping restores the best validation epoch).
-        average_from: with ``keep: average``, the first epoch (1-based) in the average.
+        patience: epochs without a better validation loss before stopping.
         log_step: called after every epoch with train/val loss and accuracy.
 
     Returns:
-        The head with the kept weights, and a report (the epochs run and the best or averaged
-        ones, seconds per epoch, the layer, trainable parameters).
+        The head with the best epoch's weights, and a report (best and run epochs, seconds per
+        epoch, the layer, trainable parameters).
     """
-    _check_keep(keep, average_from, epochs)
     if schedule not in SCHEDULES:
         raise ValueError(
             f"Unsupported train_head.finetune.schedule '{schedule}'; choose one of: {', '.join(SCHEDULES)}"
@@ -195,10 +185,6 @@ def train(
         metrics=["accuracy"],
     )
     timer = _EpochTimer()
-    if keep == AVERAGE:
-        kept = WeightAverage(first_epoch=average_from)
-    else:
-        kept = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     history = model.fit(
         batches,
         validation_data=TapBatches(
@@ -207,7 +193,11 @@ def train(
         epochs=epochs,
         verbose=0,
         class_weight=keras_common.keras_class_weight(class_weight, train),
-        callbacks=[kept, keras_common.epoch_logger(epochs, log_step), timer],
+        callbacks=[
+            keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True),
+            keras_common.epoch_logger(epochs, log_step),
+            timer,
+        ],
     )
     settings = {
         "from_layer": layer,
@@ -220,15 +210,12 @@ def train(
         "dropout": dropout,
         "flip": flip,
         "patience": patience,
-        "keep": keep,
-        "average_from": average_from,
         "class_weight": class_weight,
         "seed": seed,
     }
     description = base.description_for(NAME, train, settings, {"model": MODEL_FILE, "backbone": BACKBONE_FILE})
     head = FinetuneHead(description=description, model=model, backbone_file=Path(tapped.backbone_file))
-    report = _report(history.history, timer.seconds, model, layer, keep=keep, average_from=average_from)
-    return base.TrainOutcome(head=head, report=report)
+    return base.TrainOutcome(head=head, report=_report(history.history, timer.seconds, model, layer))
 
 
 def learning_rate_schedule(schedule: str, learning_rate: float, *, steps: int) -> Any:
@@ -236,16 +223,6 @@ def learning_rate_schedule(schedule: str, learning_rate: float, *, steps: int) -
     if schedule == "constant":
         return learning_rate
     return keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=max(1, steps))
-
-
-def _check_keep(keep: str, average_from: int, epochs: int) -> None:
-    if keep not in KEEP:
-        raise ValueError(f"Unsupported train_head.finetune.keep '{keep}'; choose one of: {', '.join(KEEP)}")
-    if keep == AVERAGE and not 1 <= average_from <= epochs:
-        raise ValueError(
-            f"train_head.finetune.average_from is {average_from}, but only epochs 1..{epochs} run "
-            "(train_head.finetune.epochs): set it between 1 and epochs"
-        )
 
 
 def _checked_inputs(train: files.Features, val: files.Features, from_layer: str) -> tuple[files.Taps, str]:
@@ -267,19 +244,12 @@ def _checked_inputs(train: files.Features, val: files.Features, from_layer: str)
     return tapped, layer
 
 
-def _report(
-    history: dict, epoch_seconds: list[float], model: Any, layer: str, *, keep: str, average_from: int
-) -> dict[str, Any]:
-    run = len(history["loss"])
-    if keep == AVERAGE:
-        logger.info("kept the average of the weights of epochs %d to %d (of %d run)", average_from, run, run)
-        kept = {"averaged_epochs": [average_from, run]}
-    else:
-        kept = {"best_epoch": int(np.argmin(history["val_loss"])) + 1}
-        logger.info("best epoch %d of %d run (weights restored from it)", kept["best_epoch"], run)
+def _report(history: dict, epoch_seconds: list[float], model: Any, layer: str) -> dict[str, Any]:
+    best_epoch = int(np.argmin(history["val_loss"])) + 1
+    logger.info("best epoch %d of %d run (weights restored from it)", best_epoch, len(history["loss"]))
     return {
-        **kept,
-        "epochs_run": run,
+        "best_epoch": best_epoch,
+        "epochs_run": len(history["loss"]),
         "from_layer": layer,
         "epoch_seconds": [round(seconds, 2) for seconds in epoch_seconds],
         "trainable_parameters": int(sum(np.prod(weight.shape) for weight in model.trainable_weights)),
@@ -293,32 +263,6 @@ def build_model(*, backbone: Any, layer: str, classes: int, dropout: float, seed
     hidden = keras.layers.Dropout(dropout, seed=seed, name="head_dropout")(top.output)
     outputs = keras.layers.Dense(classes, activation="softmax", name="head_probabilities")(hidden)
     return keras.Model(top.input, outputs, name="finetune_head")
-
-
-class WeightAverage(keras.callbacks.Callback):
-    """Stochastic weight averaging: the mean of the trainable weights at the end of each epoch from
-    ``first_epoch`` (1-based) on, written into the model when training ends.
-
-    The mean is summed in float64. Batch norm is frozen in this head (its statistics are weights
-    that never change), so the averaged model needs no pass over the data to update them.
-    """
-
-    def __init__(self, *, first_epoch: int):
-        super().__init__()
-        self.first_epoch = int(first_epoch)
-        self.sums: list[np.ndarray] = []
-        self.count = 0
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        if epoch + 1 < self.first_epoch:
-            return
-        values = [np.asarray(variable.numpy(), dtype=np.float64) for variable in self.model.trainable_weights]
-        self.sums = values if not self.sums else [total + value for total, value in zip(self.sums, values)]
-        self.count += 1
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        for variable, total in zip(self.model.trainable_weights, self.sums):
-            variable.assign((total / self.count).astype(variable.dtype))
 
 
 class TapBatches(keras.utils.PyDataset):
