@@ -202,7 +202,7 @@ def test_training_changes_only_the_layers_from_from_layer_up(trained, backbone):
 
 def test_training_learns_and_reports(trained):
     report, curves = trained["report"], trained["curves"]
-    assert report["from_layer"] == CUT and 1 <= report["best_epoch"] <= report["epochs_run"] == len(curves) == 6
+    assert report["from_layer"] == CUT and 1 <= report["kept_epoch"] <= report["epochs_run"] == len(curves) == 6
     assert len(report["epoch_seconds"]) == 6 and report["trainable_parameters"] > 0
     assert set(curves[0]) == {"train/loss", "train/accuracy", "val/loss", "val/accuracy"}
     val = trained["splits"]["val"]

@@ -55,14 +55,16 @@ def test_a_bad_schedule_is_refused(splits):
         train(splits, 5, schedule="step")
 
 
-def test_the_cosine_schedule_decays_from_the_learning_rate_to_zero_over_the_epochs(splits):
+def test_the_cosine_schedule_decays_to_zero_over_every_epoch_and_keeps_the_last(splits):
     from transferlab.heads import finetune
 
     assert finetune.learning_rate_schedule("constant", 0.1, steps=10) == 0.1
     rate = finetune.learning_rate_schedule("cosine", 0.1, steps=10)
     assert [round(float(rate(step)), 6) for step in (0, 5, 10, 12)] == [0.1, 0.05, 0.0, 0.0]
-    constant, cosine = train(splits, 5), train(splits, 5, schedule="cosine")
+    constant, cosine = train(splits, 5), train(splits, 5, schedule="cosine", patience=0)
     assert cosine.head.description.settings["schedule"] == "cosine"
+    # The decay runs to its end whatever validation says, and the last epoch is kept.
+    assert cosine.report["epochs_run"] == cosine.report["kept_epoch"] == 3
     assert any(
         not np.array_equal(a, b) for a, b in zip(constant.head.model.get_weights(), cosine.head.model.get_weights())
     )
