@@ -87,7 +87,10 @@ def test_test_never_chooses_the_weights():
     assert fused_on_test < second_on_test - 0.2  # the test-only signal of block 1 was not chased
 
 
-@pytest.mark.parametrize(("frozen", "keys"), [("separate", ["backbone_0", "backbone_1"]), ("joint", ["frozen"])])
+@pytest.mark.parametrize(
+    ("frozen", "keys"),
+    [("separate", ["backbone_0", "backbone_1"]), ("joint", ["frozen"]), ("auto", ["frozen"])],  # auto: none tuned
+)
 def test_frozen_fusion_trains_saves_and_loads(tmp_path, frozen, keys):
     train, val, test = two_block_splits(1)
     outcome = train_head.train_head(
@@ -96,6 +99,7 @@ def test_frozen_fusion_trains_saves_and_loads(tmp_path, frozen, keys):
     head = outcome.head
     assert [member.key for member in head.members] == keys
     assert set(outcome.metrics["weights"]) == set(keys) and outcome.metrics["val"]["accuracy"] > 0.6
+    assert head.description.settings["frozen"] == {"auto": "joint"}.get(frozen, frozen)  # the grouping used
     np.testing.assert_allclose(head.predict_proba(test.features), head.predict_split(test))
     train_head.save_head(head, tmp_path / "head")
     loaded = heads.load_head(tmp_path / "head")
@@ -149,3 +153,11 @@ def test_evaluate_reports_the_fused_model_and_each_member_alone_as_scalars():
     fused = head.predict_split(test).argmax(axis=1)
     assert result.metrics["test"]["accuracy"] == pytest.approx(np.mean(fused == test.labels))
     assert "member backbone_0: accuracy" in evaluate.describe(result.metrics)
+
+
+def test_frozen_auto_is_separate_when_a_member_is_fine_tuned_and_joint_otherwise():
+    from transferlab.backbones import fusion_plan
+
+    assert fusion.frozen_grouping(fusion_plan.Plan(layers={"mobilenet_v2": "block_13_expand"})) == "separate"
+    assert fusion.frozen_grouping(fusion_plan.Plan(frozen={"tflite:a.tflite": "a TFLite file"})) == "joint"
+    assert params.TrainHeadParams().fusion.frozen == "auto"

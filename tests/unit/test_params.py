@@ -77,7 +77,7 @@ def test_every_key_in_params_yaml_is_commented():
         ("train_head", {"fusion": {"weight_step": 0.3}}, r"train_head\.fusion\.weight_step: .*must divide 1"),
         ("train_head", {"fusion": {"finetune": ["a", "a"]}}, r"train_head\.fusion\.finetune: .*list each member once"),
         ("train_head", {"fusion": {"finetune": "all"}}, r"train_head\.fusion\.finetune"),
-        ("train_head", {"fusion": {"frozen": "both"}}, r"train_head\.fusion\.frozen: Input should be 'separate' or"),
+        ("train_head", {"fusion": {"frozen": "both"}}, r"train_head\.fusion\.frozen: Input should be 'auto', 'sep"),
         ("train_head", {"finetune": {"schedule": "step"}}, r"train_head\.finetune\.schedule: Input should be"),
     ],
 )
@@ -136,7 +136,7 @@ def test_fusion_settings_and_the_member_heads_options():
     )
     options = loaded.head_options()
     assert options["finetune"] == [] and options["from_layer"] == {"mobilenet_v2": "block_14_expand"}
-    assert options["frozen"] == "joint" and options["weight_step"] == pytest.approx(0.1)
+    assert options["frozen"] == "auto" and options["weight_step"] == pytest.approx(0.1)
     assert options["logistic_options"] == loaded.logistic.model_dump()
     assert "from_layer" not in options["finetune_options"]  # per member, from fusion.from_layer
     assert options["finetune_options"]["epochs"] == loaded.finetune.epochs

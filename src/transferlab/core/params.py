@@ -204,8 +204,9 @@ class FusionParams(Section):
     finetune: Literal["auto"] | list[MemberName] = "auto"
     # auto = each fine-tuned member's registry default (finetune_from); or {member name: layer}.
     from_layer: Literal["auto"] | dict[str, MemberName] = "auto"
-    # Frozen members: one logistic head each (separate), or one logistic head on their joined columns (joint).
-    frozen: Literal["separate", "joint"] = "joint"
+    # Frozen members: one logistic head each (separate), one on their joined columns (joint), or
+    # auto: separate when a member is fine-tuned, else joint.
+    frozen: Literal["auto", "separate", "joint"] = "auto"
     # Step of the simplex grid of combiner weights (one weight per member head, summing to 1).
     weight_step: Annotated[float, Field(ge=0.01, le=1.0)] = 0.1
 
