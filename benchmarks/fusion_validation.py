@@ -171,6 +171,15 @@ def _print_tables(runs: dict, logistic: dict, splits: dict, settings: dict, halv
             scores.append(np.mean(per_seed, axis=0))
         mean = np.mean(scores, axis=0)
         print(f"| {schedule} | {keep} | {grouping} | {len(scores)} | {mean[0]:.2%} | {mean[1]:.3f} |")
+    for grouping, keys in groupings.items():  # frozen-only fusion (finetune: []): deterministic, no seeds
+        scores = []
+        for chosen, scored in ((a, ~a) for half in halves for a in (half, ~half)):
+            parts = [logistic[key][_best_c(logistic[key], labels["val"], chosen, select_by)]["val"] for key in keys]
+            weights, _ = fusion.choose_weights([p[chosen] for p in parts], labels["val"][chosen], step=0.1)
+            fused = fusion.combine([p[scored] for p in parts], weights)
+            scores.append(_accuracy_and_loss(fused, labels["val"][scored]))
+        mean = np.mean(scores, axis=0)
+        print(f"| none (frozen only) | - | {grouping} | - | {mean[0]:.2%} | {mean[1]:.3f} |")
     print("\nTest (choices made on all of validation), per seed")
     print("| schedule | member epoch | frozen | fused test accuracy per seed | mean ± std |\n|---|---|---|---|---|")
     everything = np.ones(len(labels["val"]), dtype=bool)
