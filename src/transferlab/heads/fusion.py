@@ -17,7 +17,7 @@ The combiner sums the member heads' log-probabilities with weights ``w`` (``w >=
 1``) and renormalizes: ``p = softmax(sum_m w_m log p_m)``, a weighted geometric mean. The weights
 are the point of a simplex grid (step ``weight_step``, default 0.1) with the highest validation
 log-likelihood; ties go to the weights closest to equal. Test is never seen. Why so simple: the
-member heads already used validation (logistic picks C on it, finetune stops early on it), so
+member heads already used validation (logistic picks C on it; finetune with a constant rate stops early on it), so
 their validation figures are a little optimistic; a combiner with many parameters fitted on the
 same few hundred images would chase that. Here there are M-1 free parameters on a coarse grid,
 and log-likelihood (smooth, every image counts) rather than accuracy (a handful of flips) picks
