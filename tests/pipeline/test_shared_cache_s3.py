@@ -231,7 +231,10 @@ def test_with_the_server_stopped_mid_run_the_run_completes_locally_with_one_warn
     log = stderr.decode(errors="replace")
     assert log.count("cannot be used") == 1 and f"The shared embedding cache {url} cannot be used" in log
     reference, _ = extract(dataset, tmp_path / "local-only", "")
-    np.testing.assert_array_equal(np.load(tmp_path / "b.npy"), reference["train"].arrays["features"])
+    # Workspace b embedded its half in smaller batches than the local-only run: on an AVX2-only CPU
+    # XNNPACK's float32 results then differ in the last bits (seen: 1e-17 on values of 1e-11),
+    # so the features are compared to float32 precision, not bit for bit.
+    np.testing.assert_allclose(np.load(tmp_path / "b.npy"), reference["train"].arrays["features"], rtol=1e-5, atol=1e-7)
 
 
 def test_through_dvc_a_teammate_with_an_empty_cache_embeds_nothing_and_the_url_reruns_nothing(
