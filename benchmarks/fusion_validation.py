@@ -28,6 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from transferlab.heads import base
+
 SCHEDULES = ("constant", "cosine")
 
 
@@ -212,12 +214,9 @@ def _halvings(labels: np.ndarray, count: int) -> list[np.ndarray]:
     return result
 
 
-def _row_losses(probabilities: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    return -np.log(np.maximum(probabilities[np.arange(len(labels)), labels], 1e-12))
-
-
 def _accuracy_and_loss(probabilities: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
-    return float(np.mean(probabilities.argmax(axis=1) == labels)), float(_row_losses(probabilities, labels).mean())
+    figures = base.accuracy_and_loss(probabilities, labels)  # the heads' own figures (scikit-learn's log_loss)
+    return figures["accuracy"], figures["loss"]
 
 
 def _epoch(epochs: np.ndarray, labels: np.ndarray, chosen: np.ndarray, keep: str, patience: int) -> int:
@@ -226,7 +225,7 @@ def _epoch(epochs: np.ndarray, labels: np.ndarray, chosen: np.ndarray, keep: str
         return len(epochs) - 1
     best, best_loss, waited = 0, np.inf, 0
     for epoch, probabilities in enumerate(epochs):
-        loss = _row_losses(probabilities[chosen], labels[chosen]).mean()
+        loss = _accuracy_and_loss(probabilities[chosen], labels[chosen])[1]
         if loss < best_loss:
             best, best_loss, waited = epoch, loss, 0
         else:
