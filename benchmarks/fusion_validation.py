@@ -3,7 +3,7 @@
 Run it in a workspace where the fusion experiment has run (README "Best accuracy"): it reads
 ``data/features`` and ``data/taps`` (the stack's first member fine-tuned). For each seed (those
 ``train_head.seeds`` derives from ``base.seed``) and each learning-rate schedule it fine-tunes
-that member once for ``--epochs`` epochs with the product's own model, batches and schedule
+that member once for each of ``--epochs`` with the product's own model, batches and schedule
 (:mod:`transferlab.heads.finetune`), recording every epoch's validation and test probabilities;
 each logistic member head is fitted once per C of ``train_head.logistic.c_grid``. What is recorded
 goes to ``--out`` (a rerun skips what is there).
@@ -17,6 +17,7 @@ would flatter the variant that chooses most. The test split is printed last, for
 as they would train on all of validation: it took no part in the choice.
 
     python benchmarks/fusion_validation.py --out /tmp/fusion_validation   # about 10 min per run on 2 cores
+    python benchmarks/fusion_validation.py --out /tmp/fusion_validation --schedules cosine --epochs 6 8
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("."), help="workspace with data/features and data/taps")
     parser.add_argument("--out", type=Path, required=True, help="folder for the recorded runs")
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--epochs", type=int, nargs="+", default=[8], help="epochs of a run (several: one run each)")
+    parser.add_argument("--schedules", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
     parser.add_argument("--halvings", type=int, default=20)
     arguments = parser.parse_args()
     arguments.out.mkdir(parents=True, exist_ok=True)
@@ -48,8 +50,9 @@ def main() -> None:
     from transferlab.heads import seeds
 
     runs = {}
-    for schedule, (k, seed) in itertools.product(SCHEDULES, enumerate(seeds.derive(settings["seed"], arguments.seeds))):
-        runs[schedule, k] = _finetune_run(splits, settings, schedule, seed, arguments.epochs, arguments.out)
+    derived = list(enumerate(seeds.derive(settings["seed"], arguments.seeds)))
+    for schedule, epochs, (k, seed) in itertools.product(arguments.schedules, arguments.epochs, derived):
+        runs[f"{schedule} over {epochs}", k] = _finetune_run(splits, settings, schedule, seed, epochs, arguments.out)
     _print_tables(runs, logistic, splits, settings, arguments.halvings)
 
 
@@ -153,9 +156,10 @@ def _print_tables(runs: dict, logistic: dict, splits: dict, settings: dict, halv
     members = sorted(key for key in logistic if key != "joint")
     groupings = {"joint": ["joint"], "separate": members}
     halves = _halvings(labels["val"], halvings)
+    variants = list(dict.fromkeys(name for name, _ in runs))  # "<schedule> over <epochs>", in run order
     print("\nCross-fitted validation: every choice on one half, the fused model scored on the other")
     print("| schedule | member epoch | frozen | seeds | fused accuracy | fused log loss |\n|---|---|---|---|---|---|")
-    for schedule, keep, grouping in itertools.product(SCHEDULES, ("early stopping", "last"), groupings):
+    for schedule, keep, grouping in itertools.product(variants, ("early stopping", "last"), groupings):
         scores = []
         for (run_schedule, _), run in runs.items():
             if run_schedule != schedule:
@@ -185,7 +189,7 @@ def _print_tables(runs: dict, logistic: dict, splits: dict, settings: dict, halv
     print("\nTest (choices made on all of validation), per seed")
     print("| schedule | member epoch | frozen | fused test accuracy per seed | mean ± std |\n|---|---|---|---|---|")
     everything = np.ones(len(labels["val"]), dtype=bool)
-    for schedule, keep, grouping in itertools.product(SCHEDULES, ("early stopping", "last"), groupings):
+    for schedule, keep, grouping in itertools.product(variants, ("early stopping", "last"), groupings):
         accuracies = []
         for (run_schedule, _), run in runs.items():
             if run_schedule != schedule:

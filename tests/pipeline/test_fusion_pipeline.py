@@ -56,8 +56,12 @@ def test_fusion_of_a_fine_tuned_keras_member_and_a_tflite_member_trains_evaluate
     exported = read_json(project, "metrics/export.json")
     assert exported["provenance"]["layout"] == "fused" and exported["formats"]["tflite"]["top1_agreement"] >= 0.99
     manifest = read_json(project, "models/export/manifest.json")
-    assert [entry["head"] for entry in manifest["fusion"]["heads"]] == ["finetune", "logistic"]
-    assert "file" in manifest["members"][1] and "file" not in manifest["members"][0]  # the tuned member runs whole
+    used = [key for key in keys if trained["weights"][key] > 0]  # a weight-0 member head is left out
+    assert [entry["key"] for entry in manifest["fusion"]["heads"]] == used
+    assert manifest["fusion"]["left_out"] == [key for key in keys if key not in used]
+    assert [entry["head"] for entry in manifest["fusion"]["heads"]] == [trained["members"][key]["head"] for key in used]
+    assert "file" not in manifest["members"][0]  # the tuned member runs whole, from its fused/ file
+    assert ("file" in manifest["members"][1]) == (keys[1] in used)
 
     rows = list(csv.DictReader((project.root / "metrics/evaluate/test_predictions.csv").open()))
     paths = [str(project.root / "data/raw/images" / row["path"]) for row in rows]
@@ -102,3 +106,59 @@ def test_on_the_capped_mirror_frozen_fusion_beats_or_matches_its_best_member_on_
     assert evaluated["val"]["accuracy"] >= members[best]["val_accuracy"] - 1 / 40, (evaluated["val"], members)
     # 60 test photos: one photo is 1.7 points; chance is 20% (test_real_accuracy asks 70% of one backbone)
     assert evaluated["test"]["accuracy"] >= 0.75, (evaluated["test"], members)
+
+
+def test_a_member_head_of_weight_0_is_left_out_of_the_export_and_predictions_do_not_change(tmp_path):
+    """Weights (1, 0): the export holds one backbone and one member head, and predicts what the head does."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from transferlab.backbones import stack
+    from transferlab.core import params
+    from transferlab.export import fused, predict
+    from transferlab.features import engines, files
+    from transferlab.heads import train_head
+
+    paths = [require_mirror(WEIGHTS / name) for name in (LITE0, EDGETPU)]
+    settings = params.parse_section("extract_features", {"backbone": [f"tflite:{path}" for path in paths]})
+    members = stack.resolve_members(settings, seed=0)
+    rng = np.random.default_rng(0)
+    widths = [int(engines.TFLiteEngine(path).run(np.zeros((1, 224, 224, 3), np.uint8)).shape[1]) for path in paths]
+    blocks = tuple(
+        files.Block(spec=member.spec, weights=member.weights_identity, width=width, offset=sum(widths[:index]))
+        for index, (member, width) in enumerate(zip(members, widths))
+    )
+
+    def split(rows):
+        labels = np.arange(rows) % 3
+        return files.Features(
+            features=(rng.normal(size=(rows, sum(widths))) + labels[:, None]).astype(np.float32),
+            labels=labels,
+            class_names=("a", "b", "c"),
+            blocks=blocks,
+            source="generated",
+        )
+
+    options = params.TrainHeadParams(head="fusion", fusion={"finetune": [], "frozen": "separate"}).head_options()
+    options["logistic_options"] = {**options["logistic_options"], "c_grid": [0.1]}
+    outcome = train_head.train_head(
+        head="fusion", train=split(30), val=split(15), seed=0, class_weight="none", options=options
+    )
+    head = dataclasses.replace(outcome.head, weights=np.array([1.0, 0.0]))
+    train_head.save_head(head, tmp_path / "head")
+    (tmp_path / "export").mkdir()
+    manifest = fused.write_fused(
+        tmp_path / "export", members=members, head=head, head_folder=tmp_path / "head", seed=0, max_image_pixels=10**8
+    )
+    keys = [member.key for member in head.members]
+    assert [entry["key"] for entry in manifest["fusion"]["heads"]] == keys[:1]
+    assert manifest["fusion"]["left_out"] == keys[1:]
+    assert "file" in manifest["members"][0] and "file" not in manifest["members"][1]  # its backbone is not written
+
+    pictures = [Image.fromarray(rng.integers(0, 256, size=(60 + 17 * i, 90, 3), dtype=np.uint8)) for i in range(4)]
+    exported = predict.load(tmp_path / "export").predict(pictures)
+    pixels = predict.resize_all(pictures, [224])[224]
+    features = np.concatenate([engines.TFLiteEngine(path).run(pixels) for path in paths], axis=1)
+    np.testing.assert_allclose(exported, head.predict_proba(features), rtol=1e-6, atol=1e-9)

@@ -3,6 +3,9 @@
 The ``fused`` layout (run by :class:`transferlab.export.predict.FusedRunner`, so what the export
 stage checks is what ``transferlab predict`` runs):
 
+- only the member heads with a weight above 0: a weight-0 head adds exactly 0 to the combiner's
+  sum, so leaving it (and the backbone only it reads) out changes no prediction and saves its
+  backbone run per image; the manifest names them under ``fusion.left_out``;
 - ``backbones/NN_name.tflite`` for each *frozen* member (a member read by a logistic member head):
   TFLite files as the features were computed, Keras members converted, exactly as the ``stack``
   layout writes them (:func:`transferlab.export.build._write_stack`);
@@ -67,7 +70,17 @@ def write_fused(
         logger.warning("random-init backbone weights: this export classifies nothing real")
     if keras or not tflite:
         logger.info("export: a fused model is exported as TFLite files only (export.keras/export.tflite ignored)")
-    frozen = sorted({index for entry in head.members if entry.kind == "logistic" for index in entry.blocks})
+    used = [(entry, weight) for entry, weight in zip(head.members, head.weights) if weight > 0]
+    left_out = [entry.key for entry, weight in zip(head.members, head.weights) if weight <= 0]
+    if left_out:
+        logger.info(
+            "export: member head(s) %s left out (weight 0 on validation: they change no prediction), "
+            "so predict runs %d of %d backbones",
+            ", ".join(left_out),
+            len({index for entry, _ in used for index in entry.blocks}),
+            len(members),
+        )
+    frozen = sorted({index for entry, _ in used if entry.kind == "logistic" for index in entry.blocks})
     recorded = list(block_engines) or [None] * len(members)
     member_files: list[dict[str, Any]] = [{} for _ in members]
     if frozen:
@@ -80,7 +93,7 @@ def write_fused(
         )
         for index, entry in zip(frozen, written):
             member_files[index] = entry
-    heads = [_head_entry(folder, entry, weight, head_folder) for entry, weight in zip(head.members, head.weights)]
+    heads = [_head_entry(folder, entry, weight, head_folder) for entry, weight in used]
     class_names = build.copy_head_and_labels(head, head_folder, folder)
     manifest = {
         "format": predict.EXPORT_FORMAT,
@@ -98,7 +111,7 @@ def write_fused(
             {**build._member_entry(member, block), **written}
             for member, block, written in zip(members, head.description.blocks, member_files)
         ],
-        "fusion": {"heads": heads, "combiner": head.description.settings.get("combiner", "")},
+        "fusion": {"heads": heads, "left_out": left_out, "combiner": head.description.settings.get("combiner", "")},
         "head": {"type": fusion.NAME, "folder": predict.HEAD_FOLDER, "settings": head.description.settings},
         "files": build._file_table(folder),
     }
