@@ -105,7 +105,7 @@ def _finetune_run(splits: dict, settings: dict, schedule: str, seed: int, epochs
     """Every epoch's val/test probabilities of the first member fine-tuned with ``schedule`` (no early stopping)."""
     path = out / f"finetune_{schedule}_{seed}_{epochs}.npz"
     if path.exists():
-        return dict(np.load(path))
+        return {name: _normalized(values) for name, values in np.load(path).items()}
     import keras
 
     from transferlab.backbones import taps
@@ -138,7 +138,13 @@ def _finetune_run(splits: dict, settings: dict, schedule: str, seed: int, epochs
     print(f"fine-tuned {schedule} seed {seed}: {time.perf_counter() - started:.0f} s for {epochs} epochs", flush=True)
     result = {name: np.stack(values) for name, values in recorded.items()}
     np.savez(path, **result)
-    return result
+    return {name: _normalized(values) for name, values in result.items()}
+
+
+def _normalized(probabilities: np.ndarray) -> np.ndarray:
+    """Rows scaled to sum to 1 in float64, as the finetune head's predict_proba returns them."""
+    probabilities = np.asarray(probabilities, dtype=np.float64)
+    return probabilities / probabilities.sum(axis=-1, keepdims=True)
 
 
 def _predict(model, activations: np.ndarray) -> np.ndarray:
