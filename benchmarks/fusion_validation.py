@@ -5,7 +5,8 @@ Run it in a workspace where the fusion experiment has run (README "Best accuracy
 ``train_head.seeds`` derives from ``base.seed``) and each learning-rate schedule it fine-tunes
 that member once for each of ``--epochs`` with the product's own model, batches and schedule
 (:mod:`transferlab.heads.finetune`), recording every epoch's validation and test probabilities;
-each logistic member head is fitted once per C of ``train_head.logistic.c_grid``. What is recorded
+each logistic member head is fitted once per C of ``train_head.logistic.c_grid`` (from scratch: the
+head walks the grid with warm starts, so at weak regularization its fits can differ; README). What is recorded
 goes to ``--out`` (a rerun skips what is there).
 
 Then every variant (schedule; the fine-tuned member's epoch kept by early stopping or the last;
