@@ -125,7 +125,8 @@ def test_a_member_head_of_weight_0_is_left_out_of_the_export_and_predictions_do_
     settings = params.parse_section("extract_features", {"backbone": [f"tflite:{path}" for path in paths]})
     members = stack.resolve_members(settings, seed=0)
     rng = np.random.default_rng(0)
-    widths = [int(engines.TFLiteEngine(path).run(np.zeros((1, 224, 224, 3), np.uint8)).shape[1]) for path in paths]
+    backbones = [engines.TFLiteEngine(path) for path in paths]  # loaded once: widths now, features below
+    widths = [int(engine.run(np.zeros((1, 224, 224, 3), np.uint8)).shape[1]) for engine in backbones]
     blocks = tuple(
         files.Block(spec=member.spec, weights=member.weights_identity, width=width, offset=sum(widths[:index]))
         for index, (member, width) in enumerate(zip(members, widths))
@@ -160,5 +161,5 @@ def test_a_member_head_of_weight_0_is_left_out_of_the_export_and_predictions_do_
     pictures = [Image.fromarray(rng.integers(0, 256, size=(60 + 17 * i, 90, 3), dtype=np.uint8)) for i in range(4)]
     exported = predict.load(tmp_path / "export").predict(pictures)
     pixels = predict.resize_all(pictures, [224])[224]
-    features = np.concatenate([engines.TFLiteEngine(path).run(pixels) for path in paths], axis=1)
+    features = np.concatenate([engine.run(pixels) for engine in backbones], axis=1)
     np.testing.assert_allclose(exported, head.predict_proba(features), rtol=1e-6, atol=1e-9)
