@@ -157,6 +157,25 @@ def test_the_fastest_agreeing_path_is_chosen_and_remembered(photos, tmp_path, mo
     )
 
 
+def test_of_paths_within_15_percent_of_the_fastest_the_most_faithful_is_chosen(photos, monkeypatch):
+    """A near-tie's winner changes with the machine's load; the verdict must not, so fidelity decides it."""
+    content = require_mirror(LITE0).read_bytes()
+    fixed_speeds(monkeypatch, content, as_given=100.0, rewritten=100.0 * engine_choice.SPEED_TOLERANCE * 0.99)
+    tied = engine_choice.measure(content, photos)
+    cosines = {name: report["lowest_cosine"] for name, report in tied["paths"].items()}
+    assert set(cosines) == {"as_given", "float32"} and cosines["as_given"] != cosines["float32"]
+    faithful = max(cosines, key=cosines.get)
+    assert tied["rewrite"] == ("" if faithful == "as_given" else faithful), tied["reason"]
+    assert "closest to the reference kernels" in tied["reason"]
+
+    # The same two paths with the less faithful one clearly faster: speed wins.
+    slow, fast = (100.0, 100.0 * engine_choice.SPEED_TOLERANCE * 1.05)
+    as_given, rewritten = (slow, fast) if faithful == "as_given" else (fast, slow)
+    fixed_speeds(monkeypatch, content, as_given=as_given, rewritten=rewritten)
+    clear = engine_choice.measure(content, photos)
+    assert clear["rewrite"] == ("float32" if faithful == "as_given" else ""), clear["reason"]
+
+
 def test_a_faster_rewrite_that_disagrees_is_not_used(photos, monkeypatch):
     from ai_edge_litert.tools import flatbuffer_utils
 

@@ -12,8 +12,11 @@ requantization differently from LiteRT's reference kernels. What can be asked is
 moves the features less than one grey level of input noise does (the *noise floor*: the lowest
 cosine between the reference kernels' features of the photos and of the photos with each pixel
 moved by -1, 0 or +1, seeded). :func:`measure` measures the file as given (XNNPACK) and every
-applicable rewrite (static shapes, int8, float32), keeps those that pass, uses the fastest, then
-picks its batch size by measurement too (:data:`BATCH_CANDIDATES`). Which path is fastest depends
+applicable rewrite (static shapes, int8, float32), keeps those that pass, uses the fastest (or,
+of the paths within 15% of the fastest, :data:`SPEED_TOLERANCE`, the one closest to the reference
+kernels: a near-tie's winner would change with the machine's load, and with it the features),
+then picks its batch size by measurement too (:data:`BATCH_CANDIDATES`; the batch does not change
+a path's features: checked bitwise for the three shared files). Which path is fastest depends
 on the CPU (int8 wins with VNNI; float32 can win on AVX2 alone), so the verdict is remembered per
 file (by sha256) *and* per CPU (:mod:`transferlab.features.cpu`) in the embedding cache's
 conversion folder: a cache folder shared between machines never serves one machine's verdict to
@@ -57,7 +60,8 @@ SPEED_SECONDS = 1.0  # per candidate; the differences it looks for are 2x, not 1
 SPEED_BATCH = 8
 SPEED_SAMPLES = 25  # invocations per candidate that end a race early (small models: milliseconds, not seconds)
 BATCH_CANDIDATES = (1, 8, 32)  # engine batch sizes raced for the chosen path (depthwise nets can prefer 1)
-TFLITE_VERDICT_VERSION = 3  # 3: keyed by the CPU; the float32 rewrite among the candidates; batch chosen
+SPEED_TOLERANCE = 1.15  # paths within this factor of the fastest are tied; the most faithful of them wins
+TFLITE_VERDICT_VERSION = 4  # 3: keyed by the CPU; float32 rewrite; batch chosen. 4: near-ties go to the most faithful
 NOISE_SEED = 0
 
 
@@ -383,9 +387,10 @@ def measure(content: bytes, pixels: np.ndarray, *, tensor: str = "") -> dict:
 
     A rewrite qualifies when it is bit-identical to the file on LiteRT's reference kernels, or
     when its features on XNNPACK are at least as close to the reference kernels' as the noise
-    floor (see the module docstring); the fastest of the file and the qualifying rewrites wins,
-    and its engine batch is the fastest of :data:`BATCH_CANDIDATES`. ``tensor``: the tapped
-    tensor (``tflite:PATH#TENSOR``), which a rewrite must keep.
+    floor (see the module docstring); the fastest of the file and the qualifying rewrites wins
+    (near-ties: :func:`_most_faithful_of_the_fastest`), and its engine batch is the fastest of
+    :data:`BATCH_CANDIDATES`. ``tensor``: the tapped tensor (``tflite:PATH#TENSOR``), which a
+    rewrite must keep.
 
     Returns:
         ``rewrite`` (the choice, ``""`` for the file as given), ``content_sha256`` (of the
@@ -429,10 +434,7 @@ def measure(content: bytes, pixels: np.ndarray, *, tensor: str = "") -> dict:
     speeds = _race({name: (data, SPEED_BATCH) for name, data in contents.items()}, pixels)
     for name, report in paths.items():
         report["images_per_second"] = round(speeds[name], 1)
-    chosen = max(
-        (name for name, report in paths.items() if report["qualifies"]),
-        key=lambda name: paths[name]["images_per_second"],
-    )
+    chosen = _most_faithful_of_the_fastest(paths)
     verdict.update(
         rewrite=chosen,
         content_sha256=cache_files.content_sha256(contents[chosen]),
@@ -441,6 +443,21 @@ def measure(content: bytes, pixels: np.ndarray, *, tensor: str = "") -> dict:
         reason=_reason(chosen, paths, floor),
     )
     return _with_batch(verdict, contents[chosen], pixels)
+
+
+def _most_faithful_of_the_fastest(paths: dict[str, dict]) -> str:
+    """The qualifying path closest to the reference kernels among those within :data:`SPEED_TOLERANCE` of the fastest.
+
+    Paths whose speeds differ by a few percent are tied: which one a race calls faster changes with
+    the machine's load from run to run, and each path computes slightly different features, so the
+    fastest alone would let timing noise move every figure downstream. Among tied paths the most
+    faithful (highest lowest cosine; then the faster) wins, which makes the verdict the same run
+    after run; a path faster by more than the tolerance still wins outright.
+    """
+    qualifying = {name: report for name, report in paths.items() if report["qualifies"]}
+    fastest = max(report["images_per_second"] for report in qualifying.values())
+    tied = [name for name, report in qualifying.items() if report["images_per_second"] * SPEED_TOLERANCE >= fastest]
+    return max(tied, key=lambda name: (qualifying[name]["lowest_cosine"], qualifying[name]["images_per_second"]))
 
 
 def _with_batch(verdict: dict, content: bytes, pixels: np.ndarray) -> dict:
@@ -467,7 +484,10 @@ def _reason(chosen: str, paths: dict, floor: float) -> str:
         + ("" if report["qualifies"] else " (rejected)")
         for name, report in paths.items()
     )
-    return f"chose {chosen or 'the file as given'} ({described}; noise floor {floor:.6f})"
+    return (
+        f"chose {chosen or 'the file as given'}, the closest to the reference kernels of the paths within "
+        f"{SPEED_TOLERANCE - 1:.0%} of the fastest ({described}; noise floor {floor:.6f})"
+    )
 
 
 def _interpreter(content: bytes, batch: int, *, delegate: bool) -> Any:
