@@ -141,6 +141,14 @@ class Project:
             _merge(params.setdefault(name, {}), values)
         (self.root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
+    def restore(self) -> None:
+        """The workspace as committed: params, lock file, metrics and the DVC outputs they name.
+
+        ``dvc exp run`` leaves the experiment it ran in the workspace; this starts the next from HEAD.
+        """
+        self.run("git", "checkout", "--", "params.yaml", "dvc.lock", "metrics")
+        self.dvc("checkout", "--force", "-q")
+
     def commit(self, message: str) -> None:
         self.run("git", "add", "-A")
         self.run("git", "commit", "-qm", message, "--allow-empty")

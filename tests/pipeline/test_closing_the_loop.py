@@ -4,7 +4,7 @@ One temporary project (random-init MobileNetV2 at 32 px, tests/support.py) serve
 this module, to keep CI fast: it is run once (`dvc repro`, committed as the baseline), then two
 real experiments are made with `dvc exp run`: ``worse`` (a dense head that cannot learn: one
 epoch at a tiny learning rate) and ``better`` (the logistic head, another max_iter). Each test
-starts from the committed workspace (:func:`restore`).
+starts from the committed workspace (:meth:`support.Project.restore`).
 """
 
 from __future__ import annotations
@@ -38,15 +38,9 @@ def loop(tmp_path_factory):
     project.commit("baseline run")
     worse_head = ["train_head.head=dense", "train_head.dense.epochs=1", "train_head.dense.learning_rate=0.000001"]
     project.dvc("exp", "run", "-n", "worse", *[part for item in worse_head for part in ("-S", item)])
-    restore(project)  # `dvc exp run` leaves the experiment in the workspace: start the next one from HEAD
+    project.restore()  # `dvc exp run` leaves the experiment in the workspace: start the next one from HEAD
     project.dvc("exp", "run", "-n", "better", "-S", "train_head.logistic.max_iter=500")
     return project
-
-
-def restore(project: support.Project) -> None:
-    """The workspace as committed: params, lock file, metrics and the DVC outputs they name."""
-    project.run("git", "checkout", "--", "params.yaml", "dvc.lock", "metrics")
-    project.dvc("checkout", "--force", "-q")
 
 
 def accuracy(project: support.Project) -> float:
@@ -60,7 +54,7 @@ def error_kinds(project: support.Project) -> dict[str, int]:
 
 
 def test_the_gate_passes_on_an_unchanged_workspace(loop):
-    restore(loop)
+    loop.restore()
     result = loop.run(TRANSFERLAB, "gate", "--baseline", "HEAD", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     report = (loop.root / "gate" / "report.md").read_text()
@@ -73,7 +67,7 @@ def test_the_gate_passes_on_an_unchanged_workspace(loop):
 
 
 def test_the_gate_fails_on_a_worse_head_and_shows_the_errors_it_introduced(loop):
-    restore(loop)
+    loop.restore()
     before = accuracy(loop)
     loop.dvc("exp", "apply", "worse")
     assert accuracy(loop) < before
@@ -87,14 +81,14 @@ def test_the_gate_fails_on_a_worse_head_and_shows_the_errors_it_introduced(loop)
     assert error_kinds(loop)["newly_wrong"] >= 1 and (loop.root / "gate" / "error_diff.png").stat().st_size > 0
 
     # The other way round, with an experiment as the baseline: the committed head fixes those images.
-    restore(loop)
+    loop.restore()
     result = loop.run(TRANSFERLAB, "gate", "--baseline", "worse", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "against experiment worse" in result.stdout and error_kinds(loop)["fixed"] >= 1
 
 
 def test_promote_refuses_while_params_have_uncommitted_changes(loop):
-    restore(loop)
+    loop.restore()
     loop.set_params(train_head={"logistic": {"max_iter": 123}})
     result = loop.run(TRANSFERLAB, "promote", "--best", "test.accuracy", check=False)
     assert result.returncode == 2
@@ -103,7 +97,7 @@ def test_promote_refuses_while_params_have_uncommitted_changes(loop):
 
 
 def test_promote_best_applies_the_better_experiment_and_branches_it(loop):
-    restore(loop)
+    loop.restore()
     result = loop.run(TRANSFERLAB, "promote", "--best", "test.accuracy", "--branch", "promoted", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "promoting better (test.accuracy" in result.stdout
@@ -114,7 +108,7 @@ def test_promote_best_applies_the_better_experiment_and_branches_it(loop):
 
 
 def test_label_issues_writes_the_csv_and_the_gallery(loop):
-    restore(loop)
+    loop.restore()
     result = loop.run(TRANSFERLAB, "label-issues", check=False)
     assert result.returncode == 0, result.stdout + result.stderr
     with (loop.root / "metrics" / "label_issues.csv").open() as handle:
@@ -127,7 +121,7 @@ def test_label_issues_writes_the_csv_and_the_gallery(loop):
 
 
 def test_compare_embeds_first_then_queues_and_keeps_a_failed_experiments_log(loop):
-    restore(loop)
+    loop.restore()
     result = loop.run(
         TRANSFERLAB, "compare", "mobilenet", "nosuchnet", "--prefix", "q",
         "-S", "extract_features.alpha={mobilenet: 0.25}",

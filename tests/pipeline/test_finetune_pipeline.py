@@ -1,8 +1,8 @@
-"""The finetune head through DVC, and on real photos with the shared MobileNetV2 weights."""
+"""The finetune head on real photos with the shared MobileNetV2 weights, and its taps' cache (its run
+through DVC shares a project with the fusion head's: tests/pipeline/test_fusion_pipeline.py)."""
 
 from __future__ import annotations
 
-import csv
 import json
 import tarfile
 from pathlib import Path
@@ -18,78 +18,6 @@ from transferlab.features import decode, extract_features, extract_taps, files
 
 pytestmark = pytest.mark.slow
 SHARED_MOBILENET_V2 = "mobilenet_v2_1.0_224_imagenet_dequant_no_top.h5"
-EDGETPU = "mobilenet_edgetpu_1.0_224_uint8_features.tflite"
-
-
-def read_json(project, path):
-    return json.loads((project.root / path).read_text())
-
-
-def test_dvc_pipeline_with_the_finetune_head_in_a_stack_with_a_tflite_member(dvc_project, capsys):
-    """The Keras member of [mobilenet_v2, tflite:EdgeTPU] is fine-tuned alone: trained, evaluated, exported."""
-    from transferlab import cli
-
-    project = dvc_project
-    edgetpu = require_mirror(WEIGHTS / EDGETPU)
-    finetune = {"from_layer": "block_13_expand", "epochs": 2, "batch_size": 8}
-    project.set_params(
-        extract_features={"backbone": ["mobilenet_v2", f"tflite:{edgetpu}"]},
-        train_head={"head": "finetune", "finetune": finetune},
-    )
-    project.commit("finetune head")
-    project.dvc("repro")
-
-    report = read_json(project, "metrics/extract_features.json")
-    tapped = read_json(project, "metrics/extract_taps.json")
-    taps = tapped["members"]["mobilenet_v2"]
-    assert taps["layer"] == "block_13_expand" and taps["shape"] == [2, 2, 32] and taps["dtype"] == "float16"
-    assert taps["computed"] == report["distinct_views"] == 54 and taps["cache_bytes"] > 0
-    file_bytes = 0
-    for split in ("train", "val", "test"):
-        features = np.load(project.root / f"data/features/{split}.npz", allow_pickle=False)["features"]
-        activations = np.load(project.root / f"data/taps/mobilenet_v2/{split}.npy", mmap_mode="r")
-        assert activations.shape == (len(features), 2, 2, 32) and activations.dtype == np.float16
-        file_bytes += (project.root / f"data/taps/mobilenet_v2/{split}.npy").stat().st_size
-    assert taps["file_bytes"] == file_bytes
-    assert set(report["backbones"]) == {"mobilenet_v2", edgetpu.stem}
-    assert read_json(project, "data/taps/taps.json")["members"] == {"mobilenet_v2": "mobilenet_v2"}
-    assert read_json(project, "data/taps/mobilenet_v2/taps.json")["layer"] == "block_13_expand"
-    assert not (project.root / "data/features/taps").exists()
-    assert {path.name for path in (project.root / "models/head").iterdir()} == {
-        "head.json",
-        "head.keras",
-        "backbone.keras",
-    }
-    trained = read_json(project, "metrics/train_head.json")
-    assert trained["head"] == "finetune" and trained["epochs_run"] == 2 and trained["from_layer"] == "block_13_expand"
-    assert len((project.root / "metrics/train_head/val/loss.tsv").read_text().splitlines()) == 3  # header + 2 epochs
-    evaluated = read_json(project, "metrics/evaluate.json")
-    assert evaluated["provenance"]["head"] == "finetune" and evaluated["test"]["examples"] == 9
-    with (project.root / "metrics/evaluate/test_predictions.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    assert len(rows) == 9
-    exported = read_json(project, "metrics/export.json")
-    assert exported["provenance"]["head"] == "finetune" and exported["formats"]["keras"]["top1_agreement"] >= 0.99
-    paths = [str(project.root / "data/raw/images" / row["path"]) for row in rows]
-    assert cli.main(["predict", *paths, "--model", str(project.root / "models/export"), "--json"]) == 0
-    predicted = [item["predictions"][0]["class"] for item in json.loads(capsys.readouterr().out)]
-    assert predicted == [row["predicted"] for row in rows]
-    project.commit("baseline")
-
-    # Only a head parameter changed: neither extract_features nor extract_taps runs, nothing is embedded.
-    result = project.dvc("exp", "run", "-S", "train_head.finetune.epochs=1")
-    assert "Running stage 'extract_features'" not in result.stdout
-    assert "Running stage 'extract_taps'" not in result.stdout
-    assert "Running stage 'train_head'" in result.stdout and "Running stage 'evaluate'" in result.stdout
-    assert read_json(project, "metrics/extract_features.json") == report
-    assert read_json(project, "metrics/train_head.json")["epochs_run"] == 1
-
-    # Another cut reruns extract_taps, never extract_features; one inside a residual block cannot be
-    # cut: the stage says so and lists the cut points.
-    failed = project.dvc("exp", "run", "-S", "train_head.finetune.from_layer=block_14_depthwise", check=False)
-    assert failed.returncode != 0
-    assert "Running stage 'extract_taps'" in failed.stdout and "Running stage 'extract_features'" not in failed.stdout
-    assert "cannot be cut in front of 'block_14_depthwise'" in failed.stderr and "block_14_expand" in failed.stderr
 
 
 def flower_subset(archive: Path, folder: Path, per_class: int) -> Path:
@@ -132,7 +60,8 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
         "max_image_pixels": 10**8,
     }
     features_folder = tmp_path / "features"
-    feature_sets, _ = extract_features.extract_features(members=members, **common)
+    # The finetune head reads only the taps: the pooled features run on Keras, without a TFLite conversion.
+    feature_sets, _ = extract_features.extract_features(members=members, **{**common, "engine": "keras"})
     files.write_feature_files(features_folder, feature_sets)
     plans = extract_taps.plan_taps(members, head="finetune")
     report = extract_taps.extract_taps(plans=plans, directory=tmp_path / "taps", **common)["members"]["mobilenet_v2"]

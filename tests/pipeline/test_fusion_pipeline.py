@@ -1,5 +1,6 @@
-"""The fusion head through DVC: a stack with a tflite: member and a fine-tuned Keras member trains,
-evaluates (the fused model and each member head alone) and exports; predict on the export agrees
+"""The heads that fine-tune through DVC: on a stack with a tflite: member, the finetune head and
+then the fusion head (a fine-tuned Keras member fused with a TFLite member's logistic head) train,
+evaluate (the fused model and each member head alone) and export; predict on each export agrees
 with evaluate. A real-data test on the capped mirror compares the fused model with its members."""
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from conftest import FLOWERS_ARCHIVE, FLOWERS_ARCHIVE_SHA256, WEIGHTS, require_mirror
@@ -25,20 +27,78 @@ def read_json(project, path):
     return json.loads((project.root / path).read_text())
 
 
-def test_fusion_of_a_fine_tuned_keras_member_and_a_tflite_member_trains_evaluates_exports_and_predicts(
-    dvc_project, capsys
-):
+def predictions_of_the_export(project, capsys) -> tuple[list[str], list[str]]:
+    """(predict on the export, evaluate's test predictions) for evaluate's test images."""
+    rows = list(csv.DictReader((project.root / "metrics/evaluate/test_predictions.csv").open()))
+    paths = [str(project.root / "data/raw/images" / row["path"]) for row in rows]
+    assert cli.main(["predict", *paths, "--model", str(project.root / "models/export"), "--json"]) == 0
+    predicted = [item["predictions"][0]["class"] for item in json.loads(capsys.readouterr().out)]
+    return predicted, [row["predicted"] for row in rows]
+
+
+def test_finetune_then_fusion_on_a_stack_with_a_tflite_member_through_dvc(dvc_project, capsys):
+    """One project, [mobilenet_v2, tflite:EdgeTPU], for both heads that fine-tune (they share its DVC runs).
+
+    1. ``head: finetune``: the Keras member is fine-tuned alone from its cached taps, evaluated and
+       exported; a head parameter reruns neither extraction stage.
+    2. ``head: fusion``: the fine-tuned member and the TFLite member's logistic head, fused; evaluate
+       reports each member head alone; the fused export predicts what evaluate did.
+    3. A cut point inside a residual block reruns extract_taps only, which says why it cannot cut there.
+    """
     project = dvc_project
     edgetpu = require_mirror(WEIGHTS / EDGETPU)
     project.set_params(
         extract_features={"backbone": ["mobilenet_v2", f"tflite:{edgetpu}"], "engine": "auto"},
-        train_head={"head": "fusion", "finetune": {"epochs": 2, "batch_size": 8}},
-        export={"check_images": 0},
+        train_head={"head": "finetune", "finetune": {"from_layer": "block_13_expand", "epochs": 2, "batch_size": 8}},
     )
-    project.commit("fusion")
-    project.run(str(Path(sys.executable).parent / "dvc"), "repro", timeout=1800)  # two TFLite conversions
+    project.commit("finetune head")
+    project.run(str(Path(sys.executable).parent / "dvc"), "repro", timeout=1800)  # TFLite conversions
 
-    assert list(read_json(project, "metrics/extract_taps.json")["members"]) == ["mobilenet_v2"]
+    report = read_json(project, "metrics/extract_features.json")
+    tapped = read_json(project, "metrics/extract_taps.json")
+    taps = tapped["members"]["mobilenet_v2"]
+    assert taps["layer"] == "block_13_expand" and taps["shape"] == [2, 2, 32] and taps["dtype"] == "float16"
+    assert taps["computed"] == report["distinct_views"] == 54 and taps["cache_bytes"] > 0
+    file_bytes = 0
+    for split in ("train", "val", "test"):
+        features = np.load(project.root / f"data/features/{split}.npz", allow_pickle=False)["features"]
+        activations = np.load(project.root / f"data/taps/mobilenet_v2/{split}.npy", mmap_mode="r")
+        assert activations.shape == (len(features), 2, 2, 32) and activations.dtype == np.float16
+        file_bytes += (project.root / f"data/taps/mobilenet_v2/{split}.npy").stat().st_size
+    assert taps["file_bytes"] == file_bytes
+    assert set(report["backbones"]) == {"mobilenet_v2", edgetpu.stem}
+    assert read_json(project, "data/taps/taps.json")["members"] == {"mobilenet_v2": "mobilenet_v2"}
+    assert read_json(project, "data/taps/mobilenet_v2/taps.json")["layer"] == "block_13_expand"
+    assert not (project.root / "data/features/taps").exists()
+    assert {path.name for path in (project.root / "models/head").iterdir()} == {
+        "head.json",
+        "head.keras",
+        "backbone.keras",
+    }
+    trained = read_json(project, "metrics/train_head.json")
+    assert trained["head"] == "finetune" and trained["epochs_run"] == 2 and trained["from_layer"] == "block_13_expand"
+    assert len((project.root / "metrics/train_head/val/loss.tsv").read_text().splitlines()) == 3  # header + 2 epochs
+    evaluated = read_json(project, "metrics/evaluate.json")
+    assert evaluated["provenance"]["head"] == "finetune" and evaluated["test"]["examples"] == 9
+    exported = read_json(project, "metrics/export.json")
+    assert exported["provenance"]["head"] == "finetune" and exported["formats"]["keras"]["top1_agreement"] >= 0.99
+    predicted, expected = predictions_of_the_export(project, capsys)
+    assert len(expected) == 9 and predicted == expected
+    project.commit("baseline")
+
+    # Only a head parameter changed: neither extract_features nor extract_taps runs, nothing is embedded.
+    result = project.dvc("exp", "run", "-S", "train_head.finetune.epochs=1")
+    assert "Running stage 'extract_features'" not in result.stdout
+    assert "Running stage 'extract_taps'" not in result.stdout
+    assert "Running stage 'train_head'" in result.stdout and "Running stage 'evaluate'" in result.stdout
+    assert read_json(project, "metrics/extract_features.json") == report
+    assert read_json(project, "metrics/train_head.json")["epochs_run"] == 1
+
+    # The fusion head on the same stack (fusion.from_layer auto: the same cut, so the taps are cache hits).
+    project.restore()  # `dvc exp run` left the last experiment in the workspace: start from the baseline
+    result = project.dvc("exp", "run", "-S", "train_head.head=fusion", "-S", "export.check_images=0")
+    assert "Running stage 'extract_features'" not in result.stdout
+    assert read_json(project, "metrics/extract_taps.json")["members"]["mobilenet_v2"]["cache_hits"] == 54
     trained = read_json(project, "metrics/train_head.json")
     keys = ["mobilenet_v2", "mobilenet_edgetpu_1_0_224_uint8_features"]
     assert trained["head"] == "fusion" and sorted(trained["weights"]) == sorted(keys)  # JSON keys are sorted
@@ -62,12 +122,16 @@ def test_fusion_of_a_fine_tuned_keras_member_and_a_tflite_member_trains_evaluate
     assert [entry["head"] for entry in manifest["fusion"]["heads"]] == [trained["members"][key]["head"] for key in used]
     assert "file" not in manifest["members"][0]  # the tuned member runs whole, from its fused/ file
     assert ("file" in manifest["members"][1]) == (keys[1] in used)
+    predicted, expected = predictions_of_the_export(project, capsys)
+    assert predicted == expected
 
-    rows = list(csv.DictReader((project.root / "metrics/evaluate/test_predictions.csv").open()))
-    paths = [str(project.root / "data/raw/images" / row["path"]) for row in rows]
-    assert cli.main(["predict", *paths, "--model", str(project.root / "models/export"), "--json"]) == 0
-    predicted = [item["predictions"][0]["class"] for item in json.loads(capsys.readouterr().out)]
-    assert predicted == [row["predicted"] for row in rows]
+    # Another cut reruns extract_taps, never extract_features; one inside a residual block cannot be
+    # cut: the stage says so and lists the cut points.
+    project.restore()
+    failed = project.dvc("exp", "run", "-S", "train_head.finetune.from_layer=block_14_depthwise", check=False)
+    assert failed.returncode != 0
+    assert "Running stage 'extract_taps'" in failed.stdout and "Running stage 'extract_features'" not in failed.stdout
+    assert "cannot be cut in front of 'block_14_depthwise'" in failed.stderr and "block_14_expand" in failed.stderr
 
 
 @pytest.mark.real_data
