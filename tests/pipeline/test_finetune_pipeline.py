@@ -60,8 +60,7 @@ def test_finetune_on_real_photos_is_far_above_chance_and_the_full_model_agrees(t
         "max_image_pixels": 10**8,
     }
     features_folder = tmp_path / "features"
-    # The finetune head reads only the taps: the pooled features run on Keras, without a TFLite conversion.
-    feature_sets, _ = extract_features.extract_features(members=members, **{**common, "engine": "keras"})
+    feature_sets, _ = extract_features.extract_features(members=members, **common)
     files.write_feature_files(features_folder, feature_sets)
     plans = extract_taps.plan_taps(members, head="finetune")
     report = extract_taps.extract_taps(plans=plans, directory=tmp_path / "taps", **common)["members"]["mobilenet_v2"]
