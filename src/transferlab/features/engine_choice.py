@@ -16,7 +16,7 @@ applicable rewrite (static shapes, int8, float32), keeps those that pass, uses t
 of the paths within 15% of the fastest, :data:`SPEED_TOLERANCE`, the one closest to the reference
 kernels: a near-tie's winner would change with the machine's load, and with it the features),
 then picks its batch size by measurement too (:data:`BATCH_CANDIDATES`; the batch does not change
-a path's features: checked bitwise for the three shared files). Which path is fastest depends
+a path's features, bit for bit: tests/pipeline/test_tflite_rewrites.py). Which path is fastest depends
 on the CPU (int8 wins with VNNI; float32 can win on AVX2 alone), so the verdict is remembered per
 file (by sha256) *and* per CPU (:mod:`transferlab.features.cpu`) in the embedding cache's
 conversion folder: a cache folder shared between machines never serves one machine's verdict to
